@@ -1,0 +1,6 @@
+"""fxrec's custom ops, ``torch.ops.fxrec.*``: one module per family, Triton kernels in ``triton/``.
+
+Importing this package registers every op (CPU kernel, fake kernel, CUDA kernel, autograd).
+"""
+
+from fxrec.ops import bucketize, check, cross, dense, hash, mod, truncate  # noqa: F401

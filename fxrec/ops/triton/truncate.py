@@ -1,0 +1,305 @@
+"""Triton kernels for sequence truncation (``fxrec::sequence_truncate``, ``_multi``, ``_3d``).
+
+All features of a multi call go through every step together, so the launch count does not
+depend on the number of features N:
+
+1. ``_rows_kernel`` (2-D) / ``_slots_kernel`` (3-D): per row (per slot), the kept length and
+   the source start of the kept items; bad offsets raise a per-feature flag.
+2. ``torch.cumsum`` over the kept lengths of every feature at once.
+3. ``_offsets_kernel``: each feature's output offsets (from 0; the cumsum minus its value
+   before the feature) and its total.
+4. Host sync: ``status.tolist()`` reads every total and flag at once (the output sizes are
+   data-dependent). This is the only sync.
+5. ``_segment_copy_kernel``: one launch copies the kept items of every values and weight
+   tensor, addressed through a table of data pointers. Items are copied as integer words (see
+   :func:`fxrec.ops.triton.dense.word_size`), so any dtype and trailing dims work, bit-exact.
+
+Per-feature tables travel to the device from pinned memory without blocking. Launchers work on
+CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fxrec.ops.triton.dense import word_size
+
+__all__ = ["truncate_triton", "truncate_multi_triton", "truncate_3d_triton"]
+
+_ROWS_BLOCK = 1024
+
+# Feature table columns (int64): read by _rows_kernel and _offsets_kernel.
+_F_ROW_BASE = tl.constexpr(0)  # first row of the feature in the concatenated per-row arrays
+_F_N_ROWS = tl.constexpr(1)
+_F_OFFSETS = tl.constexpr(2)  # address of the input offsets
+_F_N_VALUES = tl.constexpr(3)
+_F_SEQ_LEN = tl.constexpr(4)
+_F_KEEP_LAST = tl.constexpr(5)
+_F_OUT_OFFSETS = tl.constexpr(6)  # address of the output offsets
+_F_COLS = tl.constexpr(7)
+
+# Copy-job table columns (int64): read by _segment_copy_kernel. One job per output tensor.
+_J_N_SEGS = tl.constexpr(0)
+_J_SEG_BASE = tl.constexpr(1)  # first segment of the job in the per-segment source starts
+_J_DST_OFFSETS = tl.constexpr(2)  # address of the output offsets (segment boundaries, in items)
+_J_SRC = tl.constexpr(3)  # address of the source tensor
+_J_DST = tl.constexpr(4)  # address of the output tensor
+_J_ROW_WORDS = tl.constexpr(5)  # words per item
+_J_WORD_BYTES = tl.constexpr(6)
+_J_COLS = tl.constexpr(7)
+
+
+@triton.jit
+def _rows_kernel(features, kept_out, start_out, status, n_features, BLOCK: tl.constexpr):
+    feature = features + tl.program_id(1) * _F_COLS
+    row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_base = tl.load(feature + _F_ROW_BASE)
+    n_rows = tl.load(feature + _F_N_ROWS)
+    offsets = tl.load(feature + _F_OFFSETS).to(tl.pointer_type(tl.int64))
+    n_values = tl.load(feature + _F_N_VALUES)
+    seq_len = tl.load(feature + _F_SEQ_LEN)
+    keep_last = tl.load(feature + _F_KEEP_LAST)
+    mask = row < n_rows
+    begin = tl.load(offsets + row, mask=mask, other=0)
+    end = tl.load(offsets + row + 1, mask=mask, other=0)
+    length = end - begin
+    bad = mask & ((length < 0) | (begin < 0) | (end > n_values))
+    kept = tl.where(bad, 0, tl.minimum(length, seq_len))
+    start = tl.where(keep_last != 0, end - kept, begin)
+    tl.store(kept_out + row_base + row, kept, mask=mask)
+    tl.store(start_out + row_base + row, start, mask=mask)
+    tl.atomic_max(status + n_features + tl.program_id(1), tl.max(bad.to(tl.int64), 0))
+
+
+@triton.jit
+def _slots_kernel(
+    outer, inner, kept_out, start_out, status, n_slots, n_lists, n_values, seq_len, keep_last,
+    BLOCK: tl.constexpr,
+):
+    # Slot s of row r is the s-th kept inner list of r, or an empty pad slot.
+    slot = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = slot < n_slots
+    row = slot // seq_len
+    s = slot % seq_len
+    row_begin = tl.load(outer + row, mask=in_range, other=0)
+    row_end = tl.load(outer + row + 1, mask=in_range, other=0)
+    n_row_lists = row_end - row_begin
+    row_bad = in_range & ((n_row_lists < 0) | (row_begin < 0) | (row_end > n_lists))
+    kept_lists = tl.where(row_bad, 0, tl.minimum(n_row_lists, seq_len))
+    first = tl.where(keep_last != 0, row_end - kept_lists, row_begin)
+    valid = in_range & (s < kept_lists)
+    begin = tl.load(inner + first + s, mask=valid, other=0)
+    end = tl.load(inner + first + s + 1, mask=valid, other=0)
+    bad = row_bad | (valid & ((end < begin) | (begin < 0) | (end > n_values)))
+    tl.store(kept_out + slot, tl.where(valid & ~bad, end - begin, 0), mask=in_range)
+    tl.store(start_out + slot, begin, mask=in_range)
+    tl.atomic_max(status + 1, tl.max(bad.to(tl.int64), 0))
+
+
+@triton.jit
+def _offsets_kernel(features, cum, status, BLOCK: tl.constexpr):
+    # Output offsets of a feature from the global inclusive cumsum of kept lengths.
+    feature = features + tl.program_id(1) * _F_COLS
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_base = tl.load(feature + _F_ROW_BASE)
+    n_rows = tl.load(feature + _F_N_ROWS)
+    out = tl.load(feature + _F_OUT_OFFSETS).to(tl.pointer_type(tl.int64))
+    mask = i <= n_rows
+    first_row = row_base + i * 0
+    before = tl.load(cum + first_row - 1, mask=mask & (first_row > 0), other=0)
+    inclusive = tl.load(cum + row_base + i - 1, mask=mask & (i > 0), other=0)
+    value = tl.where(i > 0, inclusive - before, 0)
+    tl.store(out + i, value, mask=mask)
+    tl.store(status + tl.program_id(1) + i * 0, value, mask=mask & (i == n_rows))
+
+
+@triton.jit
+def _copy_words(src, dst, n, BLOCK: tl.constexpr):
+    for k in range(0, n, BLOCK):
+        w = k + tl.arange(0, BLOCK)
+        tl.store(dst + w, tl.load(src + w, mask=w < n), mask=w < n)
+
+
+@triton.jit
+def _segment_copy_kernel(jobs, seg_starts, BLOCK: tl.constexpr):
+    # Program (s, j) copies segment s of job j: items [start, start + len) of the source to
+    # [dst_offsets[s], dst_offsets[s + 1]) of the output.
+    seg = tl.program_id(0).to(tl.int64)
+    job = jobs + tl.program_id(1) * _J_COLS
+    if seg < tl.load(job + _J_N_SEGS):
+        dst_offsets = tl.load(job + _J_DST_OFFSETS).to(tl.pointer_type(tl.int64))
+        row_words = tl.load(job + _J_ROW_WORDS)
+        word_bytes = tl.load(job + _J_WORD_BYTES)
+        src = tl.load(job + _J_SRC)
+        dst = tl.load(job + _J_DST)
+        dst_begin = tl.load(dst_offsets + seg)
+        n = (tl.load(dst_offsets + seg + 1) - dst_begin) * row_words
+        src_word = tl.load(seg_starts + tl.load(job + _J_SEG_BASE) + seg) * row_words
+        dst_word = dst_begin * row_words
+        if word_bytes == 8:
+            _copy_words(src.to(tl.pointer_type(tl.int64)) + src_word,
+                        dst.to(tl.pointer_type(tl.int64)) + dst_word, n, BLOCK)
+        elif word_bytes == 4:
+            _copy_words(src.to(tl.pointer_type(tl.int32)) + src_word,
+                        dst.to(tl.pointer_type(tl.int32)) + dst_word, n, BLOCK)
+        elif word_bytes == 2:
+            _copy_words(src.to(tl.pointer_type(tl.int16)) + src_word,
+                        dst.to(tl.pointer_type(tl.int16)) + dst_word, n, BLOCK)
+        else:
+            _copy_words(src.to(tl.pointer_type(tl.int8)) + src_word,
+                        dst.to(tl.pointer_type(tl.int8)) + dst_word, n, BLOCK)
+
+
+def _table(rows: list[list[int]], device: torch.device) -> Tensor:
+    """A small int64 table on ``device``; CUDA gets it from pinned memory without blocking."""
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+def _item_bytes(t: Tensor) -> int:
+    return math.prod(t.shape[1:]) * t.element_size()
+
+
+def _copy_segments(copies, seg_starts: Tensor, items_per_seg: int) -> None:
+    """One launch of ``_segment_copy_kernel``.
+
+    ``copies``: (n_segs, seg_base, dst_offsets, src, dst) per output tensor; ``dst_offsets``
+    (int64, n_segs + 1) holds the output boundaries of the segments, ``seg_starts[seg_base + s]``
+    the source item where segment s starts. ``items_per_seg`` (a typical segment length) sizes
+    the block; longer segments loop.
+    """
+    jobs, max_row_words = [], 1
+    for n_segs, seg_base, dst_offsets, src, dst in copies:
+        if dst.numel() == 0:  # nothing to copy (no items, or empty items)
+            continue
+        row_bytes = _item_bytes(src)
+        word = word_size(row_bytes, src, dst)
+        max_row_words = max(max_row_words, row_bytes // word)
+        jobs.append([n_segs, seg_base, dst_offsets.data_ptr(), src.data_ptr(), dst.data_ptr(), row_bytes // word, word])
+    if not jobs:
+        return
+    block = min(1024, max(128, triton.next_power_of_2(max(items_per_seg * max_row_words, 1))))
+    grid = (max(job[0] for job in jobs), len(jobs))
+    _segment_copy_kernel[grid](_table(jobs, seg_starts.device), seg_starts, BLOCK=block, num_warps=max(1, block // 256))
+
+
+def _empty_weight(values: Tensor) -> Tensor:
+    return torch.empty(0, dtype=torch.float32, device=values.device)
+
+
+def truncate_multi_triton(
+    values: list[Tensor],
+    offsets: list[Tensor],
+    weights: list[Tensor | None],
+    seq_lens: list[int],
+    keep_last: list[bool],
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """N 2-D truncations (see ``fxrec::sequence_truncate``) with a launch count independent of N.
+
+    Syncs once (``status.tolist()``): the output lengths are data-dependent. Raises
+    ``ValueError`` naming ``offsets[f]`` when a feature's offsets decrease or leave its values.
+    """
+    n_features = len(values)
+    if n_features == 0:
+        return [], [], []
+    device = values[0].device
+    values = [v.contiguous() for v in values]
+    offsets = [o.contiguous() for o in offsets]
+    weights = [None if w is None else w.contiguous() for w in weights]
+    n_rows = [o.numel() - 1 for o in offsets]
+    row_base = [sum(n_rows[:f]) for f in range(n_features)]
+    out_offsets = [torch.empty(r + 1, dtype=torch.int64, device=device) for r in n_rows]
+    features = _table(
+        [
+            [row_base[f], n_rows[f], offsets[f].data_ptr(), values[f].shape[0], seq_lens[f], int(keep_last[f]),
+             out_offsets[f].data_ptr()]
+            for f in range(n_features)
+        ],
+        device,
+    )
+    total_rows = sum(n_rows)
+    kept = torch.empty(total_rows, dtype=torch.int64, device=device)
+    starts = torch.empty(total_rows, dtype=torch.int64, device=device)
+    status = torch.zeros(2 * n_features, dtype=torch.int64, device=device)  # [totals, bad flags]
+    if total_rows > 0:
+        grid = (triton.cdiv(max(n_rows), _ROWS_BLOCK), n_features)
+        _rows_kernel[grid](features, kept, starts, status, n_features, BLOCK=_ROWS_BLOCK)
+    cum = torch.cumsum(kept, 0)
+    _offsets_kernel[(triton.cdiv(max(n_rows) + 1, _ROWS_BLOCK), n_features)](features, cum, status, BLOCK=_ROWS_BLOCK)
+    status = status.tolist()  # the one host sync
+    totals, bad = status[:n_features], status[n_features:]
+    for f in range(n_features):
+        if bad[f]:
+            raise ValueError(
+                f"fxrec::sequence_truncate: offsets[{f}] must be non-decreasing within "
+                f"[0, {values[f].shape[0]}] (values' length)"
+            )
+    out_values = [v.new_empty((t, *v.shape[1:])) for v, t in zip(values, totals)]
+    out_weights = [_empty_weight(v) if w is None else w.new_empty((t, *w.shape[1:]))
+                   for v, w, t in zip(values, weights, totals)]
+    copies = []
+    for f in range(n_features):
+        copies.append((n_rows[f], row_base[f], out_offsets[f], values[f], out_values[f]))
+        if weights[f] is not None:
+            copies.append((n_rows[f], row_base[f], out_offsets[f], weights[f], out_weights[f]))
+    _copy_segments(copies, starts, max(min(s, t) for s, t in zip(seq_lens, totals)))
+    return out_values, out_offsets, out_weights
+
+
+def truncate_triton(
+    values: Tensor, offsets: Tensor, weight: Tensor | None, seq_len: int, keep_last: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One 2-D truncation: :func:`truncate_multi_triton` with N = 1."""
+    (out_values,), (out_offsets,), (out_weight,) = truncate_multi_triton(
+        [values], [offsets], [weight], [seq_len], [keep_last]
+    )
+    return out_values, out_offsets, out_weight
+
+
+def truncate_3d_triton(
+    values: Tensor,
+    outer_offsets: Tensor,
+    inner_offsets: Tensor,
+    weight: Tensor | None,
+    seq_len: int,
+    keep_last: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """3-D truncation (see ``fxrec::sequence_truncate_3d``). Syncs once (``status.tolist()``)."""
+    device = values.device
+    values, outer_offsets, inner_offsets = values.contiguous(), outer_offsets.contiguous(), inner_offsets.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    n_rows = outer_offsets.numel() - 1
+    n_slots = n_rows * seq_len
+    slot_len = torch.empty(n_slots, dtype=torch.int64, device=device)
+    starts = torch.empty(n_slots, dtype=torch.int64, device=device)
+    status = torch.zeros(2, dtype=torch.int64, device=device)  # [total, bad flag]
+    if n_slots > 0:
+        _slots_kernel[(triton.cdiv(n_slots, _ROWS_BLOCK),)](
+            outer_offsets, inner_offsets, slot_len, starts, status, n_slots, inner_offsets.numel() - 1,
+            values.shape[0], seq_len, int(keep_last), BLOCK=_ROWS_BLOCK,
+        )
+    cum = torch.cumsum(slot_len, 0)
+    out_inner = torch.empty(n_slots + 1, dtype=torch.int64, device=device)
+    features = _table([[0, n_slots, 0, 0, 0, 0, out_inner.data_ptr()]], device)
+    _offsets_kernel[(triton.cdiv(n_slots + 1, _ROWS_BLOCK), 1)](features, cum, status, BLOCK=_ROWS_BLOCK)
+    total, bad = status.tolist()  # the one host sync
+    if bad:
+        raise ValueError(
+            f"fxrec::sequence_truncate_3d: outer_offsets must be non-decreasing within "
+            f"[0, {inner_offsets.numel() - 1}] and the kept inner_offsets within [0, {values.shape[0]}]"
+        )
+    out_values = values.new_empty((total, *values.shape[1:]))
+    out_weight = _empty_weight(values) if weight is None else weight.new_empty((total, *weight.shape[1:]))
+    copies = [(n_slots, 0, out_inner, values, out_values)]
+    if weight is not None:
+        copies.append((n_slots, 0, out_inner, weight, out_weight))
+    _copy_segments(copies, starts, triton.cdiv(total, max(n_slots, 1)))
+    out_outer = torch.arange(n_rows + 1, dtype=torch.int64, device=device) * seq_len
+    return out_values, out_outer, out_inner, out_weight
