@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec.*)
 from fxrec.ops.cross import feature_cross_with_triton
+from oracles import murmur64a
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 cross = torch.ops.fxrec.feature_cross
@@ -19,29 +20,6 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --- oracle -------------------------------------------------------------------------------
-
-
-def murmur64a(data: bytes, seed: int = 0) -> int:
-    """MurmurHash64A (Austin Appleby), returned as a signed int64."""
-    m, mask = 0xC6A4A7935BD1E995, (1 << 64) - 1
-    h = (seed ^ (len(data) * m)) & mask
-    blocks = len(data) // 8
-    for i in range(blocks):
-        k = int.from_bytes(data[8 * i : 8 * i + 8], "little")
-        k = (k * m) & mask
-        k ^= k >> 47
-        k = (k * m) & mask
-        h ^= k
-        h = (h * m) & mask
-    tail = data[8 * blocks :]
-    if tail:
-        for i, byte in enumerate(tail):
-            h ^= byte << (8 * i)
-        h = (h * m) & mask
-    h ^= h >> 47
-    h = (h * m) & mask
-    h ^= h >> 47
-    return h - (1 << 64) if h >> 63 else h
 
 
 def cross_id(a: int, b: int) -> int:

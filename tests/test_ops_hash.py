@@ -1,14 +1,13 @@
 """fxrec::hash_bytes / hash_int64 (+ _multi) vs pyfarmhash and a pure-Python MurmurHash64A."""
 
 import random
-import struct
 
-import farmhash
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import oracles
 from fxrec.ops import hash as hash_ops
 from fxrec.ops.triton.hash import (
     hash_bytes_multi_triton,
@@ -22,35 +21,8 @@ HAS_CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 HASH_TYPES = ("farm", "murmur")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-_MASK64 = 2**64 - 1
 
-# ---------------------------------------------------------------------------------------------
-# oracles
-
-
-def _signed(u: int) -> int:
-    return u - 2**64 if u >> 63 else u
-
-
-def murmur64a(data: bytes, seed: int = 0) -> int:
-    """MurmurHash64A (Austin Appleby's reference), unsigned."""
-    m, r = 0xC6A4A7935BD1E995, 47
-    h = (seed ^ (len(data) * m)) & _MASK64
-    n_blocks = len(data) // 8
-    for (k,) in struct.iter_unpack("<Q", data[: 8 * n_blocks]):
-        k = (k * m) & _MASK64
-        k ^= k >> r
-        k = (k * m) & _MASK64
-        h = ((h ^ k) * m) & _MASK64
-    tail = data[8 * n_blocks :]
-    if tail:
-        h = ((h ^ int.from_bytes(tail, "little")) * m) & _MASK64
-    h ^= h >> r
-    h = (h * m) & _MASK64
-    return h ^ (h >> r)
-
-
-ORACLES = {"farm": lambda b: _signed(farmhash.fingerprint64(b)), "murmur": lambda b: _signed(murmur64a(b))}
+ORACLES = {"farm": oracles.farm64, "murmur": oracles.murmur64a}
 
 # ---------------------------------------------------------------------------------------------
 # inputs

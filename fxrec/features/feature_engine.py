@@ -25,7 +25,6 @@ from fxrec.features.op import (
     FeatureOp,
     Hash,
     Mod,
-    SelectField,
     SelectFields,
     SequenceTruncate,
 )

@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from fxrec.ops.hash import murmur_block, murmur_finish
 from fxrec.ops.triton.cross import cross_pairs_triton
 
 __all__ = ["feature_cross", "feature_cross_torch", "feature_cross_with_triton"]
@@ -49,31 +50,13 @@ def _as_int64(u: int) -> int:
     return u - (1 << 64) if u >> 63 else u
 
 
-# MurmurHash64A over a 16-byte key, seed 0, in int64 arithmetic (torch int64 mul/xor wrap as
-# uint64 would); ``>>`` on int64 is arithmetic, so the logical shift masks the sign copies away.
-_MURMUR_M = _as_int64(0xC6A4A7935BD1E995)
+# MurmurHash64A over a 16-byte key, seed 0: the key length is folded into the initial state.
 _MURMUR_H0 = _as_int64(16 * 0xC6A4A7935BD1E995)  # seed 0 ^ (len * m)
-_LOW_17_BITS = (1 << 17) - 1
-
-
-def _shift_right_47(h: torch.Tensor) -> torch.Tensor:
-    return (h >> 47) & _LOW_17_BITS
-
-
-def _murmur_block(h: torch.Tensor | int, k: torch.Tensor) -> torch.Tensor:
-    k = k * _MURMUR_M
-    k = k ^ _shift_right_47(k)
-    k = k * _MURMUR_M
-    return (k ^ h) * _MURMUR_M
 
 
 def _murmur_pair(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """MurmurHash64A(le64(x) ‖ le64(y), seed 0) as int64, elementwise."""
-    h = _murmur_block(_MURMUR_H0, x)
-    h = _murmur_block(h, y)
-    h = h ^ _shift_right_47(h)
-    h = h * _MURMUR_M
-    return h ^ _shift_right_47(h)
+    return murmur_finish(murmur_block(murmur_block(torch.full_like(x, _MURMUR_H0), x), y))
 
 
 def _weight_dtype(x_weight: torch.Tensor | None, y_weight: torch.Tensor | None) -> torch.dtype:

@@ -59,7 +59,7 @@ def _i64(u: int) -> int:
 _K0 = _i64(0xC3A5C85C97CB3127)
 _K1 = _i64(0xB492B66FBE98F273)
 _K2 = _i64(0x9AE16A3B2F90404F)
-_MURMUR_M = _i64(0xC6A4A7935BD1E995)
+MURMUR_M = _i64(0xC6A4A7935BD1E995)
 _FARM_SEED = 81
 
 
@@ -291,28 +291,28 @@ def _farm_bytes(rd: _Bytes, s: Tensor, n: Tensor) -> Tensor:
 # MurmurHash64A, seed 0
 
 
-def _murmur_block(h: Tensor, k: Tensor) -> Tensor:
-    k = k * _MURMUR_M
+def murmur_block(h: Tensor, k: Tensor) -> Tensor:
+    k = k * MURMUR_M
     k = k ^ _shr(k, 47)
-    k = k * _MURMUR_M
-    return (h ^ k) * _MURMUR_M
+    k = k * MURMUR_M
+    return (h ^ k) * MURMUR_M
 
 
-def _murmur_finish(h: Tensor) -> Tensor:
+def murmur_finish(h: Tensor) -> Tensor:
     h = h ^ _shr(h, 47)
-    h = h * _MURMUR_M
+    h = h * MURMUR_M
     return h ^ _shr(h, 47)
 
 
 def _murmur_bytes(rd: _Bytes, s: Tensor, n: Tensor) -> Tensor:
     def block(h, p):
-        return _murmur_block(h, rd.fetch64(p)), p + 8
+        return murmur_block(h, rd.fetch64(p)), p + 8
 
-    h, p = _run_rounds(n >> 3, [n * _MURMUR_M, s], block)
+    h, p = _run_rounds(n >> 3, [n * MURMUR_M, s], block)
     tail_len = n & 7
     tail = rd.fetch64(p) & ((1 << (tail_len << 3)) - 1)  # the string's own 0..7 last bytes
-    h = torch.where(tail_len != 0, (h ^ tail) * _MURMUR_M, h)
-    return _murmur_finish(h)
+    h = torch.where(tail_len != 0, (h ^ tail) * MURMUR_M, h)
+    return murmur_finish(h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def hash_int64_torch(values: Tensor, hash_type: str) -> Tensor:
         if hash_type == "farm":
             flat_out[a : a + _CPU_STEP] = _farm_words_len8to16(x, x, 8)
         else:
-            flat_out[a : a + _CPU_STEP] = _murmur_finish(_murmur_block(torch.full_like(x, _i64(8 * _MURMUR_M)), x))
+            flat_out[a : a + _CPU_STEP] = murmur_finish(murmur_block(torch.full_like(x, _i64(8 * MURMUR_M)), x))
     return out
 
 

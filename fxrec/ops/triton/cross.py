@@ -12,21 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fxrec.ops.triton.hash import murmur_block, murmur_finish
+
 __all__ = ["cross_pairs_triton"]
 
-# MurmurHash64A constants; the 16-byte key length is folded into the initial state.
-_MURMUR_M = tl.constexpr(0xC6A4A7935BD1E995)
-_MURMUR_H0 = tl.constexpr((16 * 0xC6A4A7935BD1E995) % (1 << 64))  # seed 0 ^ (len * m)
+# MurmurHash64A's initial state for a 16-byte key and seed 0 (seed ^ len * m).
+_MURMUR_H0 = tl.constexpr((16 * 0xC6A4A7935BD1E995) % (1 << 64))
 _BLOCK = 1024
-
-
-@triton.jit
-def _murmur_block(h, k):
-    """Mixes one 8-byte block ``k`` into the state ``h`` (both uint64)."""
-    k = k * _MURMUR_M
-    k = k ^ (k >> 47)
-    k = k * _MURMUR_M
-    return (h ^ k) * _MURMUR_M
 
 
 @triton.jit
@@ -70,11 +62,7 @@ def _cross_pairs_kernel(
     x = tl.load(x_uniq_ptr + x_at, mask=mask, other=0).to(tl.uint64, bitcast=True)
     y = tl.load(y_uniq_ptr + y_at, mask=mask, other=0).to(tl.uint64, bitcast=True)
     h = tl.zeros([BLOCK], dtype=tl.uint64) + _MURMUR_H0
-    h = _murmur_block(h, x)
-    h = _murmur_block(h, y)
-    h = h ^ (h >> 47)
-    h = h * _MURMUR_M
-    h = h ^ (h >> 47)
+    h = murmur_finish(murmur_block(murmur_block(h, x), y))
     tl.store(ids_ptr + pair, h.to(tl.int64, bitcast=True), mask=mask)
 
     # The weights arrive already converted to the output dtype: the product is one IEEE multiply

@@ -39,7 +39,7 @@ def _farm_long_init() -> tuple[int, int, int]:
 _K0 = tl.constexpr(0xC3A5C85C97CB3127)
 _K1 = tl.constexpr(0xB492B66FBE98F273)
 _K2 = tl.constexpr(0x9AE16A3B2F90404F)
-_MURMUR_M = tl.constexpr(0xC6A4A7935BD1E995)
+MURMUR_M = tl.constexpr(0xC6A4A7935BD1E995)
 _MURMUR_H8 = tl.constexpr((8 * 0xC6A4A7935BD1E995) & ((1 << 64) - 1))  # seed 0 ^ (len 8 * m)
 _FARM_X0, _FARM_Y0, _FARM_Z0 = (tl.constexpr(v) for v in _farm_long_init())
 
@@ -223,39 +223,39 @@ def _farm_strings(base, s, n, mask):
 
 
 @triton.jit
-def _murmur_block(h, k):
-    k = k * _MURMUR_M
+def murmur_block(h, k):
+    k = k * MURMUR_M
     k = k ^ (k >> 47)
-    k = k * _MURMUR_M
-    return (h ^ k) * _MURMUR_M
+    k = k * MURMUR_M
+    return (h ^ k) * MURMUR_M
 
 
 @triton.jit
-def _murmur_finish(h):
+def murmur_finish(h):
     h = h ^ (h >> 47)
-    h = h * _MURMUR_M
+    h = h * MURMUR_M
     return h ^ (h >> 47)
 
 
 @triton.jit
 def _murmur_strings(base, s, n, mask):
-    h = n.to(tl.uint64) * _MURMUR_M
+    h = n.to(tl.uint64) * MURMUR_M
     n_blocks = tl.where(mask, n // 8, 0)
     for b in range(0, tl.max(n_blocks, axis=0)):
         act = b < n_blocks
-        h = tl.where(act, _murmur_block(h, _fetch(base, s + b * 8, act, 8)), h)
+        h = tl.where(act, murmur_block(h, _fetch(base, s + b * 8, act, 8)), h)
     tail_len = n & 7
     tail_start = s + (n - tail_len)
     tail = tl.zeros(h.shape, tl.uint64)
     for k in tl.static_range(7):
         tail = tail | (_byte(base, tail_start + k, mask & (k < tail_len)) << (8 * k))
-    h = tl.where(tail_len != 0, (h ^ tail) * _MURMUR_M, h)
-    return _murmur_finish(h)
+    h = tl.where(tail_len != 0, (h ^ tail) * MURMUR_M, h)
+    return murmur_finish(h)
 
 
 @triton.jit
 def _murmur_id(x):
-    return _murmur_finish(_murmur_block(tl.zeros(x.shape, tl.uint64) + _MURMUR_H8, x))
+    return murmur_finish(murmur_block(tl.zeros(x.shape, tl.uint64) + _MURMUR_H8, x))
 
 
 # ---------------------------------------------------------------------------------------------
