@@ -137,6 +137,9 @@ def test_graph_is_made_of_fxrec_ops(seed_engine):
     assert count(torch.ops.fxrec.bucketize.default) == 1
     assert count(torch.ops.fxrec.sequence_truncate.default) == 2
     assert count(torch.ops.fxrec.feature_cross.default) == 1
+    # bucket boundaries are (non-persistent) buffers, so .to(device) / .cuda() moves them
+    assert [b.tolist() for b in seed_engine.buffers()] == [[0.0, 0.5, 1.0]]
+    assert seed_engine.to("cpu") is seed_engine and seed_engine.state_dict() == {}
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     assert placeholders == ["dense1", "dense2", "sparse1", "sparse2", "sparse3", "sparse4", "sparse5"]
 

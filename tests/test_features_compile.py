@@ -42,10 +42,11 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.slow
-def test_compiled_feature_engine_one_graph_no_breaks():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_feature_engine_one_graph_no_breaks(device):
     torch._dynamo.reset()
     counters.clear()
-    engine = FeatureEngine(get_feature_conf(seq_len=SEQ_LEN))
+    engine = FeatureEngine(get_feature_conf(seq_len=SEQ_LEN)).to(device)
     compiled = torch.compile(engine, fullgraph=True)
     rng = random.Random(0)
     sizes = [5, 1, 3, 0, 8, 2, 1, 7, 4, 6, 1, 9, 3, 2, 5, 1, 12, 0, 4, 3]
@@ -53,6 +54,7 @@ def test_compiled_feature_engine_one_graph_no_breaks():
         batch = random_batch(rng, b)
         if b:  # an empty row in every non-empty batch
             batch["sparse4"] = ragged_ids([[]] + [[1, 2]] * (b - 1))
+        batch = {k: v.to(device) for k, v in batch.items()}
         expected = engine(batch)
         got = compiled(mark_dynamic_batch(batch))
         assert expected.keys() == got.keys()

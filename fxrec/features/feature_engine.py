@@ -170,17 +170,21 @@ class FeatureEngine(nn.Module):
             else:
                 value = b.parts(select.name, where)
             for i, op in enumerate(feature.ops[1:], start=1):
-                value = self._apply(b, feature, op, value, f"{feature.name}_{i}")
+                value = self._apply_op(b, feature, op, value, f"{feature.name}_{i}")
             if isinstance(value, list):
                 outputs.append([b.call(G.assemble, p.values, p.offsets, p.weight) for p in value])
             else:
                 outputs.append(b.call(G.assemble, value.values, value.offsets, value.weight))
         b.graph.output(tuple(outputs))
         b.graph.lint()
-        return torch.fx.GraphModule(b.root, b.graph, class_name="FeatureGraph")
+        gm = torch.fx.GraphModule(b.root, b.graph, class_name="FeatureGraph")
+        # GraphModule copies buffers as persistent ones: config constants stay out of checkpoints.
+        for name, tensor in b.root.named_buffers():
+            gm.register_buffer(name, tensor, persistent=False)
+        return gm
 
     @staticmethod
-    def _apply(b: _GraphBuilder, feature: Feature, op: FeatureOp, value, attr_name: str):
+    def _apply_op(b: _GraphBuilder, feature: Feature, op: FeatureOp, value, attr_name: str):
         where = _where(feature, op)
         if isinstance(op, FeatureCross):
             if not isinstance(value, list) or len(value) != 2:
