@@ -146,8 +146,8 @@ def bench_gpu(batch_sizes: list[int]) -> None:
     print(f"device-to-device copy: {bandwidth:.0f} GB/s (read + write)")
     engine = FeatureEngine(get_feature_conf(seq_len=SEQ_LEN)).cuda()
     boundaries = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, device="cuda")
-    print("| B | ids in | engine ms | multi ms | torch ms | multi vs engine | multi vs torch | floor ms | multi GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    rows = ["| B | ids in | engine ms | multi ms | torch ms | multi vs engine | multi vs torch | floor ms | multi GB/s |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for b in batch_sizes:
         batch = seed_batch(b, "cuda")
         check_same(stage_multi(batch, boundaries), stage_torch(batch, boundaries))
@@ -156,11 +156,29 @@ def bench_gpu(batch_sizes: list[int]) -> None:
         t_torch = time_gpu(lambda: stage_torch(batch, boundaries))
         nbytes = min_bytes(batch)
         ids = batch["sparse4"].values().numel() + batch["sparse5"].offsets()[1].numel() - 1
-        print(
+        rows.append(
             f"| {b} | {ids / 1e6:.1f}M | {t_engine:.3f} | {t_multi:.3f} | {t_torch:.3f} | "
             f"{t_engine / t_multi:.2f}x | {t_torch / t_multi:.2f}x | {nbytes / bandwidth / 1e6:.3f} | "
             f"{nbytes / t_multi / 1e6:.0f} |"
         )
+        breakdown(batch, boundaries)
+    print("\n".join(rows))
+
+
+def breakdown(batch: dict, boundaries: torch.Tensor) -> None:
+    """Milliseconds of each step of ``stage_multi`` on its own (wall, with its host syncs)."""
+    s1, s2, s4, s5 = batch["sparse1"], batch["sparse2"], batch["sparse4"], batch["sparse5"]
+    (hashed,) = ops.hash_bytes_multi([s5.values()], [s5.offsets()[1]], ["farm"])
+    steps = {
+        "bucketize": lambda: ops.bucketize(batch["dense2"], boundaries),
+        "hash_bytes_multi": lambda: ops.hash_bytes_multi([s5.values()], [s5.offsets()[1]], ["farm"]),
+        "feature_cross": lambda: ops.feature_cross(s1.values(), s1.offsets()[0], None, s2.values(), s2.offsets()[0], None),
+        "mod_multi": lambda: ops.mod_multi([s4.values(), hashed], [10000, 10000]),
+        "sequence_truncate_multi": lambda: ops.sequence_truncate_multi(
+            [s4.values(), hashed], [s4.offsets()[0], s5.offsets()[0]], [None, None], [SEQ_LEN] * 2, [False] * 2),
+    }
+    b = batch["dense2"].shape[0]
+    print(f"B={b}: " + ", ".join(f"{name} {time_gpu(fn, reps=20):.3f} ms" for name, fn in steps.items()))
 
 
 def time_cpu(fn, min_seconds: float = 0.5) -> float:
