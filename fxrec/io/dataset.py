@@ -29,6 +29,7 @@ import glob
 import os
 import random
 import threading
+from abc import abstractmethod
 from typing import Callable, Iterator, Protocol, Sequence
 
 import pyarrow as pa
@@ -104,8 +105,9 @@ class DatasetBase(IterableDataset):
     format_name: str = ""
 
     @staticmethod
+    @abstractmethod
     def open_file(path: str) -> DataFile:
-        raise NotImplementedError
+        """Open one file of the subclass's format."""
 
     def __init__(
         self,
