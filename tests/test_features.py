@@ -193,6 +193,19 @@ def test_truncate_false_checks_length():
         engine({"s": ragged_ids([[1, 2, 3]])})
 
 
+def test_truncate_false_3d_checks_lists_per_row():
+    engine = FeatureEngine([
+        Feature("s").add_op(SelectField("s")).add_op(SequenceTruncate(seq_len=2, truncate=False, n_dims=3))
+    ])
+    # row 0: [[1, 2, 3]] (one list of 3 items: fine), row 1: [[4], [5]]
+    ok = RaggedTensor(torch.arange(1, 6), [torch.tensor([0, 1, 3]), torch.tensor([0, 3, 4, 5])])
+    out = engine({"s": ok})
+    assert [o.tolist() for o in out["s"].offsets()] == [[0, 1, 3], [0, 3, 4, 5]]
+    three_lists = RaggedTensor(torch.arange(3), [torch.tensor([0, 3]), torch.tensor([0, 1, 2, 3])])
+    with pytest.raises(ValueError, match=r"feature 's'.*3 items.*seq_len=2"):
+        engine({"s": three_lists})
+
+
 # -- config and input validation -----------------------------------------------------------
 
 @pytest.mark.parametrize(

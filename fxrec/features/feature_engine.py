@@ -90,34 +90,30 @@ class _GraphBuilder:
         return _Parts(self.item(out, 0), self.call(G.one_level, self.item(out, 1)), weight)
 
     def truncate(self, p: _Parts, op: SequenceTruncate, where: str) -> _Parts:
+        # n_dims=2 works on the last ragged level (rows of items), n_dims=3 on the last two (rows
+        # of lists of items); levels above those are dropped.
+        inner = self.call(G.last_level, p.offsets, where)
+        outer = self.item(self.call(G.outer_levels, p.offsets, where), -1) if op.n_dims == 3 else None
         if not op.truncate:
-            last = self.call(G.last_level, p.offsets, where)
             if op.check_length:
-                last = self.call(G.check_row_lengths, last, op.seq_len, where)
-            offsets = self.call(G.one_level, last) if op.n_dims == 2 else p.offsets
+                checked = self.call(G.check_row_lengths, outer if op.n_dims == 3 else inner, op.seq_len, where)
+                outer, inner = (checked, inner) if op.n_dims == 3 else (None, checked)
+            offsets = self.call(G.one_level, inner) if op.n_dims == 2 else self.call(G.two_levels, outer, inner)
             return _Parts(self.call(G.cast_values, p.values, op.dtype), offsets, p.weight)
         if op.n_dims == 2:
-            last = self.call(G.last_level, p.offsets, where)
             out = self.call(
-                torch.ops.fxrec.sequence_truncate.default, p.values, last, p.weight, op.seq_len, op._keep_last
+                torch.ops.fxrec.sequence_truncate.default, p.values, inner, p.weight, op.seq_len, op._keep_last
             )
             offsets = self.call(G.one_level, self.item(out, 1))
-            weight = self.call(G.weight_or_none, p.weight, self.item(out, 2))
         else:
-            outer = self.item(self.call(G.outer_levels, p.offsets, where), -1)
-            inner = self.call(G.last_level, p.offsets, where)
             out = self.call(
                 torch.ops.fxrec.sequence_truncate_3d.default,
                 p.values, outer, inner, p.weight, op.seq_len, op._keep_last,
             )
-            offsets = self.call(_pair, self.item(out, 1), self.item(out, 2))
-            weight = self.call(G.weight_or_none, p.weight, self.item(out, 3))
+            offsets = self.call(G.two_levels, self.item(out, 1), self.item(out, 2))
+        weight = self.call(G.weight_or_none, p.weight, self.item(out, -1))
         values = self.call(G.cast_values, self.item(out, 0), op.dtype)
         return _Parts(values, offsets, weight)
-
-
-def _pair(a, b) -> list:
-    return [a, b]
 
 
 def _column_names(features: Sequence[Feature]) -> list[str]:

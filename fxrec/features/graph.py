@@ -22,6 +22,7 @@ __all__ = [
     "last_level",
     "outer_levels",
     "one_level",
+    "two_levels",
     "weight_or_none",
     "cross_weight",
     "boundaries_on",
@@ -68,6 +69,10 @@ def outer_levels(offsets, where: str) -> list:
 
 def one_level(offsets: torch.Tensor) -> list:
     return [offsets]
+
+
+def two_levels(outer: torch.Tensor, inner: torch.Tensor) -> list:
+    return [outer, inner]
 
 
 def weight_or_none(weight_in, weight_out: torch.Tensor):
