@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# On a GPU machine: the GPU-marked tests, then every benchmark, logs under $OUT (default /tmp).
+# Wheels for packages the machine lacks (pyfarmhash for the test oracles) may be put in .whl/;
+# they are installed into /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD"
+fi
+out="${OUT:-/tmp}"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -3
+python3 -m bench.feature_ops 2>&1 | tee "$out/feature_ops.log"
+python3 bench/io.py --threads 1,2,4,8 --repeat 3 2>&1 | tee "$out/io.log" | tail -12
