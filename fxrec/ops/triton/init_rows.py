@@ -1,0 +1,119 @@
+"""Triton kernel for ``fxrec::init_rows``: per-id initial rows, bit-identical to the CPU kernel.
+
+The formulas (RNG words, uniforms, log, erfinv) are documented in ``fxrec.ops.init_rows`` and
+spelled here in the same operation order: +, -, *, ``div_rn``, ``sqrt_rn`` only, compiled with
+``enable_fp_fusion=False`` (a fused multiply-add rounds once where the CPU rounds twice).
+
+One program fills a ``[BLOCK_R, BLOCK_D]`` tile of the output: the row states are computed once
+per row of the tile and broadcast over its columns. The launcher takes validated arguments and a
+``RowRecipe`` (key, kernel kind, six float32 parameters) and works on CUDA tensors, or on CPU
+tensors under ``TRITON_INTERPRET=1``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["CONSTANT", "GAMMA", "GAUSSIAN", "MIX_1", "MIX_2", "UNIFORM", "init_rows_triton"]
+
+# Kernel kinds: normal and trunc_normal share one formula.
+CONSTANT, UNIFORM, GAUSSIAN = 0, 1, 2
+_UNIFORM = tl.constexpr(UNIFORM)
+_GAUSSIAN = tl.constexpr(GAUSSIAN)
+
+# splitmix64: the stream increment and the finalizer's multipliers (uint64).
+GAMMA, MIX_1, MIX_2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_GAMMA, _MIX_1, _MIX_2 = tl.constexpr(GAMMA), tl.constexpr(MIX_1), tl.constexpr(MIX_2)
+
+_TILE = 1024  # elements per program
+
+
+@triton.jit
+def _mix64(z):
+    z = (z ^ (z >> 30)) * _MIX_1
+    z = (z ^ (z >> 27)) * _MIX_2
+    return z ^ (z >> 31)
+
+
+@triton.jit
+def _log(t):
+    bits = t.to(tl.int32, bitcast=True)
+    mant = bits & 0x7FFFFF
+    big = (mant >= 0x3504F3).to(tl.int32)
+    e = ((bits >> 23) - 127 + big).to(tl.float32)
+    m = (mant | (0x3F800000 - (big << 23))).to(tl.float32, bitcast=True)
+    f = m - 1.0
+    s = tl.div_rn(f, f + 2.0)
+    z = s * s
+    r = z * (0.6666666865 + z * (0.4000000060 + z * (0.2857142985 + z * (0.2222222239 + z * 0.1818181872))))
+    hfsq = 0.5 * f * f
+    return e * 0.6931381225585938 - ((hfsq - (s * (hfsq + r) + e * 9.0580006145e-06)) - f)
+
+
+@triton.jit
+def _sqrt2_erfinv(x, one_minus_x2):
+    w = -_log(one_minus_x2)
+    wc = w - 2.5
+    p = 2.81022636e-08 * wc + 3.43273939e-07
+    p = p * wc + -3.5233877e-06
+    p = p * wc + -4.39150654e-06
+    p = p * wc + 0.00021858087
+    p = p * wc + -0.00125372503
+    p = p * wc + -0.00417768164
+    p = p * wc + 0.246640727
+    p = p * wc + 1.50140941
+    wt = tl.sqrt_rn(w) - 3.0
+    q = -0.000200214257 * wt + 0.000100950558
+    q = q * wt + 0.00134934322
+    q = q * wt + -0.00367342844
+    q = q * wt + 0.00573950773
+    q = q * wt + -0.0076224613
+    q = q * wt + 0.00943887047
+    q = q * wt + 1.00167406
+    q = q * wt + 2.83297682
+    return tl.where(w < 5.0, p, q) * x
+
+
+@triton.jit
+def _init_rows_kernel(
+    ids_ptr, out_ptr, n, dim, key, p0, p1, p2, p3, p4, p5,
+    KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows < n)[:, None] & (cols < dim)[None, :]
+    if KIND == _UNIFORM or KIND == _GAUSSIAN:
+        ids = tl.load(ids_ptr + rows, mask=rows < n, other=0).to(tl.uint64, bitcast=True)
+        # tl.cast (not .to) also takes the constexpr Triton makes of an argument equal to 1.
+        key64 = tl.cast(tl.cast(key, tl.int64), tl.uint64, bitcast=True)
+        state = _mix64(ids ^ key64)
+        word = _mix64(state[:, None] + (cols + 1).to(tl.uint64)[None, :] * _GAMMA)
+        if KIND == _UNIFORM:
+            u = (word >> 40).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+            value = tl.minimum(p0 + p1 * u, p2)
+        else:
+            u = ((word >> 41) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+            x = p0 + p1 * u
+            z = _sqrt2_erfinv(x, tl.maximum((1.0 - x) * (1.0 + x), 1.1754943508222875e-38))
+            value = tl.minimum(tl.maximum(p2 + p3 * z, p4), p5)
+    else:
+        value = tl.full((BLOCK_R, BLOCK_D), 0.0, tl.float32) + p0
+    tl.store(out_ptr + rows[:, None] * dim + cols[None, :], value, mask=mask)
+
+
+def init_rows_triton(ids: Tensor, dim: int, recipe) -> Tensor:
+    """float32 ``[ids.numel(), dim]`` rows of int64 ``ids`` for a ``RowRecipe``, one launch."""
+    ids = ids.reshape(-1).contiguous()
+    n = ids.numel()
+    out = torch.empty((n, dim), dtype=torch.float32, device=ids.device)
+    if n == 0:
+        return out
+    block_d = min(triton.next_power_of_2(dim), _TILE)
+    block_r = _TILE // block_d
+    grid = (triton.cdiv(n, block_r), triton.cdiv(dim, block_d))
+    key, kernel_kind, p = recipe
+    _init_rows_kernel[grid](
+        ids, out, n, dim, key, *p, KIND=kernel_kind, BLOCK_R=block_r, BLOCK_D=block_d, enable_fp_fusion=False
+    )
+    return out
