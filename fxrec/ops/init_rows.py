@@ -174,7 +174,9 @@ def _sqrt2_erfinv(x: Tensor, one_minus_x2: Tensor) -> Tensor:
     for c in (3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
               -0.00125372503, -0.00417768164, 0.246640727, 1.50140941):  # fmt: skip
         p = p * wc + c
-    wt = torch.sqrt(w) - 3.0
+    # torch's vectorized float32 sqrt is not always correctly rounded; float64's rounded once to
+    # float32 is, and so is Triton's sqrt_rn: the two kernels stay bit-identical.
+    wt = torch.sqrt(w.double()).float() - 3.0
     q = -0.000200214257
     for c in (0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
               -0.0076224613, 0.00943887047, 1.00167406, 2.83297682):  # fmt: skip
