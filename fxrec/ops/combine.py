@@ -1,0 +1,295 @@
+"""Embedding combiners over ragged rows (SPEC §4.2): ``fxrec::segment_combine`` and its backward
+``fxrec::segment_combine_backward``.
+
+The lookup layer deduplicates a feature's ids into ``U`` unique ids, gathers their table rows
+into ``emb [U, dim]`` (a tensor that requires grad: the table itself never gets a dense
+``[capacity, dim]`` gradient, DESIGN.md), and calls
+
+    segment_combine(emb, index, offsets, weight, combiner, tile_len)
+
+- ``index`` int64 ``[N]``: item ``i``'s row in ``emb``; ``-1`` means "no embedding" (an id unseen
+  in eval / read-only mode, SPEC §4.4): it contributes a zero vector and gets no gradient, but it
+  is still an item of its row (mean: its weight stays in the denominator; tile: a zero slot).
+- ``offsets`` int64 ``[B + 1]``: row ``b`` is the items ``offsets[b]:offsets[b + 1]``;
+  ``offsets[0]`` need not be 0 (items outside every row are ignored).
+- ``weight``: optional float ``[N]`` (None: every weight is 1).
+- ``combiner``:
+    ``"sum"``:  ``out[b] = Σ w_i emb[index_i]``; an empty row gives 0.          -> ``[B, dim]``
+    ``"mean"``: ``Σ w_i emb[index_i] / Σ w_i``; 0 where the row is empty or ``Σ w_i == 0`` (SPEC's
+                one rule).                                                        -> ``[B, dim]``
+    ``"tile"``: the row's first ``tile_len`` items, each its own embedding, zeros after the row's
+                end; weights are ignored.                                         -> ``[B, tile_len * dim]``
+  ``tile_len`` (>= 1) is read only by ``"tile"``.
+
+Backward: ``segment_combine_backward(grad, index, offsets, weight, combiner, tile_len, num_rows)``
+gives ``grad_emb [num_rows = U, dim]``: each item adds its row's gradient (times ``w_i`` for sum,
+``w_i / Σ w`` for mean, its slot's gradient for tile) into its unique row (SPEC §4.5: a row's
+gradient is the sum over its occurrences); ``-1`` items add nothing. The backward is linear in
+``grad``, so its own gradient is ``segment_combine`` again (double backward works).
+
+Decisions:
+- Weights are data (RecIS's id weights): they get no gradient. Backward through an op whose
+  ``weight`` requires grad raises ``RuntimeError`` rather than silently returning zeros.
+- dtypes: ``emb`` float16/bfloat16/float32/float64, ``weight`` any float dtype; sums accumulate in
+  float32 (float64 for float64 ``emb``) and the result has ``emb``'s dtype. Tile copies exactly.
+- Validation: metadata (dtypes, ranks, lengths, devices, combiner, tile_len) raises
+  ``TypeError``/``ValueError`` naming the argument, on every device. The CPU kernel also checks the
+  contents (offsets non-decreasing within ``[0, N]``; every index entry in ``[-1, U)``); the CUDA
+  kernels do not sync to check them: they clamp offsets into ``[0, N]`` and treat index entries
+  outside ``[0, U)`` as ``-1``, so they never read or write outside the tensors.
+- CPU kernels are vectorized torch (gather + ``index_add_``); CUDA kernels are Triton
+  (``fxrec/ops/triton/combine.py``). Sums run in a different order on the two devices and the
+  CUDA backward uses atomics (run-dependent order): the devices agree within float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+from fxrec.ops.dense import check_offsets_content
+from fxrec.ops.triton.combine import segment_combine_backward_triton, segment_combine_triton
+
+__all__ = ["segment_combine", "segment_combine_backward", "COMBINERS"]
+
+COMBINERS = ("sum", "mean", "tile")
+_EMB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# -- validation (metadata only: no host sync) ----------------------------------------------------
+
+def _check_common(op: str, values_name: str, values: Tensor, index: Tensor, offsets: Tensor,
+                  weight: Tensor | None, combiner: str, tile_len: int) -> None:
+    if combiner not in COMBINERS:
+        raise ValueError(f"fxrec::{op}: combiner must be one of {COMBINERS}, got {combiner!r}")
+    if combiner == "tile" and tile_len < 1:
+        raise ValueError(f"fxrec::{op}: tile_len must be >= 1 for the tile combiner, got {tile_len}")
+    if values.dtype not in _EMB_DTYPES:
+        raise TypeError(f"fxrec::{op}: {values_name} must be float16/bfloat16/float32/float64, got {values.dtype}")
+    if values.dim() != 2:
+        raise ValueError(f"fxrec::{op}: {values_name} must be 2-D, got shape {tuple(values.shape)}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"fxrec::{op}: index must be int64, got {index.dtype}")
+    if index.dim() != 1:
+        raise ValueError(f"fxrec::{op}: index must be 1-D [N], got shape {tuple(index.shape)}")
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"fxrec::{op}: offsets must be int64, got {offsets.dtype}")
+    if offsets.dim() != 1 or guard_or_false(offsets.shape[0] == 0):
+        raise ValueError(f"fxrec::{op}: offsets must be 1-D [B + 1], got shape {tuple(offsets.shape)}")
+    tensors = {"index": index, "offsets": offsets}
+    if weight is not None:
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"fxrec::{op}: weight must be floating point, got {weight.dtype}")
+        if weight.dim() != 1 or guard_or_false(weight.shape[0] != index.shape[0]):
+            raise ValueError(
+                f"fxrec::{op}: weight must be 1-D with one entry per index entry ({index.shape[0]}), "
+                f"got shape {tuple(weight.shape)}"
+            )
+        tensors["weight"] = weight
+    for name, t in tensors.items():
+        if t.device != values.device:
+            raise ValueError(f"fxrec::{op}: {name} is on {t.device} but {values_name} on {values.device}")
+
+
+def _check_forward(emb: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str,
+                   tile_len: int) -> None:
+    _check_common("segment_combine", "emb", emb, index, offsets, weight, combiner, tile_len)
+    if guard_or_false(emb.shape[1] == 0):
+        raise ValueError(f"fxrec::segment_combine: emb must be [U, dim] with dim >= 1, got shape {tuple(emb.shape)}")
+
+
+def _check_backward(grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str,
+                    tile_len: int, num_rows: int) -> None:
+    op = "segment_combine_backward"
+    _check_common(op, "grad", grad, index, offsets, weight, combiner, tile_len)
+    if guard_or_false(grad.shape[0] != offsets.shape[0] - 1):
+        raise ValueError(
+            f"fxrec::{op}: grad must have one row per offsets row ({offsets.shape[0] - 1}), "
+            f"got shape {tuple(grad.shape)}"
+        )
+    if combiner == "tile" and guard_or_false(grad.shape[1] % tile_len != 0):
+        raise ValueError(
+            f"fxrec::{op}: grad must be [B, tile_len * dim] (tile_len {tile_len}), got {tuple(grad.shape)}"
+        )
+    if num_rows < 0:
+        raise ValueError(f"fxrec::{op}: num_rows must be >= 0, got {num_rows}")
+
+
+def _check_contents(op: str, index: Tensor, offsets: Tensor, num_rows: int) -> Tensor:
+    """CPU kernels only (reads the data). Returns the row lengths."""
+    lengths = check_offsets_content(op, "offsets", offsets, index.shape[0])
+    if index.numel() and (bool((index < -1).any()) or bool((index >= num_rows).any())):
+        raise ValueError(f"fxrec::{op}: index entries must lie in [-1, {num_rows}) (-1: no embedding)")
+    return lengths
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# -- CPU building blocks -------------------------------------------------------------------------
+
+def _items(offsets: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """(row of each item, its position in index), items in row order."""
+    rows = torch.repeat_interleave(torch.arange(lengths.shape[0], device=offsets.device), lengths)
+    return rows, offsets[0] + torch.arange(rows.shape[0], device=offsets.device)
+
+
+def _tile_slots(offsets: Tensor, lengths: Tensor, tile_len: int) -> tuple[Tensor, Tensor]:
+    """``[B, tile_len]`` mask of the filled slots and (row-major) each one's position in index."""
+    slots = torch.arange(tile_len, device=offsets.device)
+    mask = slots < lengths[:, None]
+    return mask, (offsets[:-1, None] + slots)[mask]
+
+
+def _row_weight(rows: Tensor, item_weight: Tensor, n_rows: int) -> Tensor:
+    """``Σ w`` per row, ``[B, 1]``."""
+    return item_weight.new_zeros(n_rows).index_add_(0, rows, item_weight)[:, None]
+
+
+def _gather(emb: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """``emb[idx]`` in ``dtype``, zero rows where ``idx == -1`` (also for an empty ``emb``)."""
+    found = idx >= 0
+    out = torch.zeros((idx.shape[0], emb.shape[1]), dtype=dtype, device=emb.device)
+    out[found] = emb[idx[found]].to(dtype)
+    return out
+
+
+def _item_weight(weight: Tensor | None, positions: Tensor, dtype: torch.dtype) -> Tensor:
+    if weight is None:
+        return torch.ones(positions.shape[0], dtype=dtype, device=positions.device)
+    return weight[positions].to(dtype)
+
+
+# -- segment_combine -----------------------------------------------------------------------------
+
+@torch.library.custom_op(
+    "fxrec::segment_combine",
+    mutates_args=(),
+    schema="(Tensor emb, Tensor index, Tensor offsets, Tensor? weight, str combiner, int tile_len) -> Tensor",
+)
+def segment_combine(emb: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str,
+                    tile_len: int) -> Tensor:
+    """Combine each row's embeddings (see the module docstring)."""
+    _check_forward(emb, index, offsets, weight, combiner, tile_len)
+    lengths = _check_contents("segment_combine", index, offsets, emb.shape[0])
+    n_rows, dim = lengths.shape[0], emb.shape[1]
+    if combiner == "tile":
+        out = emb.new_zeros((n_rows, tile_len, dim))
+        mask, positions = _tile_slots(offsets, lengths, tile_len)
+        out[mask] = _gather(emb, index[positions], emb.dtype)
+        return out.view(n_rows, tile_len * dim)
+    acc_dtype = _accumulate_dtype(emb.dtype)
+    rows, positions = _items(offsets, lengths)
+    w = _item_weight(weight, positions, acc_dtype)
+    e = _gather(emb, index[positions], acc_dtype)  # a -1 item adds 0 * w, like the Triton kernel
+    out = e.new_zeros((n_rows, dim)).index_add_(0, rows, e * w[:, None])
+    if combiner == "mean":
+        total = _row_weight(rows, w, n_rows)
+        out = torch.where(total != 0, out / total, 0.0)
+    return out.to(emb.dtype)
+
+
+@segment_combine.register_kernel("cuda")
+def _(emb, index, offsets, weight, combiner, tile_len):
+    _check_forward(emb, index, offsets, weight, combiner, tile_len)
+    return segment_combine_triton(emb, index, offsets, weight, combiner, tile_len)
+
+
+@segment_combine.register_fake
+def _(emb, index, offsets, weight, combiner, tile_len):
+    _check_forward(emb, index, offsets, weight, combiner, tile_len)
+    width = tile_len * emb.shape[1] if combiner == "tile" else emb.shape[1]
+    return emb.new_empty((offsets.shape[0] - 1, width))
+
+
+def _combine_setup(ctx, inputs, output) -> None:
+    emb, index, offsets, weight, combiner, tile_len = inputs
+    ctx.save_for_backward(index, offsets, weight)
+    ctx.combiner, ctx.tile_len, ctx.num_rows = combiner, tile_len, emb.shape[0]
+
+
+def _combine_grad(ctx, grad: Tensor):
+    if ctx.needs_input_grad[3]:
+        raise RuntimeError(
+            "fxrec::segment_combine: weights are data and get no gradient; pass weight.detach()"
+        )
+    index, offsets, weight = ctx.saved_tensors
+    grad_emb = torch.ops.fxrec.segment_combine_backward(
+        grad, index, offsets, weight, ctx.combiner, ctx.tile_len, ctx.num_rows
+    )
+    return grad_emb, None, None, None, None, None
+
+
+segment_combine.register_autograd(_combine_grad, setup_context=_combine_setup)
+
+
+# -- segment_combine_backward --------------------------------------------------------------------
+
+@torch.library.custom_op(
+    "fxrec::segment_combine_backward",
+    mutates_args=(),
+    schema=(
+        "(Tensor grad, Tensor index, Tensor offsets, Tensor? weight, str combiner, int tile_len, "
+        "SymInt num_rows) -> Tensor"
+    ),
+)
+def segment_combine_backward(grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str,
+                             tile_len: int, num_rows: int) -> Tensor:
+    """Gradient of ``segment_combine`` w.r.t. ``emb``: ``[num_rows, dim]`` (module docstring)."""
+    _check_backward(grad, index, offsets, weight, combiner, tile_len, num_rows)
+    lengths = _check_contents("segment_combine_backward", index, offsets, num_rows)
+    n_rows = lengths.shape[0]
+    acc_dtype = _accumulate_dtype(grad.dtype)
+    if combiner == "tile":
+        dim = grad.shape[1] // tile_len
+        mask, positions = _tile_slots(offsets, lengths, tile_len)
+        item_grad = grad.reshape(n_rows, tile_len, dim)[mask].to(acc_dtype)
+    else:
+        dim = grad.shape[1]
+        rows, positions = _items(offsets, lengths)
+        w = _item_weight(weight, positions, acc_dtype)
+        row_grad = grad.to(acc_dtype)
+        if combiner == "mean":
+            total = _row_weight(rows, w, n_rows)
+            row_grad = torch.where(total != 0, row_grad / total, 0.0)
+        item_grad = row_grad[rows] * w[:, None]
+    idx = index[positions]
+    found = idx >= 0
+    grad_emb = torch.zeros((num_rows, dim), dtype=acc_dtype, device=grad.device)
+    grad_emb.index_add_(0, idx[found], item_grad[found])
+    return grad_emb.to(grad.dtype)
+
+
+@segment_combine_backward.register_kernel("cuda")
+def _(grad, index, offsets, weight, combiner, tile_len, num_rows):
+    _check_backward(grad, index, offsets, weight, combiner, tile_len, num_rows)
+    return segment_combine_backward_triton(grad, index, offsets, weight, combiner, tile_len, num_rows)
+
+
+@segment_combine_backward.register_fake
+def _(grad, index, offsets, weight, combiner, tile_len, num_rows):
+    _check_backward(grad, index, offsets, weight, combiner, tile_len, num_rows)
+    dim = grad.shape[1] // tile_len if combiner == "tile" else grad.shape[1]
+    return grad.new_empty((num_rows, dim))
+
+
+def _backward_setup(ctx, inputs, output) -> None:
+    _, index, offsets, weight, combiner, tile_len, _ = inputs
+    ctx.save_for_backward(index, offsets, weight)
+    ctx.combiner, ctx.tile_len = combiner, tile_len
+
+
+def _backward_grad(ctx, grad_grad_emb: Tensor):
+    # The backward is linear in grad (grad_emb = Aᵀ grad): its gradient is the forward, A grad_grad_emb.
+    if ctx.needs_input_grad[3]:
+        raise RuntimeError(
+            "fxrec::segment_combine_backward: weights are data and get no gradient; pass weight.detach()"
+        )
+    index, offsets, weight = ctx.saved_tensors
+    grad = torch.ops.fxrec.segment_combine(grad_grad_emb, index, offsets, weight, ctx.combiner, ctx.tile_len)
+    return grad, None, None, None, None, None, None
+
+
+segment_combine_backward.register_autograd(_backward_grad, setup_context=_backward_setup)

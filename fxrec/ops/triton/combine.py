@@ -1,0 +1,183 @@
+"""Triton kernels of the embedding combiners (``fxrec::segment_combine`` and its backward
+``fxrec::segment_combine_backward``); semantics in ``fxrec/ops/combine.py``.
+
+- sum/mean forward: one program per (row, tile of ``BLOCK_D`` columns); it walks the row's
+  items ``BLOCK_N`` at a time, gathers their embedding rows and accumulates ``w * e`` (and, for
+  mean, ``w``) in fp32 (fp64 for fp64 embeddings).
+- tile forward: one program per (row, block of ``BLOCK_S`` slots): a masked copy, exact.
+- backward: one program per (block of ``BLOCK_N`` items, tile of ``BLOCK_D`` columns); each
+  item adds its (weighted) row gradient into its embedding row with ``tl.atomic_add`` into an
+  fp32/fp64 buffer. Atomics make the summation order, hence the float rounding of duplicated
+  rows, run-dependent on the GPU: the result equals the CPU kernel's within rounding, not bit
+  for bit.
+
+Nothing here syncs with the host and nothing reads outside the tensors: offsets are clamped to
+``[0, N]``, and index entries outside ``[0, U)`` are treated like ``-1`` (no embedding).
+
+Launchers work on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["segment_combine_triton", "segment_combine_backward_triton"]
+
+_MAX_BLOCK_D = 128
+_BLOCK_N = 32  # items per step of a row's loop (sum/mean forward), per program (backward)
+_BLOCK_S = 16  # tile slots per program
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block_d(dim: int) -> int:
+    return min(_MAX_BLOCK_D, triton.next_power_of_2(max(dim, 1)))
+
+
+@triton.jit
+def _row_bounds(offsets, row, n_items):
+    # Clamped so that unvalidated offsets (the CUDA path does not sync to check them) stay in index.
+    begin = tl.minimum(tl.maximum(tl.load(offsets + row), 0), n_items)
+    end = tl.minimum(tl.maximum(tl.load(offsets + row + 1), begin), n_items)
+    return begin, end
+
+
+@triton.jit
+def _segment_reduce_kernel(
+    emb, index, offsets, weight, out, n_items, n_emb_rows, dim,
+    HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < dim
+    begin, end = _row_bounds(offsets, row, n_items)
+    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    weight_sum = tl.zeros([BLOCK_N], dtype=ACC)
+    for start in range(begin, end, BLOCK_N):
+        i = start + tl.arange(0, BLOCK_N)
+        in_row = i < end
+        idx = tl.load(index + i, mask=in_row, other=-1)
+        if HAS_WEIGHT:
+            w = tl.load(weight + i, mask=in_row, other=0.0).to(ACC)
+        else:
+            w = in_row.to(ACC)
+        weight_sum += w  # a -1 item's weight counts too (see combine.py)
+        found = (idx >= 0) & (idx < n_emb_rows)
+        e = tl.load(emb + idx[:, None] * dim + d[None, :], mask=found[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(e.to(ACC) * w[:, None], axis=0)
+    if MEAN:
+        total = tl.sum(weight_sum, axis=0)
+        acc = tl.where(total != 0, acc / tl.where(total != 0, total, 1.0), 0.0)
+    tl.store(out + row * dim + d, acc.to(out.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _segment_tile_kernel(
+    emb, index, offsets, out, n_items, n_emb_rows, dim, tile_len, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = s < tile_len
+    begin, end = _row_bounds(offsets, row, n_items)
+    present = s_ok & (begin + s < end)
+    idx = tl.load(index + begin + s, mask=present, other=-1)
+    found = present & (idx >= 0) & (idx < n_emb_rows)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        e = tl.load(emb + idx[:, None] * dim + d[None, :], mask=found[:, None] & d_ok[None, :], other=0.0)
+        tl.store(out + (row * tile_len + s[:, None]) * dim + d[None, :], e, mask=s_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _segment_scatter_kernel(
+    grad, index, offsets, item_rows, weight, grad_emb, n_items, n_rows, n_emb_rows, dim, tile_len,
+    HAS_WEIGHT: tl.constexpr, TILE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < dim
+    in_range = i < n_items
+    row = tl.load(item_rows + i, mask=in_range, other=-1)
+    idx = tl.load(index + i, mask=in_range, other=-1)
+    ok = in_range & (row >= 0) & (row < n_rows) & (idx >= 0) & (idx < n_emb_rows)
+    if TILE:
+        slot = i - tl.load(offsets + row, mask=ok, other=0)
+        ok = ok & (slot < tile_len)
+        g_ptr = grad + (row * tile_len + slot)[:, None] * dim + d[None, :]
+    else:
+        g_ptr = grad + row[:, None] * dim + d[None, :]
+    mask = ok[:, None] & d_ok[None, :]
+    g = tl.load(g_ptr, mask=mask, other=0.0).to(ACC)
+    if HAS_WEIGHT:
+        g = g * tl.load(weight + i, mask=ok, other=0.0).to(ACC)[:, None]
+    tl.atomic_add(grad_emb + idx[:, None] * dim + d[None, :], g, mask=mask)
+
+
+def segment_combine_triton(
+    emb: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str, tile_len: int
+) -> Tensor:
+    """Forward: ``[B, dim]`` (sum/mean) or ``[B, tile_len * dim]`` (tile), in ``emb``'s dtype."""
+    emb, index, offsets = emb.contiguous(), index.contiguous(), offsets.contiguous()
+    n_rows, dim = offsets.shape[0] - 1, emb.shape[1]
+    block_d = _block_d(dim)
+    if combiner == "tile":
+        out = emb.new_empty((n_rows, tile_len * dim))
+        if out.numel():
+            grid = (n_rows, triton.cdiv(tile_len, _BLOCK_S))
+            _segment_tile_kernel[grid](
+                emb, index, offsets, out, index.shape[0], emb.shape[0], dim, tile_len, BLOCK_S=_BLOCK_S, BLOCK_D=block_d
+            )
+        return out
+    out = emb.new_empty((n_rows, dim))
+    if out.numel():
+        weight = weight.contiguous() if weight is not None else None
+        _segment_reduce_kernel[(n_rows, triton.cdiv(dim, block_d))](
+            emb, index, offsets, weight if weight is not None else index, out, index.shape[0], emb.shape[0], dim,
+            HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", ACC=_tl_dtype(emb.dtype),
+            BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+        )
+    return out
+
+
+def segment_combine_backward_triton(
+    grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str, tile_len: int, num_rows: int
+) -> Tensor:
+    """Backward: ``grad_emb [num_rows, dim]`` in ``grad``'s dtype (see the module docstring)."""
+    grad, index, offsets = grad.contiguous(), index.contiguous(), offsets.contiguous()
+    n_rows, n_items = offsets.shape[0] - 1, index.shape[0]
+    tile = combiner == "tile"
+    dim = grad.shape[1] // tile_len if tile else grad.shape[1]
+    acc_dtype = _accumulate_dtype(grad.dtype)
+    grad_emb = torch.zeros((num_rows, dim), dtype=acc_dtype, device=grad.device)
+    if grad_emb.numel() == 0 or n_items == 0 or n_rows == 0:
+        return grad_emb.to(grad.dtype)
+    # Row of each index position (-1 before offsets[0], n_rows from offsets[-1] on): no host sync.
+    positions = torch.arange(n_items, device=grad.device)
+    item_rows = torch.searchsorted(offsets, positions, right=True) - 1
+    weight = None if tile or weight is None else weight.contiguous()
+    if combiner == "mean":
+        # d mean / d e_i = w_i / W_row: scale each row's gradient by 1 / W_row (0 where W_row == 0).
+        in_row = (item_rows >= 0) & (item_rows < n_rows)
+        item_weight = weight.to(acc_dtype) if weight is not None else torch.ones(n_items, dtype=acc_dtype,
+                                                                                 device=grad.device)
+        row_weight = torch.zeros(n_rows + 1, dtype=acc_dtype, device=grad.device).index_add_(
+            0, torch.where(in_row, item_rows, n_rows), item_weight
+        )[:n_rows, None]
+        grad = torch.where(row_weight != 0, grad.to(acc_dtype) / row_weight, 0.0).contiguous()
+    block_d = _block_d(dim)
+    _segment_scatter_kernel[(triton.cdiv(n_items, _BLOCK_N), triton.cdiv(dim, block_d))](
+        grad, index, offsets, item_rows, weight if weight is not None else index, grad_emb,
+        n_items, n_rows, num_rows, dim, tile_len,
+        HAS_WEIGHT=weight is not None, TILE=tile, ACC=_tl_dtype(grad.dtype), BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+    )
+    return grad_emb.to(grad.dtype)
