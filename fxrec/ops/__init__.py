@@ -3,4 +3,4 @@
 Importing this package registers every op (CPU kernel, fake kernel, CUDA kernel, autograd).
 """
 
-from fxrec.ops import bucketize, check, combine, cross, dense, hash, init_rows, mod, sparse_update, truncate  # noqa: F401
+from fxrec.ops import bucketize, check, combine, cross, dense, hash, init_rows, mod, sparse_update, table, truncate  # noqa: F401
