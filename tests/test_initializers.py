@@ -8,6 +8,7 @@ import math
 import struct
 
 import pytest
+import numpy as np
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -91,7 +92,8 @@ def oracle_row(seed, ident, dim, kind, params):
         if kind == "uniform":
             a, b = params
             u = (w >> 40) / 2**24
-            out.append(min(f32(f32(a) + f32(f32(b - a) * u)), math.nextafter(f32(b), -math.inf)))
+            below_b = float(np.nextafter(np.float32(b), np.float32(-np.inf)))  # largest float32 < b
+            out.append(min(f32(f32(a) + f32(f32(b - a) * u)), below_b))
             continue
         u = ((w >> 41) * 2 + 1) / 2**24
         mean, std = params[:2]
