@@ -27,6 +27,7 @@ parameters: what "same initializer" means for options that share a table.
 """
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
@@ -76,7 +77,7 @@ def _ordered(cls: str, a: float, b: float) -> None:
         raise ValueError(f"{cls}: needs a < b, got a={a}, b={b}")
 
 
-class Initializer:
+class Initializer(ABC):
     """A row initializer: ``kind`` and ``params`` of ``torch.ops.fxrec.init_rows`` for a table.
 
     Subclasses set ``_config`` (constructor parameters, for ``==`` and ``repr``) and implement
@@ -88,9 +89,9 @@ class Initializer:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self._generator_seed = None if generator is None else generator.initial_seed()
 
+    @abstractmethod
     def row_spec(self, dim: int, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[str, list[float]]:
         """``(kind, params)`` of the op for rows of ``dim`` in a table of ``block_size``."""
-        raise NotImplementedError
 
     @property
     def kind(self) -> str:
