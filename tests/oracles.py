@@ -19,6 +19,14 @@ def to_int64(u: int) -> int:
     return u - (1 << 64) if u >= 1 << 63 else u
 
 
+def mix64(x: int) -> int:
+    """splitmix64's finalizer on a Python int (as uint64)."""
+    z = x & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
 def murmur64a(data: bytes, seed: int = 0) -> int:
     """MurmurHash64A as an int64."""
     m, r = 0xC6A4A7935BD1E995, 47

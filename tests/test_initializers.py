@@ -27,6 +27,7 @@ from fxrec.nn.initializers import (
 )
 from fxrec.ops.init_rows import init_rows_torch, row_recipe
 from fxrec.ops.triton.init_rows import init_rows_triton
+from oracles import mix64
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MASK64 = (1 << 64) - 1
@@ -64,13 +65,6 @@ def init_rows(ids, dim, seed, kind, params, dtype=torch.float32):
 
 # ---------------------------------------------------------------------------------------------
 # oracle
-
-
-def mix64(z):
-    z &= MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
 
 
 def f32(x):

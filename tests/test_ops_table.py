@@ -8,22 +8,14 @@ from hypothesis import strategies as st
 import fxrec  # noqa: F401  (registers torch.ops.fxrec.*)
 from fxrec.ops.table import EMPTY, FILLED, new_index, table_items
 from fxrec.ops.triton.table import table_find_or_insert_triton, table_find_triton
+from oracles import mix64
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MASK64 = 2**64 - 1
 # Without CUDA the launchers run under TRITON_INTERPRET=1 (set by conftest) on CPU tensors.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 find = torch.ops.fxrec.table_find
 find_or_insert = torch.ops.fxrec.table_find_or_insert
-
-
-def mix64(x: int) -> int:
-    """splitmix64's finalizer on a Python int (uint64)."""
-    z = x & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
 
 
 def home(x: int, capacity: int) -> int:

@@ -40,18 +40,13 @@ from typing import NamedTuple
 import torch
 
 from fxrec.ops.hash import murmur_block, murmur_finish
+from fxrec.ops.uint64 import as_int64
 from fxrec.ops.triton.cross import cross_pairs_triton
 
 __all__ = ["feature_cross", "feature_cross_torch", "feature_cross_with_triton"]
 
-def _as_int64(u: int) -> int:
-    """The int64 with the bits of the uint64 ``u mod 2**64``."""
-    u %= 1 << 64
-    return u - (1 << 64) if u >> 63 else u
-
-
 # MurmurHash64A over a 16-byte key, seed 0: the key length is folded into the initial state.
-_MURMUR_H0 = _as_int64(16 * 0xC6A4A7935BD1E995)  # seed 0 ^ (len * m)
+_MURMUR_H0 = as_int64(16 * 0xC6A4A7935BD1E995)  # seed 0 ^ (len * m)
 
 
 def _murmur_pair(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

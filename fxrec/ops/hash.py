@@ -37,6 +37,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch import Tensor
 
+from fxrec.ops.uint64 import as_int64, shr
 from fxrec.ops.triton.hash import (
     hash_bytes_multi_triton,
     hash_bytes_triton,
@@ -50,30 +51,19 @@ HASH_TYPES = ("farm", "murmur")
 # uint64 arithmetic in int64 tensors
 
 
-def _i64(u: int) -> int:
-    """The int64 whose bits are ``u mod 2**64`` (so Python-side constants match the C code)."""
-    u &= (1 << 64) - 1
-    return u - (1 << 64) if u >> 63 else u
-
-
-_K0 = _i64(0xC3A5C85C97CB3127)
-_K1 = _i64(0xB492B66FBE98F273)
-_K2 = _i64(0x9AE16A3B2F90404F)
-MURMUR_M = _i64(0xC6A4A7935BD1E995)
+_K0 = as_int64(0xC3A5C85C97CB3127)
+_K1 = as_int64(0xB492B66FBE98F273)
+_K2 = as_int64(0x9AE16A3B2F90404F)
+MURMUR_M = as_int64(0xC6A4A7935BD1E995)
 _FARM_SEED = 81
 
 
-def _shr(x: Tensor, s: int) -> Tensor:
-    """Logical right shift by a constant ``0 < s < 64``."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
 def _rotr(x: Tensor, r: int) -> Tensor:
-    return _shr(x, r) | (x << (64 - r))
+    return shr(x, r) | (x << (64 - r))
 
 
 def _shift_mix(x: Tensor) -> Tensor:
-    return x ^ _shr(x, 47)
+    return x ^ shr(x, 47)
 
 
 def _hash_len16(u: Tensor, v: Tensor, mul: Tensor | int) -> Tensor:
@@ -217,7 +207,7 @@ def _farm_long_init() -> tuple[int, int, int]:
     y = (_FARM_SEED * _K1 + 113) & mask
     z = (y * _K2 + 113) & mask
     z = ((z ^ (z >> 47)) * _K2) & mask
-    return _i64(_FARM_SEED * _K2), _i64(y), _i64(z)
+    return as_int64(_FARM_SEED * _K2), as_int64(y), as_int64(z)
 
 
 _FARM_X0, _FARM_Y0, _FARM_Z0 = _farm_long_init()
@@ -293,15 +283,15 @@ def _farm_bytes(rd: _Bytes, s: Tensor, n: Tensor) -> Tensor:
 
 def murmur_block(h: Tensor, k: Tensor) -> Tensor:
     k = k * MURMUR_M
-    k = k ^ _shr(k, 47)
+    k = k ^ shr(k, 47)
     k = k * MURMUR_M
     return (h ^ k) * MURMUR_M
 
 
 def murmur_finish(h: Tensor) -> Tensor:
-    h = h ^ _shr(h, 47)
+    h = h ^ shr(h, 47)
     h = h * MURMUR_M
-    return h ^ _shr(h, 47)
+    return h ^ shr(h, 47)
 
 
 def _murmur_bytes(rd: _Bytes, s: Tensor, n: Tensor) -> Tensor:
@@ -346,7 +336,7 @@ def hash_int64_torch(values: Tensor, hash_type: str) -> Tensor:
         if hash_type == "farm":
             flat_out[a : a + _CPU_STEP] = _farm_words_len8to16(x, x, 8)
         else:
-            flat_out[a : a + _CPU_STEP] = murmur_finish(murmur_block(torch.full_like(x, _i64(8 * MURMUR_M)), x))
+            flat_out[a : a + _CPU_STEP] = murmur_finish(murmur_block(torch.full_like(x, as_int64(8 * MURMUR_M)), x))
     return out
 
 

@@ -49,19 +49,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fxrec.ops.triton.init_rows import CONSTANT, GAMMA, GAUSSIAN, MIX_1, MIX_2, UNIFORM, init_rows_triton
+from fxrec.ops.triton.init_rows import CONSTANT, GAUSSIAN, UNIFORM, init_rows_triton
+from fxrec.ops.uint64 import GAMMA, as_int64, mix64, shr
 
 __all__ = ["INIT_KINDS", "RowRecipe", "init_rows", "init_rows_torch", "row_recipe"]
 
 INIT_KINDS = {"constant": 1, "uniform": 2, "normal": 2, "trunc_normal": 4}  # kind -> len(params)
 
-_MASK64 = (1 << 64) - 1
-
-
-def _i64(u: int) -> int:
-    """The int64 whose bits are ``u mod 2**64``."""
-    u &= _MASK64
-    return u - (1 << 64) if u >> 63 else u
 
 
 def _f32(x: float) -> float:
@@ -72,14 +66,6 @@ def _f32(x: float) -> float:
     if not math.isfinite(rounded):
         raise ValueError(f"fxrec::init_rows: a parameter derives {x}, out of float32 range")
     return rounded
-
-
-def _mix64_int(z: int) -> int:
-    """splitmix64's finalizer on a Python int (uint64)."""
-    z &= _MASK64
-    z = ((z ^ (z >> 30)) * MIX_1) & _MASK64
-    z = ((z ^ (z >> 27)) * MIX_2) & _MASK64
-    return z ^ (z >> 31)
 
 
 class RowRecipe(NamedTuple):
@@ -111,7 +97,7 @@ def _check_params(kind: str, params: list[float]) -> None:
 def row_recipe(seed: int, kind: str, params: list[float]) -> RowRecipe:
     """The kernel arguments for ``(seed, kind, params)`` (validated here)."""
     _check_params(kind, params)
-    key = _i64(_mix64_int(seed + GAMMA))
+    key = int(mix64(torch.tensor(as_int64(seed + GAMMA))))
     if kind == "constant":
         return RowRecipe(key, CONSTANT, (_f32(params[0]), 0.0, 0.0, 0.0, 0.0, 0.0))
     if kind == "uniform":
@@ -130,17 +116,6 @@ def row_recipe(seed: int, kind: str, params: list[float]) -> RowRecipe:
 
 # ---------------------------------------------------------------------------------------------
 # CPU kernel: uint64 arithmetic in int64 tensors, float32 math without a libm
-
-
-def _shr(x: Tensor, s: int) -> Tensor:
-    """Logical right shift by a constant ``0 < s < 64``."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def _mix64(z: Tensor) -> Tensor:
-    z = (z ^ _shr(z, 30)) * _i64(MIX_1)
-    z = (z ^ _shr(z, 27)) * _i64(MIX_2)
-    return z ^ _shr(z, 31)
 
 
 _TINY = 2.0**-126  # smallest normal float32
@@ -188,14 +163,14 @@ def _rows_chunk(ids: Tensor, dim: int, recipe: RowRecipe) -> Tensor:
     key, kernel_kind, p = recipe
     if kernel_kind == CONSTANT:
         return torch.full((ids.numel(), dim), p[0], dtype=torch.float32)
-    state = _mix64(ids ^ key)
-    counters = (torch.arange(1, dim + 1, dtype=torch.int64) * _i64(GAMMA))[None, :]
-    word = _mix64(state[:, None] + counters)
+    state = mix64(ids ^ key)
+    counters = (torch.arange(1, dim + 1, dtype=torch.int64) * as_int64(GAMMA))[None, :]
+    word = mix64(state[:, None] + counters)
     p32 = [torch.tensor(v, dtype=torch.float32) for v in p]  # float32 scalars: float32 math
     if kernel_kind == UNIFORM:
-        u = _shr(word, 40).to(torch.float32) * 2.0**-24
+        u = shr(word, 40).to(torch.float32) * 2.0**-24
         return torch.minimum(p32[0] + p32[1] * u, p32[2])
-    u = (_shr(word, 41) * 2 + 1).to(torch.float32) * 2.0**-24
+    u = (shr(word, 41) * 2 + 1).to(torch.float32) * 2.0**-24
     x = p32[0] + p32[1] * u
     # 1 - x² as (1 - x)(1 + x): one of the factors is exact. Floored at the smallest normal
     # float32: x rounds to ±1 only for a bound >= ~5.3 std out, where the clamp below decides.

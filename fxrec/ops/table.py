@@ -40,28 +40,15 @@ content (``table_items``), not slot by slot.
 import torch
 from torch import Tensor
 
-from fxrec.ops.triton.init_rows import MIX_1, MIX_2
+from fxrec.ops.uint64 import mix64
 from fxrec.ops.triton.table import EMPTY, FILLED, WRITING, table_find_or_insert_triton, table_find_triton
 
 __all__ = ["EMPTY", "FILLED", "WRITING", "new_index", "table_find", "table_find_or_insert", "table_items"]
 
 
-def _i64(u: int) -> int:
-    """The int64 whose bits are ``u mod 2**64``."""
-    u &= (1 << 64) - 1
-    return u - (1 << 64) if u >> 63 else u
-
-
-def _shr(x: Tensor, s: int) -> Tensor:
-    """Logical right shift of int64 by a constant ``0 < s < 64``."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
 def _home_slots(ids: Tensor, capacity: int) -> Tensor:
     """``mix64(uint64(id)) & (capacity - 1)`` (int64 wrap-around multiply == uint64's)."""
-    z = (ids ^ _shr(ids, 30)) * _i64(MIX_1)
-    z = (z ^ _shr(z, 27)) * _i64(MIX_2)
-    return (z ^ _shr(z, 31)) & (capacity - 1)
+    return mix64(ids) & (capacity - 1)
 
 
 # ---------------------------------------------------------------------------------------------

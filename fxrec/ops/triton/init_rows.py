@@ -13,27 +13,21 @@ tensors under ``TRITON_INTERPRET=1``.
 import torch
 import triton
 import triton.language as tl
+
+from fxrec.ops.triton.uint64 import mix64
+from fxrec.ops.uint64 import GAMMA
 from torch import Tensor
 
-__all__ = ["CONSTANT", "GAMMA", "GAUSSIAN", "MIX_1", "MIX_2", "UNIFORM", "init_rows_triton"]
+__all__ = ["CONSTANT", "GAUSSIAN", "UNIFORM", "init_rows_triton"]
 
 # Kernel kinds: normal and trunc_normal share one formula.
 CONSTANT, UNIFORM, GAUSSIAN = 0, 1, 2
 _UNIFORM = tl.constexpr(UNIFORM)
 _GAUSSIAN = tl.constexpr(GAUSSIAN)
 
-# splitmix64: the stream increment and the finalizer's multipliers (uint64).
-GAMMA, MIX_1, MIX_2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-_GAMMA, _MIX_1, _MIX_2 = tl.constexpr(GAMMA), tl.constexpr(MIX_1), tl.constexpr(MIX_2)
+_GAMMA = tl.constexpr(GAMMA)
 
 _TILE = 1024  # elements per program
-
-
-@triton.jit
-def _mix64(z):
-    z = (z ^ (z >> 30)) * _MIX_1
-    z = (z ^ (z >> 27)) * _MIX_2
-    return z ^ (z >> 31)
 
 
 @triton.jit
@@ -87,8 +81,8 @@ def _init_rows_kernel(
         ids = tl.load(ids_ptr + rows, mask=rows < n, other=0).to(tl.uint64, bitcast=True)
         # tl.cast (not .to) also takes the constexpr Triton makes of an argument equal to 1.
         key64 = tl.cast(tl.cast(key, tl.int64), tl.uint64, bitcast=True)
-        state = _mix64(ids ^ key64)
-        word = _mix64(state[:, None] + (cols + 1).to(tl.uint64)[None, :] * _GAMMA)
+        state = mix64(ids ^ key64)
+        word = mix64(state[:, None] + (cols + 1).to(tl.uint64)[None, :] * _GAMMA)
         if KIND == _UNIFORM:
             u = (word >> 40).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
             value = tl.minimum(p0 + p1 * u, p2)

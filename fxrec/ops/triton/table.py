@@ -37,13 +37,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fxrec.ops.triton.init_rows import MIX_1, MIX_2
+from fxrec.ops.triton.uint64 import mix64
 
 __all__ = ["EMPTY", "FILLED", "WRITING", "table_find_or_insert_triton", "table_find_triton"]
 
 EMPTY, WRITING, FILLED = 0, 1, 2
 _EMPTY, _WRITING, _FILLED = tl.constexpr(EMPTY), tl.constexpr(WRITING), tl.constexpr(FILLED)
-_MIX_1, _MIX_2 = tl.constexpr(MIX_1), tl.constexpr(MIX_2)
 
 _BLOCK = 256  # ids per program: small, so one long probe holds back few lanes
 
@@ -51,10 +50,7 @@ _BLOCK = 256  # ids per program: small, so one long probe holds back few lanes
 @triton.jit
 def _home_slot(ids, mask):
     """``mix64(uint64(id)) & mask`` as int64."""
-    z = ids.to(tl.uint64, bitcast=True)
-    z = (z ^ (z >> 30)) * _MIX_1
-    z = (z ^ (z >> 27)) * _MIX_2
-    z = z ^ (z >> 31)
+    z = mix64(ids.to(tl.uint64, bitcast=True))
     return (z & mask.to(tl.uint64)).to(tl.int64, bitcast=True)
 
 
