@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec.*)
 from fxrec.ops.cross import feature_cross_with_triton
+from fxrec.ops.triton.cross import SHORT_ROW
 from oracles import murmur64a
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -233,6 +234,22 @@ def test_triton_path_matches_cpu(inputs):
 def test_triton_path_long_row_matches_cpu():
     args = args_of(*long_row_inputs())
     assert_same(feature_cross_with_triton(*to_device(args, TRITON_DEVICE)), cross(*args))
+
+
+@pytest.mark.parametrize("long_side", ["x", "y", "both"])
+def test_triton_path_rows_past_short_row_fall_back_to_sorts(long_side):
+    # Rows of SHORT_ROW + 6 items (with duplicates) on one or both sides, beside short rows.
+    gen = torch.Generator().manual_seed(2)
+    many = (torch.randint(-50, 50, (SHORT_ROW + 6,), generator=gen)).tolist()
+    few = [3, -1, 3]
+    x_rows = [few, many if long_side in ("x", "both") else few, []]
+    y_rows = [[7], many if long_side in ("y", "both") else few, [1, 1]]
+    x = (x_rows, [[float(i) for i in range(len(r))] for r in x_rows], torch.float32, [9], [])
+    y = (y_rows, None, None, [], [5])
+    args = args_of(x, y)
+    result = feature_cross_with_triton(*to_device(args, TRITON_DEVICE))
+    assert_same(result, cross(*args))
+    assert_matches_oracle(x, y, tuple(t.cpu() for t in result))
 
 
 def to_cuda(args):

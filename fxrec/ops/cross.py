@@ -41,7 +41,7 @@ import torch
 
 from fxrec.ops.hash import murmur_block, murmur_finish
 from fxrec.ops.uint64 import as_int64
-from fxrec.ops.triton.cross import cross_pairs_triton
+from fxrec.ops.triton.cross import cross_pairs_triton, unique_short_rows_triton
 
 __all__ = ["feature_cross", "feature_cross_torch", "feature_cross_with_triton"]
 
@@ -207,17 +207,31 @@ def feature_cross(
 
 @feature_cross.register_kernel("cuda")
 def feature_cross_with_triton(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight):
-    """The op with its pair expansion in Triton: the CUDA kernel (also runs on CPU tensors under
-    ``TRITON_INTERPRET=1``). Syncs with the host once, to size the outputs."""
+    """The op with Triton kernels: the CUDA kernel (also runs on CPU tensors under
+    ``TRITON_INTERPRET=1``). Rows of at most ``triton.cross.SHORT_ROW`` items are de-duplicated by a
+    sort-free kernel; a side with a longer row is redone with the torch sorts. Syncs with the
+    host once to size the outputs (twice when a row is longer than ``SHORT_ROW``)."""
     _check_args(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight)
-    x, y, out_offsets, weight_dtype = _plan(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight)
-    # The one host sync: the output length, with both offsets checks riding along.
-    total, x_ok, y_ok = torch.stack(
-        [out_offsets[-1], _offsets_ok(x_values, x_offsets).long(), _offsets_ok(y_values, y_offsets).long()]
-    ).tolist()
+    weight_dtype = _weight_dtype(x_weight, y_weight)
+    xs = unique_short_rows_triton(x_values, x_offsets, x_weight, weight_dtype)
+    ys = unique_short_rows_triton(y_values, y_offsets, y_weight, weight_dtype)
+    x, y = _UniqueRows(*xs[:4]), _UniqueRows(*ys[:4])
+    out_offsets = torch.cat([x_offsets.new_zeros(1), torch.cumsum(x.count * y.count, 0)])
+    # The one host sync: the output length, with the offsets checks and long-row flags.
+    total, x_ok, y_ok, x_long, y_long = torch.stack([
+        out_offsets[-1], _offsets_ok(x_values, x_offsets).long(), _offsets_ok(y_values, y_offsets).long(),
+        xs[4].long(), ys[4].long(),
+    ]).tolist()
     for side, values, ok in (("x", x_values, x_ok), ("y", y_values, y_ok)):
         if not ok:
             raise _offsets_error(side, values)
+    if x_long or y_long:
+        if x_long:
+            x = _unique_rows(x_values, x_offsets, x_weight, weight_dtype)
+        if y_long:
+            y = _unique_rows(y_values, y_offsets, y_weight, weight_dtype)
+        out_offsets = torch.cat([x_offsets.new_zeros(1), torch.cumsum(x.count * y.count, 0)])
+        total = int(out_offsets[-1])
     ids, weight = cross_pairs_triton(
         out_offsets, total, x.ids, x.start, x.weight, y.ids, y.start, y.count, y.weight, weight_dtype
     )

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from fxrec.ops.triton.hash import murmur_block, murmur_finish
 
-__all__ = ["cross_pairs_triton"]
+__all__ = ["cross_pairs_triton", "unique_short_rows_triton"]
 
 # MurmurHash64A's initial state for a 16-byte key and seed 0 (seed ^ len * m).
 _MURMUR_H0 = tl.constexpr((16 * 0xC6A4A7935BD1E995) % (1 << 64))
@@ -125,3 +125,70 @@ def cross_pairs_triton(
         BLOCK=_BLOCK,
     )
     return ids, weight
+
+
+# Rows up to this many items are de-duplicated by one program each, comparing all pairs of the
+# row's items in registers (no sort); longer rows take the sort-based torch path.
+SHORT_ROW = 64
+
+
+@triton.jit
+def _unique_short_rows_kernel(
+    values_ptr,
+    num_values,
+    offsets_ptr,
+    weight_ptr,
+    uniq_ptr,
+    uniq_weight_ptr,
+    count_ptr,
+    long_ptr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Row ``b``'s sorted unique ids (each with its first occurrence's weight) written to
+    ``uniq[offsets[b] - offsets[0] + rank]``; ``count[b]`` = their number. A row longer than
+    BLOCK sets ``long`` and counts 0 (the caller then redoes that side with sorts)."""
+    row = tl.program_id(0)
+    base = tl.load(offsets_ptr)
+    start = tl.load(offsets_ptr + row)
+    length = tl.load(offsets_ptr + row + 1) - start
+    i = tl.arange(0, BLOCK)
+    # Malformed offsets are reported by the caller; until then no read may leave values.
+    # A row longer than BLOCK takes no item (a scalar mask would be broadcast; this is the same).
+    kept = tl.where(length <= BLOCK, length, 0)
+    valid = (i < kept) & (start + i >= 0) & (start + i < num_values)
+    v = tl.load(values_ptr + start + i, mask=valid, other=0)
+    earlier = i[None, :] < i[:, None]  # [i, j]: j comes before i
+    earlier_equal = tl.sum(((v[:, None] == v[None, :]) & earlier & valid[None, :]).to(tl.int32), axis=1)
+    first = valid & (earlier_equal == 0)
+    # rank of a first occurrence = how many distinct ids of the row are smaller
+    rank = tl.sum(((v[None, :] < v[:, None]) & first[None, :]).to(tl.int32), axis=1)
+    slot = tl.minimum(tl.maximum(start - base + rank, 0), num_values)
+    tl.store(uniq_ptr + slot, v, mask=first)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + start + i, mask=first, other=0)
+        tl.store(uniq_weight_ptr + slot, w.to(uniq_weight_ptr.dtype.element_ty), mask=first)
+    tl.store(count_ptr + row, tl.sum(first.to(tl.int64), axis=0))
+    tl.atomic_max(long_ptr, (length > BLOCK).to(tl.int32))
+
+
+def unique_short_rows_triton(values, offsets, weight, weight_dtype):
+    """Per-row sorted unique ids without sorting, for rows of at most ``SHORT_ROW`` items.
+
+    Returns ``(uniq_ids, uniq_weight or None, start, count, has_long)``: row ``b``'s unique ids
+    at ``uniq_ids[start[b] : start[b] + count[b]]`` with ``start[b] = offsets[b] - offsets[0]``;
+    ``has_long`` is a 0-d int32 tensor, non-zero if some row is longer than ``SHORT_ROW`` (its
+    count is then 0 and the result must not be used). No host sync.
+    """
+    n, num_rows = values.shape[0], offsets.shape[0] - 1
+    uniq = values.new_zeros(n + 1)
+    uniq_weight = None if weight is None else torch.zeros(n + 1, dtype=weight_dtype, device=values.device)
+    count = torch.zeros(num_rows, dtype=torch.int64, device=values.device)
+    has_long = torch.zeros((), dtype=torch.int32, device=values.device)
+    if num_rows:
+        _unique_short_rows_kernel[(num_rows,)](
+            values, n, offsets, uniq if weight is None else weight, uniq, uniq if uniq_weight is None else uniq_weight,
+            count, has_long, HAS_WEIGHT=weight is not None, BLOCK=SHORT_ROW, num_warps=4,
+        )
+    start = offsets[:-1] - offsets[:1]
+    return uniq, uniq_weight, start, count, has_long
