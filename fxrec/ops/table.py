@@ -2,7 +2,7 @@
 
 The index is two arrays the caller owns (``new_index``): ``keys: int64 [capacity]`` and
 ``state: int32 [capacity]`` (``EMPTY`` 0, ``WRITING`` 1 — a CUDA insert in flight, transient —,
-``FILLED`` 2). ``capacity`` is a power of two. Every int64 is a valid id (0, negatives,
+``FILLED`` 3). ``capacity`` is a power of two. Every int64 is a valid id (0, negatives,
 INT64_MIN/MAX): occupancy lives in ``state``, not in reserved key values. The slot index IS the
 row of the id in the table's slot tensors (embedding, optimizer moments), which the caller keeps.
 

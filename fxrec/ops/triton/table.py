@@ -5,22 +5,26 @@ The index is ``keys: int64 [capacity]`` and ``state: int32 [capacity]`` (``EMPTY
 (``mix64``: splitmix64's finalizer). The semantics are documented in ``fxrec.ops.table``.
 
 One lane per id, no de-duplication: lanes inserting the same id (in one block, across blocks, or
-across concurrent launches on several streams) converge on one slot through the slot's state:
+across concurrent launches on several streams) converge on one slot through the slot's state.
+The states are bit sets (``EMPTY`` 0b00, ``WRITING`` 0b01, ``FILLED`` 0b11) so that a CLAIM is
+``atomic_or(state[slot], WRITING)``, which leaves ``WRITING`` and ``FILLED`` unchanged and turns
+``EMPTY`` into ``WRITING``; unlike ``atomic_cas``, ``atomic_or`` takes a mask, so only lanes that
+saw an empty slot issue an atomic. Each probe step:
 
-- ``old = atomic_cas(state[slot], EMPTY, WRITING)``, acquire-release. It is also the lane's read
-  of the slot's state: one atomic per probe, and its acquire orders the key load after it.
-- ``old == EMPTY``: the lane owns the slot: it stores the key, then publishes it with
-  ``atomic_xchg(state[slot], FILLED)`` (release: the key store is visible before the state);
-  the id was inserted.
-- ``old == FILLED``: the key is loaded with ``volatile=True`` (no stale L1 line; the acquire above
-  orders it after the state read). The id's key: found. Another key: next slot (no deletions, so
-  a filled slot never changes).
-- ``old == WRITING``: another lane is publishing that slot (within the same loop iteration, which
-  never waits): the lane re-reads the same slot in the next iteration.
+- read ``state[slot]`` (plain ``volatile`` load: no stale L1 line). ``FILLED``: load the key
+  (``volatile``; the load's mask depends on the state just read, so it is issued after that read
+  returned, and the writer's release below made the key visible first). The id's key: found.
+  Another key: next slot (no deletions, so a filled slot never changes).
+- ``EMPTY``: claim it, ``old = atomic_or(state[slot], WRITING)`` (acquire-release). ``old == EMPTY``:
+  the lane owns the slot: it stores the key, then publishes it with ``atomic_xchg(state[slot],
+  FILLED)`` (release: the key store is visible before the state); the id was inserted. Otherwise
+  (another lane claimed it first) the lane re-reads the same slot next iteration.
+- ``WRITING``: another lane is publishing that slot (a claim is published in the same loop
+  iteration, which never waits): the lane re-reads the same slot next iteration.
 
+An id already present costs plain loads only; a new id costs one claim and one publish.
 Triton's control flow is per program, so the probe loop is a ``while`` over "any lane of the
-program unresolved", with per-lane masks. ``tl.atomic_cas`` takes no mask: lanes that are done
-compare against ``-1`` (never a state), which reads their last slot and writes nothing.
+program unresolved", with per-lane masks.
 A lane that probes all ``capacity`` slots without finding its id or an empty slot (a full table)
 gives up: its row is -1. The caller keeps the load low (it grows the index before it fills up).
 
@@ -41,7 +45,7 @@ from fxrec.ops.triton.uint64 import mix64
 
 __all__ = ["EMPTY", "FILLED", "WRITING", "table_find_or_insert_triton", "table_find_triton"]
 
-EMPTY, WRITING, FILLED = 0, 1, 2
+EMPTY, WRITING, FILLED = 0, 1, 3  # bit sets: see the module docstring
 _EMPTY, _WRITING, _FILLED = tl.constexpr(EMPTY), tl.constexpr(WRITING), tl.constexpr(FILLED)
 
 _BLOCK = 256  # ids per program: small, so one long probe holds back few lanes
@@ -90,20 +94,20 @@ def _find_or_insert_kernel(
     inserted = tl.zeros((BLOCK,), tl.int1)
     active = in_range
     while tl.max(active.to(tl.int32), axis=0) > 0:
-        # claim the slot if empty; in any case read its state (see the module docstring)
-        cmp = tl.where(active, _EMPTY, -1)
-        old = tl.atomic_cas(state_ptr + slot, cmp, tl.full((BLOCK,), _WRITING, tl.int32), sem="acq_rel")
-        won = active & (old == _EMPTY)
-        tl.store(keys_ptr + slot, ids, mask=won)
-        tl.atomic_xchg(state_ptr + slot, tl.full((BLOCK,), _FILLED, tl.int32), mask=won, sem="release")
-        filled = active & (old == _FILLED)
+        state = tl.load(state_ptr + slot, mask=active, other=_EMPTY, volatile=True)
+        filled = active & (state == _FILLED)
         key = tl.load(keys_ptr + slot, mask=filled, other=0, volatile=True)
         found = filled & (key == ids)
+        claim = active & (state == _EMPTY)
+        old = tl.atomic_or(state_ptr + slot, tl.full((BLOCK,), _WRITING, tl.int32), mask=claim, sem="acq_rel")
+        won = claim & (old == _EMPTY)
+        tl.store(keys_ptr + slot, ids, mask=won)
+        tl.atomic_xchg(state_ptr + slot, tl.full((BLOCK,), _FILLED, tl.int32), mask=won, sem="release")
         rows = tl.where(won | found, slot, rows)
         inserted = inserted | won
-        moves_on = filled & (key != ids)  # WRITING: stay on the slot, re-read it next iteration
+        moves_on = filled & (key != ids)  # WRITING, or a lost claim: re-read the slot next iteration
         probes += moves_on.to(tl.int64)
-        active = active & (old != _EMPTY) & ~found & (probes < capacity)
+        active = active & ~found & ~won & (probes < capacity)
         slot = tl.where(moves_on, (slot + 1) & mask, slot)
     tl.store(rows_ptr + offs, rows, mask=in_range)
     tl.store(inserted_ptr + offs, inserted, mask=in_range)
