@@ -4,8 +4,9 @@
 - sum/mean forward: one program per (row, tile of ``BLOCK_D`` columns); it walks the row's
   items ``BLOCK_N`` at a time, gathers their embedding rows and accumulates ``w * e`` (and, for
   mean, ``w``) in fp32 (fp64 for fp64 embeddings).
-- tile forward: one program per (row, block of ``BLOCK_S`` slots): a masked copy, exact.
-- backward: one program per (block of ``BLOCK_N`` items, tile of ``BLOCK_D`` columns); each
+- tile forward: one program per (row, block of ``BLOCK_S`` slots, ~4096 elements): a masked copy,
+  exact.
+- backward: one program per (block of ``BLOCK_N`` items (~4096 elements), tile of ``BLOCK_D`` columns); each
   item adds its (weighted) row gradient into its embedding row with ``tl.atomic_add`` into an
   fp32/fp64 buffer. Atomics make the summation order, hence the float rounding of duplicated
   rows, run-dependent on the GPU: the result equals the CPU kernel's within rounding, not bit
@@ -27,8 +28,9 @@ from torch import Tensor
 __all__ = ["segment_combine_triton", "segment_combine_backward_triton"]
 
 _MAX_BLOCK_D = 128
-_BLOCK_N = 32  # items per step of a row's loop (sum/mean forward), per program (backward)
-_BLOCK_S = 16  # tile slots per program
+_BLOCK_N = 32  # items per step of a row's loop (sum/mean forward)
+_BLOCK_ELEMENTS = 4096  # elements per program of the tile copy and the backward scatter: narrow
+# rows (dim 16: 64-byte rows) need many rows per program to keep enough loads in flight
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,6 +43,11 @@ def _tl_dtype(dtype: torch.dtype):
 
 def _block_d(dim: int) -> int:
     return min(_MAX_BLOCK_D, triton.next_power_of_2(max(dim, 1)))
+
+
+def _rows_per_program(block_d: int) -> int:
+    """Tile slots / backward items per program: ``_BLOCK_ELEMENTS`` elements of ``block_d`` columns."""
+    return max(16, _BLOCK_ELEMENTS // block_d)
 
 
 @triton.jit
@@ -133,9 +140,10 @@ def segment_combine_triton(
     if combiner == "tile":
         out = emb.new_empty((n_rows, tile_len * dim))
         if out.numel():
-            grid = (n_rows, triton.cdiv(tile_len, _BLOCK_S))
+            block_s = min(_rows_per_program(block_d), triton.next_power_of_2(tile_len))
+            grid = (n_rows, triton.cdiv(tile_len, block_s))
             _segment_tile_kernel[grid](
-                emb, index, offsets, out, index.shape[0], emb.shape[0], dim, tile_len, BLOCK_S=_BLOCK_S, BLOCK_D=block_d
+                emb, index, offsets, out, index.shape[0], emb.shape[0], dim, tile_len, BLOCK_S=block_s, BLOCK_D=block_d
             )
         return out
     out = emb.new_empty((n_rows, dim))
@@ -175,9 +183,10 @@ def segment_combine_backward_triton(
         )[:n_rows, None]
         grad = torch.where(row_weight != 0, grad.to(acc_dtype) / row_weight, 0.0).contiguous()
     block_d = _block_d(dim)
-    _segment_scatter_kernel[(triton.cdiv(n_items, _BLOCK_N), triton.cdiv(dim, block_d))](
+    block_n = _rows_per_program(block_d)
+    _segment_scatter_kernel[(triton.cdiv(n_items, block_n), triton.cdiv(dim, block_d))](
         grad, index, offsets, item_rows, weight if weight is not None else index, grad_emb,
         n_items, n_rows, num_rows, dim, tile_len,
-        HAS_WEIGHT=weight is not None, TILE=tile, ACC=_tl_dtype(grad.dtype), BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+        HAS_WEIGHT=weight is not None, TILE=tile, ACC=_tl_dtype(grad.dtype), BLOCK_N=block_n, BLOCK_D=block_d,
     )
     return grad_emb.to(grad.dtype)
