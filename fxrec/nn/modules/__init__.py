@@ -1,0 +1,1 @@
+"""fxrec.nn.modules: ``hashtable`` (dynamic tables) and ``embedding`` (options and engine)."""

@@ -1,0 +1,385 @@
+"""``HashTable``: a dynamic embedding table (SPEC §4.4), and ``filter_out_sparse_param``.
+
+Any int64 is an id (0, negatives, INT64_MIN/MAX). The table maps ids to rows through the index
+ops ``fxrec::table_find`` / ``fxrec::table_find_or_insert`` (``fxrec.ops.table``: open
+addressing, slot == row) and keeps, row for row, the ``embedding [capacity, dim]``, the step that
+last looked each row up (``last_seen``, for eviction), and the optimizer's slots (``slot``:
+moments, accumulators), all buffers that ``.to()``/``.cuda()`` move and no dense optimizer sees.
+
+Lookups:
+- ``lookup(ids) -> rows``: in training mode (and without ``AdmitHook("ReadOnly")``) unseen ids
+  are inserted, their rows initialized by the initializer from (table seed, id) alone
+  (``fxrec::init_rows``: the same id gets the same row on CPU and CUDA, in any insertion order);
+  otherwise unseen ids get row -1.
+- ``gather(rows) -> [*, dim]``: the rows' embeddings, zeros for -1. In training mode, with grad
+  enabled, the result is a leaf that requires grad: after ``backward()`` the sparse optimizer
+  takes the gradients of the touched rows only (``take_grads``), never a dense
+  ``[capacity, dim]`` gradient (DESIGN.md). Rows -1 get no gradient.
+- ``forward(ids) = gather(lookup(ids))``.
+
+Room: the index keeps its load <= 1/2. Before inserting ``n`` ids the table grows (capacity
+doubles until it fits) by rebuilding the index and moving every row buffer (``_rebuild``); the
+gradients waiting in the table follow their rows. Eviction (``evict_stale``, with
+``FilterHook("GlobalStepFilter", {"filter_step": N})``) rebuilds the index without the ids not
+looked up in the last ``N`` steps (the table's ``step`` counts sparse-optimizer updates,
+``advance_step``); their rows become free for new ids.
+
+``state_dict`` holds ``ids [n]``, ``embedding [n, dim]``, ``last_seen [n]``, ``step`` and one
+``slot.<name> [n, width]`` per optimizer slot, rows in ascending row order (row numbers are not
+state: loading rebuilds the index and may place ids elsewhere).
+
+Host syncs: an insert counts its new ids (to keep the load bound) — one sync per training lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
+from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, ConstantInitializer, Initializer
+from fxrec.ops.table import FILLED, new_index
+
+__all__ = ["GRAD_REDUCE_BY", "HashTable", "filter_out_sparse_param"]
+
+GRAD_REDUCE_BY = ("worker", "id")
+_MIN_CAPACITY = 16
+
+
+def _seed_of(name: str) -> int:
+    """A stable int64 seed from a table name (the same on every process and run)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _capacity_for(n: int) -> int:
+    """The smallest power of two >= max(2 n, _MIN_CAPACITY): load <= 1/2."""
+    return max(_MIN_CAPACITY, 1 << max(0, 2 * n - 1).bit_length())
+
+
+@dataclass
+class _PendingGrad:
+    """Rows a lookup gathered this step, their leaf embeddings, and how often each occurred."""
+
+    rows: Tensor  # int64 [U]
+    emb: Tensor  # [U, dim], requires grad
+    counts: Tensor  # float32 [U]
+
+
+class HashTable(nn.Module):
+    """A dynamic embedding table (module docstring).
+
+    Args (RecIS's, plus ``admit_hook`` and ``seed``):
+        embedding_shape: ``[dim]`` (or an int ``dim``).
+        block_size: the initial capacity hint, and the fan-out of Xavier / Kaiming initializers.
+        dtype, device: of the embedding.
+        initializer: the row initializer (default ``ConstantInitializer(0)``).
+        name: the table's name (``EmbeddingOption.shared_name``); keys the sparse optimizer's state.
+        grad_reduce_by: ``"worker"`` (sum over occurrences / WORLD_SIZE) or ``"id"`` (mean over
+            occurrences), SPEC §4.5.
+        filter_hook: ``FilterHook`` for eviction, or None.
+        admit_hook: ``AdmitHook("ReadOnly")`` to never insert, or None.
+        seed: the int64 table seed of the initializer; default: derived from ``name``.
+    """
+
+    def __init__(
+        self,
+        embedding_shape: list[int] | tuple[int, ...] | int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        initializer: Initializer | None = None,
+        name: str = "hashtable",
+        grad_reduce_by: str = "worker",
+        filter_hook: FilterHook | None = None,
+        admit_hook: AdmitHook | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        shape = [embedding_shape] if isinstance(embedding_shape, int) else list(embedding_shape)
+        if len(shape) != 1 or isinstance(shape[0], bool) or not isinstance(shape[0], int) or shape[0] < 1:
+            raise ValueError(f"HashTable {name!r}: embedding_shape must be [dim] with dim >= 1, got {embedding_shape!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"HashTable {name!r}: block_size must be an int >= 1, got {block_size!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"HashTable {name!r}: dtype must be a floating dtype, got {dtype}")
+        initializer = ConstantInitializer(0.0) if initializer is None else initializer
+        if not isinstance(initializer, Initializer):
+            raise TypeError(f"HashTable {name!r}: initializer must be an fxrec Initializer, got {initializer!r}")
+        if grad_reduce_by not in GRAD_REDUCE_BY:
+            raise ValueError(f"HashTable {name!r}: grad_reduce_by must be one of {GRAD_REDUCE_BY}, got {grad_reduce_by!r}")
+        if filter_hook is not None and not isinstance(filter_hook, FilterHook):
+            raise TypeError(f"HashTable {name!r}: filter_hook must be a FilterHook, got {filter_hook!r}")
+        if admit_hook is not None and not isinstance(admit_hook, AdmitHook):
+            raise TypeError(f"HashTable {name!r}: admit_hook must be an AdmitHook, got {admit_hook!r}")
+        self.name = name
+        self.dim = shape[0]
+        self.dtype = dtype
+        self.block_size = block_size
+        self.initializer = initializer
+        self.grad_reduce_by = grad_reduce_by
+        self.filter_hook = filter_hook
+        self.admit_hook = admit_hook
+        self.seed = _seed_of(name) if seed is None else int(seed)
+        self._size = 0  # filled slots (host-side count)
+        self._slot_init: dict[str, float] = {}
+        self._pending: list[_PendingGrad] = []
+        capacity = _capacity_for(block_size // 2)
+        keys, state = new_index(capacity, device)
+        self.register_buffer("keys", keys, persistent=False)
+        self.register_buffer("state", state, persistent=False)
+        self.register_buffer("embedding", torch.zeros(capacity, self.dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("last_seen", torch.zeros(capacity, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+
+    # -- sizes -----------------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.numel()
+
+    def __len__(self) -> int:
+        """The number of ids in the table."""
+        return self._size
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, dim={self.dim}, dtype={self.dtype}, size={self._size}, capacity={self.capacity}, "
+            f"initializer={self.initializer!r}, grad_reduce_by={self.grad_reduce_by!r}"
+        )
+
+    @property
+    def admits(self) -> bool:
+        """Whether a lookup now inserts unseen ids: training mode without a ReadOnly admit hook."""
+        return self.training and self.admit_hook is None
+
+    # -- optimizer slots ---------------------------------------------------------------------------
+
+    def slot(self, name: str, width: int, init: float = 0.0) -> Tensor:
+        """The optimizer slot ``name``: a float32 ``[capacity, width]`` buffer sharing the row index,
+        created on first use with every row ``init`` (new ids' rows get ``init`` too)."""
+        attr = f"slot_{name}"
+        existing = getattr(self, attr, None)
+        if existing is None:
+            self.register_buffer(
+                attr, torch.full((self.capacity, width), init, dtype=torch.float32, device=self.keys.device),
+                persistent=False,
+            )
+            self._slot_init[name] = init
+        elif existing.shape[1] != width:
+            raise ValueError(
+                f"HashTable {self.name!r}: slot {name!r} has width {existing.shape[1]}, asked for width {width}"
+            )
+        else:
+            self._slot_init[name] = init  # a slot restored by load_state_dict learns its init here
+        return getattr(self, attr)
+
+    def slots(self) -> dict[str, Tensor]:
+        return {name: getattr(self, f"slot_{name}") for name in self._slot_init}
+
+    # -- lookup --------------------------------------------------------------------------------------
+
+    def _check_ids(self, ids: Tensor) -> None:
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"HashTable {self.name!r}: ids must be a Tensor, got {type(ids).__name__}")
+        if ids.dtype != torch.int64:
+            raise TypeError(f"HashTable {self.name!r}: ids must be int64, got {ids.dtype}")
+        if ids.device != self.keys.device:
+            raise ValueError(f"HashTable {self.name!r}: ids are on {ids.device}, the table on {self.keys.device}")
+
+    def reserve(self, n: int) -> None:
+        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2."""
+        if 2 * (self._size + n) > self.capacity:
+            self._rebuild(_capacity_for(self._size + n), self.state == FILLED)
+
+    @torch.no_grad()
+    def lookup(self, ids: Tensor) -> Tensor:
+        """int64 rows of ``ids`` (their shape): unseen ids are inserted when the table admits,
+        else get -1 (module docstring)."""
+        self._check_ids(ids)
+        flat = ids.reshape(-1)
+        if not self.admits:
+            rows = torch.ops.fxrec.table_find(self.keys, self.state, flat)
+            if self.training:
+                found = rows[rows >= 0]
+                self.last_seen[found] = self.step
+            return rows.reshape(ids.shape)
+        self.reserve(flat.numel())
+        rows, inserted = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, flat)
+        new_rows = rows[inserted]
+        if new_rows.numel() > 0:
+            self._size += new_rows.numel()
+            self.embedding[new_rows] = self.initializer.init_rows(
+                flat[inserted], self.dim, self.seed, self.block_size, self.dtype
+            )
+            for name, init in self._slot_init.items():
+                getattr(self, f"slot_{name}")[new_rows] = init
+        self.last_seen[rows] = self.step
+        return rows.reshape(ids.shape)
+
+    def gather(self, rows: Tensor, counts: Tensor | None = None, requires_grad: bool = True) -> Tensor:
+        """``[*rows.shape, dim]``: the rows' embeddings, zeros where a row is -1.
+
+        In training mode with grad enabled (and ``requires_grad``) the result is a leaf whose
+        gradient the sparse optimizer takes after backward; ``rows`` should then be unique (the
+        gradient of a row is summed over its occurrences, which ``counts [*rows.shape]`` —
+        default 1 each — records for ``grad_reduce_by="id"``)."""
+        flat = rows.reshape(-1)
+        found = flat >= 0
+        emb = torch.where(found[:, None], self.embedding.index_select(0, flat.clamp_min(0)), 0.0)
+        emb = emb.reshape(*rows.shape, self.dim)
+        if not (requires_grad and self.training and torch.is_grad_enabled()):
+            return emb
+        emb = emb.detach().requires_grad_()
+        counts = torch.ones(flat.shape, dtype=torch.float32, device=flat.device) if counts is None else counts
+        self._pending.append(_PendingGrad(flat, emb, counts.reshape(-1).to(torch.float32)))
+        return emb
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """The embeddings ``[*ids.shape, dim]`` of ``ids``."""
+        uniq, inverse, counts = torch.unique(ids.reshape(-1), return_inverse=True, return_counts=True)
+        emb = self.gather(self.lookup(uniq), counts)
+        return emb[inverse].reshape(*ids.shape, self.dim)
+
+    # -- gradients ------------------------------------------------------------------------------------
+
+    def take_grads(self) -> tuple[Tensor, Tensor]:
+        """``(rows [R], grads [R, dim])`` of every row the pending lookups touched, each row once,
+        gradients reduced per ``grad_reduce_by``; clears the pending lookups. Rows whose leaf got no
+        gradient (unused by the loss) and rows -1 are left out."""
+        pending = [p for p in self._pending if p.emb.grad is not None]
+        self._pending = []
+        device = self.keys.device
+        if not pending:
+            return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, self.dim, dtype=torch.float32, device=device)
+        rows = torch.cat([p.rows for p in pending])
+        grads = torch.cat([p.emb.grad.reshape(-1, self.dim) for p in pending]).to(torch.float32)
+        counts = torch.cat([p.counts for p in pending])
+        keep = rows >= 0
+        unique_rows, inverse = torch.unique(rows[keep], return_inverse=True)
+        summed = torch.zeros(unique_rows.numel(), self.dim, dtype=torch.float32, device=device)
+        summed.index_add_(0, inverse, grads[keep])
+        if self.grad_reduce_by == "id":
+            occurrences = torch.zeros(unique_rows.numel(), dtype=torch.float32, device=device)
+            occurrences.index_add_(0, inverse, counts[keep])
+            summed /= occurrences.clamp_min(1.0)[:, None]
+        elif dist.is_available() and dist.is_initialized():
+            summed /= dist.get_world_size()
+        return unique_rows, summed
+
+    def clear_grads(self) -> None:
+        """Drop the pending lookups' gradients (an optimizer's ``zero_grad``)."""
+        self._pending = []
+
+    # -- steps and eviction --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def advance_step(self) -> None:
+        """One table step passed (the sparse optimizer calls this after each update)."""
+        self.step += 1
+
+    @torch.no_grad()
+    def evict_stale(self) -> int:
+        """Evict the ids the filter hook names (not looked up in the last ``filter_step`` steps);
+        their rows are free for new ids. Returns how many were evicted (0 without a filter hook)."""
+        if self.filter_hook is None:
+            return 0
+        filled = self.state == FILLED
+        stale = filled & (self.step - self.last_seen >= self.filter_hook.filter_step)
+        evicted = int(stale.count_nonzero())
+        if evicted:
+            self._rebuild(self.capacity, filled & ~stale)
+        return evicted
+
+    @torch.no_grad()
+    def _rebuild(self, capacity: int, keep: Tensor) -> None:
+        """A fresh index of ``capacity`` slots holding the ids at ``keep`` (bool [old capacity]),
+        every row buffer moved along, pending gradients remapped (evicted rows become -1)."""
+        old_rows = keep.nonzero().squeeze(1)
+        ids = self.keys[old_rows]
+        keys, state = new_index(capacity, self.keys.device)
+        new_rows, _ = torch.ops.fxrec.table_find_or_insert(keys, state, ids)
+        remap = torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=keys.device)  # [-1] -> -1
+        remap[old_rows] = new_rows
+        for name in ["embedding", "last_seen", *(f"slot_{s}" for s in self._slot_init)]:
+            old = getattr(self, name)
+            moved = old.new_zeros((capacity, *old.shape[1:]))
+            moved[new_rows] = old[old_rows]
+            setattr(self, name, moved)
+        self.keys, self.state = keys, state
+        self._size = old_rows.numel()
+        for p in self._pending:
+            p.rows = remap[p.rows]
+
+    # -- state_dict -----------------------------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        rows = (self.state == FILLED).nonzero().squeeze(1)
+        destination[prefix + "ids"] = self.keys[rows]
+        destination[prefix + "embedding"] = self.embedding[rows]
+        destination[prefix + "last_seen"] = self.last_seen[rows]
+        destination[prefix + "step"] = self.step.clone()
+        for name, t in self.slots().items():
+            destination[prefix + f"slot.{name}"] = t[rows]
+
+    @torch.no_grad()
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        required = ["ids", "embedding", "last_seen", "step"]
+        missing = [prefix + k for k in required if prefix + k not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        ids = state_dict[prefix + "ids"].to(self.keys.device)
+        embedding = state_dict[prefix + "embedding"]
+        n = ids.numel()
+        if ids.dtype != torch.int64 or ids.dim() != 1:
+            error_msgs.append(f"HashTable {self.name!r}: {prefix}ids must be 1-D int64, got {ids.dtype} {tuple(ids.shape)}")
+            return
+        if tuple(embedding.shape) != (n, self.dim):
+            error_msgs.append(
+                f"HashTable {self.name!r}: {prefix}embedding has shape {tuple(embedding.shape)}, expected ({n}, {self.dim})"
+            )
+            return
+        if torch.unique(ids).numel() != n:
+            error_msgs.append(f"HashTable {self.name!r}: {prefix}ids holds duplicate ids")
+            return
+        slot_keys = [k for k in state_dict if k.startswith(prefix + "slot.") and "." not in k[len(prefix) + 5:]]
+        capacity = _capacity_for(n)
+        self.keys, self.state = new_index(capacity, self.keys.device)
+        rows, _ = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids)
+        self._size = n
+        device = self.keys.device
+        self.embedding = self.embedding.new_zeros(capacity, self.dim)
+        self.embedding[rows] = embedding.to(device=device, dtype=self.dtype)
+        self.last_seen = self.last_seen.new_zeros(capacity)
+        self.last_seen[rows] = state_dict[prefix + "last_seen"].to(device)
+        self.step = state_dict[prefix + "step"].to(device=device, dtype=torch.int64).clone()
+        for name in self._slot_init:
+            setattr(self, f"slot_{name}", torch.full((capacity, getattr(self, f"slot_{name}").shape[1]),
+                                                    self._slot_init[name], dtype=torch.float32, device=device))
+        for key in slot_keys:
+            name, values = key[len(prefix) + 5:], state_dict[key]
+            if values.dim() != 2 or values.shape[0] != n:
+                error_msgs.append(f"HashTable {self.name!r}: {key} has shape {tuple(values.shape)}, expected ({n}, width)")
+                continue
+            self.slot(name, values.shape[1], self._slot_init.get(name, 0.0))[rows] = values.to(device, torch.float32)
+        self._pending = []
+        for key in state_dict:
+            if key.startswith(prefix) and key not in slot_keys and key[len(prefix):] not in required and "." not in key[len(prefix):]:
+                unexpected_keys.append(key)
+
+
+def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:
+    """``{name: table}`` of every ``HashTable`` in ``model`` (what the sparse optimizer takes).
+    Two distinct tables with one name are a ``ValueError``: the optimizer keys its state by name."""
+    tables: dict[str, HashTable] = {}
+    for module in model.modules():
+        if isinstance(module, HashTable):
+            other = tables.setdefault(module.name, module)
+            if other is not module:
+                raise ValueError(f"filter_out_sparse_param: two different tables are named {module.name!r}")
+    return tables

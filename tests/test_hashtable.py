@@ -1,0 +1,287 @@
+"""HashTable (SPEC §4.4) against a Python dict oracle: random sequences of training lookups,
+eval lookups, row writes, steps and evictions; growth; gradients; state_dict; hooks."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
+from fxrec.nn.initializers import TruncNormalInitializer, UniformInitializer
+from fxrec.nn.modules.hashtable import HashTable, filter_out_sparse_param
+from fxrec.ops.table import FILLED
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+DIM = 3
+an_id = st.one_of(st.integers(-8, 8), st.sampled_from([INT64_MIN, INT64_MAX, 2**40, -(2**40)]),
+                  st.integers(INT64_MIN, INT64_MAX))
+a_batch = st.lists(an_id, max_size=12)
+an_op = st.one_of(
+    st.tuples(st.just("train"), a_batch),
+    st.tuples(st.just("eval"), a_batch),
+    st.tuples(st.just("write"), a_batch),
+    st.tuples(st.just("step"), st.integers(1, 3)),
+    st.tuples(st.just("evict"), st.just(None)),
+)
+
+
+def initial_row(table: HashTable, id_: int) -> torch.Tensor:
+    return table.initializer.init_rows(torch.tensor([id_]), table.dim, table.seed, table.block_size)[0]
+
+
+class Oracle:
+    """id -> (embedding row, slot row, last seen step), with the table's step counter."""
+
+    def __init__(self, table: HashTable, slot_init: float, filter_step: int) -> None:
+        self.table, self.slot_init, self.filter_step = table, slot_init, filter_step
+        self.rows: dict[int, list] = {}
+        self.step = 0
+
+    def train(self, ids):
+        for i in ids:
+            if i not in self.rows:
+                self.rows[i] = [initial_row(self.table, i), torch.full((2,), self.slot_init), 0]
+            self.rows[i][2] = self.step
+
+    def evict(self):
+        stale = [i for i, (_, _, seen) in self.rows.items() if self.step - seen >= self.filter_step]
+        for i in stale:
+            del self.rows[i]
+        return len(stale)
+
+
+def table_content(table: HashTable) -> dict[int, tuple]:
+    filled = (table.state == FILLED).nonzero().squeeze(1)
+    slot = table.slots()["m"]
+    return {int(table.keys[r]): (table.embedding[r], slot[r], int(table.last_seen[r])) for r in filled.tolist()}
+
+
+@given(ops=st.lists(an_op, max_size=14), filter_step=st.integers(1, 3), block_size=st.sampled_from([1, 4, 64]))
+def test_table_matches_dict_oracle(ops, filter_step, block_size):
+    table = HashTable([DIM], block_size=block_size, name="t", initializer=UniformInitializer(-1, 1),
+                      filter_hook=FilterHook("GlobalStepFilter", {"filter_step": filter_step}))
+    table.slot("m", 2, init=0.5)
+    oracle = Oracle(table, 0.5, filter_step)
+    for n, (kind, arg) in enumerate(ops):
+        if kind in ("train", "write"):
+            table.train()
+            ids = torch.tensor(arg, dtype=torch.int64)
+            rows = table.lookup(ids)
+            oracle.train(arg)
+            assert (rows >= 0).all()
+            assert torch.equal(table.keys[rows], ids)  # the row holds the id
+            for i, r in zip(arg, rows.tolist()):  # one row per id
+                assert r == rows[ids == i][0]
+            if kind == "write":  # rows keep written values through growth and eviction
+                for i, r in zip(arg, rows.tolist()):
+                    oracle.rows[i][0] = torch.full((DIM,), float(n) + i % 7)
+                    oracle.rows[i][1] = torch.full((2,), -float(n))
+                    table.embedding[r] = oracle.rows[i][0]
+                    table.slots()["m"][r] = oracle.rows[i][1]
+        elif kind == "eval":
+            table.eval()
+            rows = table.lookup(torch.tensor(arg, dtype=torch.int64))
+            emb = table.gather(rows)
+            for i, r, e in zip(arg, rows.tolist(), emb):
+                if i in oracle.rows:
+                    assert r >= 0 and torch.equal(e, oracle.rows[i][0])
+                else:
+                    assert r == -1 and torch.equal(e, torch.zeros(DIM))
+        elif kind == "step":
+            for _ in range(arg):
+                table.advance_step()
+            oracle.step += arg
+        else:
+            assert table.evict_stale() == oracle.evict()
+        assert len(table) == len(oracle.rows)
+        assert 2 * len(table) <= table.capacity
+    content = table_content(table)
+    assert content.keys() == oracle.rows.keys()
+    for i, (emb, slot, seen) in oracle.rows.items():
+        assert torch.equal(content[i][0], emb)
+        assert torch.equal(content[i][1], slot)
+        assert content[i][2] == seen
+
+
+def test_initial_rows_do_not_depend_on_insertion_order():
+    ids = torch.randint(INT64_MIN, INT64_MAX, (300,), dtype=torch.int64)
+    a = HashTable(8, block_size=4, name="emb", initializer=TruncNormalInitializer(0, 0.01))
+    b = HashTable(8, block_size=1024, name="emb", initializer=TruncNormalInitializer(0, 0.01))
+    a.lookup(ids)
+    for chunk in ids.flip(0).split(7):
+        b.lookup(chunk)
+    ea, eb = a.gather(a.lookup(ids)), b.gather(b.lookup(ids))
+    assert torch.equal(ea, eb)
+    assert torch.equal(ea, a.initializer.init_rows(ids, 8, a.seed, a.block_size))
+    other = HashTable(8, name="other", initializer=TruncNormalInitializer(0, 0.01))
+    assert not torch.equal(other.gather(other.lookup(ids)), ea)  # the seed is the table's
+
+
+def test_forward_gathers_duplicates_and_grads_sum_over_occurrences():
+    table = HashTable(2, name="t", initializer=UniformInitializer())
+    ids = torch.tensor([[7, -1, 7], [INT64_MIN, 7, 0]])
+    emb = table(ids)
+    assert emb.shape == (2, 3, 2)
+    weights = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)
+    (emb * weights).sum().backward()
+    rows, grads = table.take_grads()
+    got = {int(table.keys[r]): g for r, g in zip(rows.tolist(), grads)}
+    flat_ids, flat_w = ids.reshape(-1).tolist(), weights.reshape(-1, 2)
+    expected = {}
+    for i, w in zip(flat_ids, flat_w):
+        expected[i] = expected.get(i, torch.zeros(2)) + w
+    assert got.keys() == expected.keys()
+    for i in expected:
+        torch.testing.assert_close(got[i], expected[i], rtol=0, atol=0)
+    assert table.take_grads()[0].numel() == 0  # taken once
+
+
+def test_grad_reduce_by_id_averages_over_occurrences():
+    table = HashTable(1, name="t", grad_reduce_by="id")
+    table(torch.tensor([5, 5, 5, 9])).sum().backward()
+    rows, grads = table.take_grads()
+    got = {int(table.keys[r]): float(g) for r, g in zip(rows.tolist(), grads)}
+    assert got == {5: 1.0, 9: 1.0}
+
+
+def test_pending_grads_follow_rows_through_growth_and_eviction():
+    table = HashTable(2, block_size=2, name="t", filter_hook=FilterHook("GlobalStepFilter", {"filter_step": 1}))
+    first = table(torch.tensor([1, 2]))
+    table.advance_step()
+    capacity = table.capacity
+    second = table(torch.arange(100, 200))  # grows: rows of 1 and 2 move
+    assert table.capacity > capacity
+    (first.sum() * 2 + second.sum()).backward()
+    rows, grads = table.take_grads()
+    by_id = {int(table.keys[r]): g for r, g in zip(rows.tolist(), grads)}
+    assert torch.equal(by_id[1], torch.full((2,), 2.0)) and torch.equal(by_id[150], torch.ones(2))
+    third = table(torch.tensor([1, 100]))
+    table.advance_step()
+    table.lookup(torch.tensor([100]))
+    assert table.evict_stale() == 101  # 1, 2 and 101..199: not looked up in the last step
+    third.sum().backward()
+    rows, _ = table.take_grads()
+    assert table.keys[rows].tolist() == [100]  # the evicted id's gradient is dropped
+
+
+@pytest.mark.parametrize("mode", ["eval", "read_only"])
+def test_no_insert_when_not_admitting(mode):
+    hook = AdmitHook("ReadOnly") if mode == "read_only" else None
+    table = HashTable(2, name="t", initializer=UniformInitializer(), admit_hook=hook)
+    if mode == "read_only":
+        table.admit_hook = None
+        table.lookup(torch.tensor([3]))
+        table.admit_hook = hook
+    else:
+        table.lookup(torch.tensor([3]))
+        table.eval()
+    emb = table(torch.tensor([3, 4, 4]))
+    assert len(table) == 1
+    assert torch.equal(emb[1:], torch.zeros(2, 2)) and torch.equal(emb[0], initial_row(table, 3))
+    if mode == "read_only":  # training still trains the seen ids, never the unseen
+        emb.sum().backward()
+        rows, _ = table.take_grads()
+        assert table.keys[rows].tolist() == [3]
+    else:
+        assert not emb.requires_grad
+
+
+def test_state_dict_round_trip():
+    table = HashTable(4, block_size=8, name="t", initializer=UniformInitializer(),
+                      filter_hook=FilterHook("GlobalStepFilter", {"filter_step": 5}))
+    table.slot("exp_avg", 4)
+    ids = torch.tensor([3, INT64_MIN, -9, INT64_MAX, 0] + list(range(100, 140)))
+    rows = table.lookup(ids)
+    table.slots()["exp_avg"][rows] = torch.randn(len(ids), 4)
+    table.advance_step()
+    table.lookup(ids[:3])
+    state = table.state_dict()
+    assert sorted(state) == ["embedding", "ids", "last_seen", "slot.exp_avg", "step"]
+    assert state["ids"].shape == (45,) and state["embedding"].shape == (45, 4)
+    fresh = HashTable(4, block_size=1, name="t", initializer=UniformInitializer(),
+                      filter_hook=FilterHook("GlobalStepFilter", {"filter_step": 5}))
+    fresh.load_state_dict(state)
+    assert len(fresh) == 45 and int(fresh.step) == 1
+    for name in ("embedding", "slot.exp_avg", "last_seen"):
+        got = dict(zip(fresh.state_dict()["ids"].tolist(), fresh.state_dict()[name]))
+        for i, v in zip(state["ids"].tolist(), state[name]):
+            assert torch.equal(got[i], v)
+    assert fresh.slot("exp_avg", 4) is fresh.slots()["exp_avg"]
+    new = fresh.lookup(torch.tensor([999]))  # new ids get the slot's init
+    assert torch.equal(fresh.slots()["exp_avg"][new], torch.zeros(1, 4))
+
+
+def test_state_dict_errors():
+    table = HashTable(2, name="t")
+    good = {"ids": torch.tensor([1, 2]), "embedding": torch.zeros(2, 2), "last_seen": torch.zeros(2, dtype=torch.int64),
+            "step": torch.tensor(0)}
+    with pytest.raises(RuntimeError, match="embedding has shape"):
+        table.load_state_dict({**good, "embedding": torch.zeros(2, 3)})
+    with pytest.raises(RuntimeError, match="duplicate"):
+        table.load_state_dict({**good, "ids": torch.tensor([1, 1])})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        table.load_state_dict({k: v for k, v in good.items() if k != "ids"})
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        table.load_state_dict({**good, "junk": torch.zeros(1)})
+
+
+def test_model_state_dict_nests_tables():
+    model = torch.nn.ModuleDict({"a": HashTable(2, name="a"), "lin": torch.nn.Linear(2, 1)})
+    model["a"].lookup(torch.tensor([5]))
+    state = model.state_dict()
+    assert {"a.ids", "a.embedding", "lin.weight"} <= set(state)
+    assert [n for n, _ in model.named_parameters()] == ["lin.weight", "lin.bias"]  # no dense optimizer sees tables
+    fresh = torch.nn.ModuleDict({"a": HashTable(2, name="a"), "lin": torch.nn.Linear(2, 1)})
+    fresh.load_state_dict(state)
+    assert len(fresh["a"]) == 1
+
+
+def test_filter_out_sparse_param():
+    shared = HashTable(2, name="s")
+    model = torch.nn.Sequential(torch.nn.ModuleDict({"x": shared, "y": HashTable(4, name="y")}),
+                                torch.nn.ModuleList([shared]))
+    assert filter_out_sparse_param(model) == {"s": shared, "y": model[0]["y"]}
+    with pytest.raises(ValueError, match="'s'"):
+        filter_out_sparse_param(torch.nn.ModuleList([shared, HashTable(2, name="s")]))
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="embedding_shape"):
+        HashTable([2, 3])
+    with pytest.raises(ValueError, match="block_size"):
+        HashTable(2, block_size=0)
+    with pytest.raises(TypeError, match="dtype"):
+        HashTable(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="grad_reduce_by"):
+        HashTable(2, grad_reduce_by="sum")
+    with pytest.raises(TypeError, match="initializer"):
+        HashTable(2, initializer=torch.nn.init.zeros_)
+    with pytest.raises(ValueError, match="unknown policy"):
+        AdmitHook("Bloom")
+    with pytest.raises(ValueError, match="filter_step"):
+        FilterHook("GlobalStepFilter", {"filter_step": 0})
+    with pytest.raises(ValueError, match="params"):
+        FilterHook("GlobalStepFilter", {})
+    table = HashTable(2, name="feat_table")
+    with pytest.raises(TypeError, match="'feat_table'.*int64"):
+        table.lookup(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="width"):
+        table.slot("m", 2)
+        table.slot("m", 3)
+
+
+@pytest.mark.gpu
+def test_cuda_table_equals_cpu_table():
+    torch.manual_seed(0)
+    batches = [torch.randint(-(2**62), 2**62, (n,)) % m for n, m in [(5000, 3000), (20000, 50000), (1, 7), (0, 1)]]
+    tables = {d: HashTable(16, block_size=64, name="t", initializer=TruncNormalInitializer(0, 0.01), device=d)
+              for d in ("cpu", "cuda")}
+    for b in batches:
+        for d, t in tables.items():
+            t.lookup(b.to(d))
+    cpu, cuda = tables["cpu"].state_dict(), tables["cuda"].state_dict()
+    order_cpu, order_cuda = cpu["ids"].argsort(), cuda["ids"].cpu().argsort()
+    assert torch.equal(cpu["ids"][order_cpu], cuda["ids"].cpu()[order_cuda])
+    assert torch.equal(cpu["embedding"][order_cpu], cuda["embedding"].cpu()[order_cuda])
+    ids = torch.cat(batches)
+    assert torch.equal(tables["cpu"](ids), tables["cuda"](ids.cuda()).cpu())
