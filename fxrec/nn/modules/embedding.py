@@ -1,0 +1,314 @@
+"""``EmbeddingOption`` and ``EmbeddingEngine`` (SPEC §4.1–4.3), with RecIS's names and defaults.
+
+Data path of one configured feature (``EmbeddingEngine.forward``), one small function per step
+so that the compiler (SPEC §6) can trace it into an FX graph, merge the lookups of one table and
+fuse the gather with the combiner:
+
+1. ``_flat_ids``: the feature's value -> ``(values [N] int64, offsets [B + 1] int64, weight [N] | None)``.
+   Accepted: a ``RaggedTensor`` with ONE ragged level (int64 values, optional float weight), a
+   dense int64 ``[B, F]`` tensor (``F`` ids per row, SPEC §4.2) or ``[B]`` (one id per row).
+   Anything else (two ragged levels, float or int32 values, 3-D tensors, a missing feature) is a
+   ``TypeError``/``ValueError`` naming the feature: bad data never silently becomes ids. Floats
+   in particular are not ids — bucketize them first (the seed tutorial's ``dense2`` is a float
+   column, but its ``Bucketize`` turns it into int64 ``[B, 1]`` before the lookup).
+2. ``_lookup_unique``: ``torch.unique`` -> ``HashTable.lookup`` (find-or-insert, no autograd) ->
+   ``HashTable.gather(rows, counts, requires_grad=trainable)``: ``[U, dim]``, a leaf that the
+   sparse optimizer takes the gradient of (``take_grads``); no ``[capacity, dim]`` gradient.
+3. ``_combine``: ``torch.ops.fxrec.segment_combine(emb_u, inverse, offsets, weight, combiner,
+   tile_len)`` -> ``[B, dim]`` (sum / mean) or ``[B, tile_len * dim]`` (tile); its backward
+   scatters ``[U, dim]`` row gradients, each row's gradient summed over its occurrences.
+
+Decisions:
+- One ``HashTable`` per ``shared_name`` (``self.tables[shared_name]``, its ``name`` the shared
+  name, so ``filter_out_sparse_param`` and the sparse optimizer key it by that name). Options
+  sharing a table must agree on every property that changes the table's rows or gradients:
+  ``embedding_dim``, ``block_size`` (the fan of Xavier / Kaiming initializers), ``dtype``,
+  ``device``, ``initializer`` (``==``), ``grad_reduce_by``, ``filter_hook``, ``admit_hook``;
+  otherwise ``ValueError`` naming both features and the table. Per-lookup properties
+  (``trainable``, ``use_weight``, ``combiner``, ``combiner_kwargs``) may differ.
+  A ``shared_name`` may not contain ``"."`` (a module name: ``nn.ModuleDict`` forbids it).
+- Lookups are deduplicated per feature; two features of one table look it up one after the
+  other (the second finds the ids the first inserted) and their gradients are summed per row by
+  ``take_grads``. Merging them into one lookup is a compiler pass, not a semantic change.
+- ``trainable=False``: the feature's ids are still inserted and initialized (training mode), but
+  its embeddings are constants: it contributes no gradient (another trainable feature of the
+  same table still does).
+- ``use_weight=False`` (or no weight): every weight is 1. Weights are data: passed detached.
+- Eval mode (``engine.eval()``) and ``AdmitHook("ReadOnly")``: no inserts; an unseen id reads
+  as a zero row (it is still an item of its row: it counts in ``mean``'s denominator and takes
+  a ``tile`` slot) and gets no gradient.
+- ``forward`` returns a new dict and never mutates its input: configured features become dense
+  tensors; other entries pass through (a ``RaggedTensor`` as ``to_dense()``, anything else as is).
+- Every item of a ragged value is looked up (items outside ``offsets[0]:offsets[-1]``, which
+  fxrec's producers never emit, would be inserted and get a zero gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
+from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, ConstantInitializer, Initializer
+from fxrec.nn.modules.hashtable import GRAD_REDUCE_BY, HashTable
+from fxrec.ops.combine import COMBINERS
+from fxrec.ragged import RaggedTensor
+
+__all__ = ["EmbeddingEngine", "EmbeddingOption"]
+
+# The combiner_kwargs each combiner takes (all required).
+_COMBINER_KWARGS = {"sum": (), "mean": (), "tile": ("tile_len",)}
+# Options sharing a table must agree on these (they decide the table's rows and gradients).
+_TABLE_FIELDS = ("embedding_dim", "block_size", "dtype", "device", "initializer", "grad_reduce_by",
+                 "filter_hook", "admit_hook")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class EmbeddingOption:
+    """How one feature is embedded (RecIS's ``EmbeddingOption`` fields and defaults).
+
+    Args:
+        embedding_dim: row width (int >= 1).
+        block_size: the table's initial capacity hint and the fan of Xavier / Kaiming
+            initializers (int >= 1).
+        dtype: the table's floating dtype.
+        device: the table's device (a ``torch.device`` or a string).
+        trainable: whether the feature's lookups produce gradients.
+        shared_name: the table's name; features with one ``shared_name`` share one table.
+        initializer: the row initializer (``fxrec.nn.initializers``).
+        use_weight: whether a ragged input's weights multiply its embeddings (sum / mean).
+        combiner: ``"sum"``, ``"mean"`` or ``"tile"`` (SPEC §4.2).
+        combiner_kwargs: ``{"tile_len": n}`` (n >= 1) for ``"tile"``; None or ``{}`` otherwise.
+        grad_reduce_by: ``"worker"`` or ``"id"`` (SPEC §4.5).
+        filter_hook: ``FilterHook`` (eviction) or None.
+        admit_hook: ``AdmitHook("ReadOnly")`` or None.
+    """
+
+    embedding_dim: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    trainable: bool = True
+    shared_name: str = "embedding"
+    initializer: Initializer = field(default_factory=lambda: ConstantInitializer(0))
+    use_weight: bool = True
+    combiner: str = "sum"
+    combiner_kwargs: dict | None = None
+    grad_reduce_by: str = "worker"
+    filter_hook: FilterHook | None = None
+    admit_hook: AdmitHook | None = None
+
+    def __post_init__(self) -> None:
+        name = f"EmbeddingOption(shared_name={self.shared_name!r})"
+        if not isinstance(self.shared_name, str) or not self.shared_name:
+            raise TypeError(f"EmbeddingOption: shared_name must be a non-empty str, got {self.shared_name!r}")
+        if not _is_int(self.embedding_dim) or self.embedding_dim < 1:
+            raise ValueError(f"{name}: embedding_dim must be an int >= 1, got {self.embedding_dim!r}")
+        if not _is_int(self.block_size) or self.block_size < 1:
+            raise ValueError(f"{name}: block_size must be an int >= 1, got {self.block_size!r}")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"{name}: dtype must be a floating torch.dtype, got {self.dtype!r}")
+        try:
+            self.device = torch.device(self.device)
+        except (TypeError, RuntimeError):
+            raise TypeError(f"{name}: device must be a torch.device or a device string, got {self.device!r}") from None
+        for flag in ("trainable", "use_weight"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{name}: {flag} must be a bool, got {getattr(self, flag)!r}")
+        if not isinstance(self.initializer, Initializer):
+            raise TypeError(f"{name}: initializer must be an fxrec.nn.initializers.Initializer, got {self.initializer!r}")
+        if self.grad_reduce_by not in GRAD_REDUCE_BY:
+            raise ValueError(f"{name}: grad_reduce_by must be one of {GRAD_REDUCE_BY}, got {self.grad_reduce_by!r}")
+        if self.filter_hook is not None and not isinstance(self.filter_hook, FilterHook):
+            raise TypeError(f"{name}: filter_hook must be a FilterHook or None, got {self.filter_hook!r}")
+        if self.admit_hook is not None and not isinstance(self.admit_hook, AdmitHook):
+            raise TypeError(f"{name}: admit_hook must be an AdmitHook or None, got {self.admit_hook!r}")
+        self._check_combiner(name)
+
+    def _check_combiner(self, name: str) -> None:
+        if self.combiner not in COMBINERS:
+            raise ValueError(f"{name}: combiner must be one of {COMBINERS}, got {self.combiner!r}")
+        kwargs = self.combiner_kwargs
+        if kwargs is None:
+            kwargs = {}
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"{name}: combiner_kwargs must be a dict or None, got {kwargs!r}")
+        expected = _COMBINER_KWARGS[self.combiner]
+        unknown = sorted(set(kwargs) - set(expected), key=str)
+        if unknown:
+            raise ValueError(
+                f"{name}: combiner {self.combiner!r} takes combiner_kwargs {list(expected)}, got unknown {unknown}"
+            )
+        missing = [k for k in expected if k not in kwargs]
+        if missing:
+            raise ValueError(f"{name}: combiner {self.combiner!r} needs combiner_kwargs {missing}, e.g. {{'tile_len': 8}}")
+        if self.combiner == "tile":
+            tile_len = kwargs["tile_len"]
+            if not _is_int(tile_len) or tile_len < 1:
+                raise ValueError(f"{name}: combiner_kwargs['tile_len'] must be an int >= 1, got {tile_len!r}")
+
+    @property
+    def tile_len(self) -> int:
+        """``combiner_kwargs["tile_len"]`` for ``"tile"``; 1 (unused) otherwise."""
+        return self.combiner_kwargs["tile_len"] if self.combiner == "tile" else 1
+
+    @property
+    def output_width(self) -> int:
+        """The width of the feature's output: ``tile_len * embedding_dim`` for tile, else the dim."""
+        return self.tile_len * self.embedding_dim
+
+
+def _check_shared(first: tuple[str, EmbeddingOption], other: tuple[str, EmbeddingOption]) -> None:
+    """``ValueError`` if two options of one table disagree on a table property."""
+    (name_a, a), (name_b, b) = first, other
+    for f in _TABLE_FIELDS:
+        va, vb = getattr(a, f), getattr(b, f)
+        if va != vb:
+            raise ValueError(
+                f"EmbeddingEngine: features {name_a!r} and {name_b!r} share the table {a.shared_name!r} "
+                f"but differ in {f} ({va!r} vs {vb!r})"
+            )
+
+
+def _make_table(option: EmbeddingOption) -> HashTable:
+    return HashTable(
+        embedding_shape=[option.embedding_dim],
+        block_size=option.block_size,
+        dtype=option.dtype,
+        device=option.device,
+        initializer=option.initializer,
+        name=option.shared_name,
+        grad_reduce_by=option.grad_reduce_by,
+        filter_hook=option.filter_hook,
+        admit_hook=option.admit_hook,
+    )
+
+
+# -- the per-feature steps (module docstring) ---------------------------------------------------------
+
+def _flat_ids(name: str, value) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(values [N] int64, offsets [B + 1] int64, weight [N] | None)`` of a feature's ids."""
+    if isinstance(value, RaggedTensor):
+        offsets = value.offsets()
+        if len(offsets) != 1:
+            raise ValueError(
+                f"EmbeddingEngine: feature {name!r} has {len(offsets)} ragged levels; an embedding lookup "
+                "takes one (rows of ids)"
+            )
+        values = value.values()
+        if values.dtype != torch.int64:
+            raise TypeError(f"EmbeddingEngine: feature {name!r} has {values.dtype} values; ids must be int64")
+        if values.dim() != 1:
+            raise ValueError(
+                f"EmbeddingEngine: feature {name!r} has values of shape {tuple(values.shape)}; ids must be 1-D"
+            )
+        weight = value.weight()
+        if weight is not None and not weight.dtype.is_floating_point:
+            raise TypeError(f"EmbeddingEngine: feature {name!r} has {weight.dtype} weights; they must be floating point")
+        return values, offsets[0], weight
+    if isinstance(value, Tensor):
+        if value.dtype != torch.int64:
+            hint = " (bucketize float features first)" if value.dtype.is_floating_point else ""
+            raise TypeError(f"EmbeddingEngine: feature {name!r} is a {value.dtype} tensor; ids must be int64{hint}")
+        if value.dim() not in (1, 2):
+            raise ValueError(
+                f"EmbeddingEngine: feature {name!r} is a dense tensor of shape {tuple(value.shape)}; "
+                "ids must be [B] or [B, F]"
+            )
+        per_row = value.shape[1] if value.dim() == 2 else 1
+        offsets = torch.arange(value.shape[0] + 1, dtype=torch.int64, device=value.device) * per_row
+        return value.reshape(-1), offsets, None
+    raise TypeError(
+        f"EmbeddingEngine: feature {name!r} must be a RaggedTensor or an int64 tensor, got {type(value).__name__}"
+    )
+
+
+def _lookup_unique(table: HashTable, values: Tensor, trainable: bool) -> tuple[Tensor, Tensor]:
+    """``(emb_u [U, dim], inverse [N])``: the rows of the distinct ids, and each item's one."""
+    uniq, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    rows = table.lookup(uniq)
+    return table.gather(rows, counts, requires_grad=trainable), inverse
+
+
+def _combine(emb_u: Tensor, inverse: Tensor, offsets: Tensor, weight: Tensor | None,
+             option: EmbeddingOption) -> Tensor:
+    w = weight.detach() if (weight is not None and option.use_weight) else None
+    return torch.ops.fxrec.segment_combine(emb_u, inverse, offsets, w, option.combiner, option.tile_len)
+
+
+class EmbeddingEngine(nn.Module):
+    """Looks up every configured feature of a batch dict (module docstring).
+
+    Args:
+        options: ``{feature name: EmbeddingOption}``.
+    """
+
+    def __init__(self, options: dict[str, EmbeddingOption]) -> None:
+        super().__init__()
+        if not isinstance(options, dict):
+            raise TypeError(f"EmbeddingEngine: options must be a dict of feature name -> EmbeddingOption, "
+                            f"got {type(options).__name__}")
+        owners: dict[str, tuple[str, EmbeddingOption]] = {}
+        for feature, option in options.items():
+            if not isinstance(feature, str) or not feature:
+                raise TypeError(f"EmbeddingEngine: feature names must be non-empty str, got {feature!r}")
+            if not isinstance(option, EmbeddingOption):
+                raise TypeError(f"EmbeddingEngine: feature {feature!r}: expected an EmbeddingOption, got {option!r}")
+            if "." in option.shared_name:
+                raise ValueError(f"EmbeddingEngine: feature {feature!r}: shared_name {option.shared_name!r} "
+                                 "must not contain '.' (it names a submodule)")
+            if option.shared_name in owners:
+                _check_shared(owners[option.shared_name], (feature, option))
+            else:
+                owners[option.shared_name] = (feature, option)
+        self._options = dict(options)
+        self.tables = nn.ModuleDict({shared: _make_table(option) for shared, (_, option) in owners.items()})
+
+    @property
+    def options(self) -> dict[str, EmbeddingOption]:
+        return dict(self._options)
+
+    def table_of(self, feature: str) -> HashTable:
+        """The table the feature looks up."""
+        return self.tables[self._options[feature].shared_name]
+
+    def extra_repr(self) -> str:
+        return "features=" + ", ".join(f"{f}->{o.shared_name}" for f, o in self._options.items())
+
+    def lookup(self, name: str, value) -> Tensor:
+        """The embedding of one feature: ``[B, dim]`` (sum / mean) or ``[B, tile_len * dim]`` (tile)."""
+        option = self._options[name]
+        table = self.tables[option.shared_name]
+        values, offsets, weight = _flat_ids(name, value)
+        if values.device != table.embedding.device:
+            raise ValueError(
+                f"EmbeddingEngine: feature {name!r} is on {values.device}, its table {option.shared_name!r} "
+                f"on {table.embedding.device}"
+            )
+        emb_u, inverse = _lookup_unique(table, values, option.trainable)
+        return _combine(emb_u, inverse, offsets, weight, option)
+
+    def forward(self, samples: dict) -> dict:
+        """A new dict: configured features embedded, other entries passed through (RaggedTensors
+        as ``to_dense()``). The input dict is not modified."""
+        if not isinstance(samples, dict):
+            raise TypeError(f"EmbeddingEngine: samples must be a dict, got {type(samples).__name__}")
+        missing = [name for name in self._options if name not in samples]
+        if missing:
+            raise ValueError(f"EmbeddingEngine: features {missing} have an EmbeddingOption but are not in the batch")
+        out = {}
+        for name, value in samples.items():
+            if name in self._options:
+                out[name] = self.lookup(name, value)
+            elif isinstance(value, RaggedTensor):
+                out[name] = value.to_dense()
+            else:
+                out[name] = value
+        return out
+
