@@ -1,0 +1,242 @@
+"""``SparseOptimizer``: the base of fxrec's sparse optimizers (SPEC §5.1, §4.5).
+
+A sparse optimizer updates the rows of ``HashTable``s that a step touched, lazily (rows without a
+gradient keep their bits, and so do their slots), with one fused op per table
+(``torch.ops.fxrec.sparse_*_update``). Subclasses name their slots and their update.
+
+Decisions:
+
+- ``torch.optim.Optimizer`` subclass with ONE param group, so torch's LR schedulers drive
+  ``param_groups[0]["lr"]``; every step reads the group's current hyperparameters.
+- What the group's ``"params"`` hold: one empty placeholder tensor per table, named by the table
+  (``param_names``). ``Optimizer`` insists on a non-empty list of leaf tensors, but a table's
+  tensors are no good there: growth, eviction and ``load_state_dict`` REPLACE ``embedding``, its
+  slots and even its ``step`` buffer, so a tensor held in the group would go stale. The
+  placeholders never change, hold no memory, never get a ``.grad`` (so ``clip_grad_norm_``,
+  ``GradScaler`` and friends skip them); the tables themselves live in ``self.tables``
+  (``{name: HashTable}``), and torch's per-param ``self.state`` stays unused.
+- Gradients: ``table.take_grads()`` gives each touched row once, already reduced per the table's
+  ``grad_reduce_by`` (SPEC §4.5). With ``set_grad_accum_steps(k)``, a ``"worker"`` table's
+  gradients (sums over the k micro-batches' occurrences) are divided by k, averaging them as
+  dense gradients are; an ``"id"`` table's are not: its mean over occurrences already runs over
+  every occurrence of the k micro-batches, so it is an average as it stands.
+- Per-table state (``table_state[name]``: ``step``, and Adam's running products ``b1p``/``b2p``)
+  advances only on the steps that UPDATE the table, i.e. where it has at least one row with a
+  gradient: SPEC §5.1's "per table, per update step", one counter per table. So each table
+  runs the Adam it would run alone, and a table fed only on some steps (a rare feature) does not
+  see its bias correction run out before its first update. (RecIS advances every step; on
+  tables that get gradients every step, the two agree.) ``table.advance_step()`` — the table's
+  own step counter, which eviction (``GlobalStepFilter``) counts in — runs on EVERY optimizer
+  step for every table: an id nobody looked up for N steps is stale whether or not its table got
+  gradients.
+- Slots are created (``table.slot``) when the optimizer is built, so ids inserted before the
+  first step, and rows rebuilt by a model ``load_state_dict``, get the slot's initial value.
+- ``state_dict()`` is keyed by table name (RecIS's keys collided across tables): per table its
+  scalars (0-d tensors: int64 ``step``, float64 ``b1p``/``b2p``), ``ids`` (the table's ids, in
+  row order) and ``slot.<name> [n, width]`` for those ids; plus ``param_groups`` (torch's format,
+  ``params`` numbered, ``param_names`` the tables). Every leaf of ``state`` is a tensor (ready
+  for safetensors). ``load_state_dict`` restores it bit-exactly into an optimizer over the same
+  table names whose tables hold those ids (e.g. after ``model.load_state_dict``); an unknown or
+  missing table, an id the table lacks, or a missing / misshapen slot is a ``ValueError`` naming
+  the table, raised before anything is written. Ids the table holds beyond the saved ones keep
+  their slot values. The HashTable's own ``state_dict`` also stores the slots (SPEC §4.4); the
+  optimizer's round-trips alone all the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from fxrec.nn.modules.hashtable import HashTable
+from fxrec.ops.table import table_items
+
+__all__ = ["SparseOptimizer", "check_hyperparameter"]
+
+
+def check_hyperparameter(owner: str, name: str, value: Any, low: float = 0.0, high: float = math.inf,
+                         high_open: bool = False) -> float:
+    """``value`` as a float if it is a finite number in ``[low, high]`` (``[low, high)`` with
+    ``high_open``), else a ``ValueError`` naming ``name``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"[{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{owner}: {name} must be a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _collect_tables(tables: Any, owner: str) -> dict[str, HashTable]:
+    """``{name: table}`` from ``filter_out_sparse_param``'s dict, an iterable of tables (keyed by
+    ``table.name``) or one table; every table float32, each table and name once."""
+    if isinstance(tables, HashTable):
+        tables = [tables]
+    if isinstance(tables, Mapping):
+        items = list(tables.items())
+    elif isinstance(tables, Iterable) and not isinstance(tables, (str, bytes, Tensor)):
+        items = [(getattr(t, "name", None), t) for t in tables]
+    else:
+        raise TypeError(
+            f"{owner}: expected {{name: HashTable}} or an iterable of HashTable, got {type(tables).__name__}"
+        )
+    out: dict[str, HashTable] = {}
+    for name, table in items:
+        if not isinstance(table, HashTable):
+            raise TypeError(f"{owner}: table {name!r} is a {type(table).__name__}, not a HashTable")
+        if not isinstance(name, str):
+            raise TypeError(f"{owner}: table names must be str, got {name!r}")
+        if table.dtype != torch.float32:
+            raise TypeError(f"{owner}: table {name!r} has dtype {table.dtype}; sparse optimizers update float32 tables")
+        if name in out:
+            raise ValueError(f"{owner}: two tables are named {name!r}")
+        if any(table is t for t in out.values()):
+            raise ValueError(f"{owner}: table {name!r} is given twice")
+        out[name] = table
+    if not out:
+        raise ValueError(f"{owner}: no tables to optimize")
+    return out
+
+
+class SparseOptimizer(Optimizer):
+    """Base class (module docstring). Subclasses define ``_slot_specs``, ``_update`` and, with
+    per-table scalars beyond ``step``, ``_new_table_state``."""
+
+    def __init__(self, tables: Mapping[str, HashTable] | Iterable[HashTable], defaults: dict[str, Any]) -> None:
+        self.tables = _collect_tables(tables, type(self).__name__)
+        placeholders = [(name, torch.empty(0)) for name in self.tables]  # see the module docstring
+        super().__init__([{"params": placeholders}], defaults)
+        self.table_state: dict[str, dict[str, int | float]] = {name: self._new_table_state() for name in self.tables}
+        self.grad_accum_steps = 1
+        for table in self.tables.values():
+            self._slots(table)
+
+    # -- subclass interface ----------------------------------------------------------------------
+
+    def _new_table_state(self) -> dict[str, int | float]:
+        return {"step": 0}
+
+    def _slot_specs(self, table: HashTable) -> dict[str, tuple[int, float]]:
+        """``{slot name: (width, initial value)}``."""
+        raise NotImplementedError
+
+    def _update(self, table: HashTable, state: dict, slots: dict[str, Tensor], rows: Tensor, grads: Tensor,
+                group: dict[str, Any]) -> None:
+        """Update ``rows`` of ``table`` (unique, each with a gradient) in place."""
+        raise NotImplementedError
+
+    def _slots(self, table: HashTable) -> dict[str, Tensor]:
+        return {name: table.slot(name, width, init) for name, (width, init) in self._slot_specs(table).items()}
+
+    # -- torch.optim.Optimizer -------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.param_groups:
+            raise ValueError(f"{type(self).__name__}: sparse optimizers have one param group; build another optimizer")
+        super().add_param_group(param_group)
+
+    def set_grad_accum_steps(self, steps: int) -> None:
+        """Average ``"worker"`` tables' gradients over ``steps`` micro-batches (module docstring)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{type(self).__name__}: grad accumulation steps must be an int >= 1, got {steps!r}")
+        self.grad_accum_steps = steps
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every table's pending gradients."""
+        for table in self.tables.values():
+            table.clear_grads()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update every table's rows that have a gradient; advance every table's step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        for name, table in self.tables.items():
+            rows, grads = table.take_grads()
+            if rows.numel() > 0:
+                if table.grad_reduce_by == "worker" and self.grad_accum_steps != 1:
+                    grads = grads / self.grad_accum_steps
+                state = self.table_state[name]
+                state["step"] += 1
+                self._update(table, state, self._slots(table), rows, grads, group)
+            table.advance_step()
+        return loss
+
+    # -- state_dict ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every table's state keyed by table name, and the param group (module docstring)."""
+        state = {}
+        for name, table in self.tables.items():
+            ids, rows = table_items(table.keys, table.state)
+            entry: dict[str, Tensor] = {
+                key: torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+                for key, value in self.table_state[name].items()
+            }
+            entry["ids"] = ids
+            for slot_name, slot in self._slots(table).items():
+                entry[f"slot.{slot_name}"] = slot[rows]
+            state[name] = entry
+        group = {key: value for key, value in self.param_groups[0].items() if key != "params"}
+        group["params"] = list(range(len(self.tables)))
+        return {"state": state, "param_groups": [group]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` saved (module docstring); validates everything first."""
+        owner = type(self).__name__
+        if not isinstance(state_dict, Mapping) or set(state_dict) != {"state", "param_groups"}:
+            raise ValueError(f"{owner}: a state dict has exactly the keys 'state' and 'param_groups'")
+        saved, groups = state_dict["state"], state_dict["param_groups"]
+        if len(groups) != 1:
+            raise ValueError(f"{owner}: expected one param group, got {len(groups)}")
+        unknown = sorted(set(saved) - set(self.tables))
+        if unknown:
+            raise ValueError(f"{owner}: the state dict has state for unknown table(s) {unknown}")
+        missing = sorted(set(self.tables) - set(saved))
+        if missing:
+            raise ValueError(f"{owner}: the state dict has no state for table(s) {missing}")
+        plan = []
+        for name, table in self.tables.items():
+            entry = saved[name]
+            scalars = self._new_table_state()
+            absent = [key for key in ["ids", *scalars] if key not in entry]
+            if absent:
+                raise ValueError(f"{owner}: the state of table {name!r} lacks {absent}")
+            ids = entry["ids"]
+            if not isinstance(ids, Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+                raise ValueError(f"{owner}: the state of table {name!r}: ids must be a 1-D int64 tensor")
+            ids = ids.to(table.keys.device)
+            rows = torch.ops.fxrec.table_find(table.keys, table.state, ids)
+            absent_ids = ids[rows < 0]
+            if absent_ids.numel():
+                raise ValueError(
+                    f"{owner}: table {name!r} lacks {absent_ids.numel()} of the {ids.numel()} ids in the state "
+                    f"(e.g. id {int(absent_ids[0])}); load the model's state first"
+                )
+            values = {}
+            for slot_name, (width, _) in self._slot_specs(table).items():
+                key = f"slot.{slot_name}"
+                value = entry.get(key)
+                if not isinstance(value, Tensor) or tuple(value.shape) != (ids.numel(), width):
+                    got = tuple(value.shape) if isinstance(value, Tensor) else value
+                    raise ValueError(f"{owner}: table {name!r}: {key} must be a tensor of shape "
+                                     f"({ids.numel()}, {width}), got {got}")
+                values[slot_name] = value
+            for key, default in scalars.items():
+                scalars[key] = int(entry[key]) if isinstance(default, int) else float(entry[key])
+            plan.append((name, table, rows, values, scalars))
+        for name, table, rows, values, scalars in plan:
+            slots = self._slots(table)
+            for slot_name, value in values.items():
+                slots[slot_name][rows] = value.to(device=rows.device, dtype=torch.float32)
+            self.table_state[name] = scalars
+        group = self.param_groups[0]
+        group.update({key: value for key, value in groups[0].items() if key not in ("params", "param_names")})
