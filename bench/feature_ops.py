@@ -29,6 +29,7 @@ from fxrec.ops.hash import hash_bytes_torch
 from fxrec.ops.mod import mod_torch
 from fxrec.ops.truncate import sequence_truncate_torch
 from fxrec.ragged import RaggedTensor
+from bench.timing import copy_bandwidth, median_ms
 
 SEQ_LEN = 1000
 ops = torch.ops.fxrec
@@ -111,26 +112,7 @@ def min_bytes(batch: dict) -> int:
 
 def time_gpu(fn, reps: int = 50) -> float:
     """Median milliseconds over ``reps`` calls (each call syncs: the ops' sizes are data-dependent)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, GB/s counting bytes read plus written."""
-    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_gpu(lambda: dst.copy_(src), reps=20)
-    return 2 * src.numel() / ms / 1e6
+    return median_ms(fn, "cuda", reps=reps, warmup=5)
 
 
 def check_same(a: dict, b: dict) -> None:
@@ -142,7 +124,7 @@ def check_same(a: dict, b: dict) -> None:
 
 def bench_gpu(batch_sizes: list[int]) -> None:
     print(f"\n## GPU feature stage: {torch.cuda.get_device_name()} (torch {torch.__version__})")
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth("cuda", 1 << 28)
     print(f"device-to-device copy: {bandwidth:.0f} GB/s (read + write)")
     engine = FeatureEngine(get_feature_conf(seq_len=SEQ_LEN)).cuda()
     boundaries = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, device="cuda")

@@ -1,0 +1,53 @@
+"""Timing helpers shared by the benchmarks: median milliseconds, copy bandwidth, the machine."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import numpy as np
+import torch
+import triton
+
+def median_ms(fn, device: str, reps: int = 10, warmup: int = 3, setup=None) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` calls. ``setup()``
+    runs before each call, outside the timed region (CUDA: events recorded around ``fn`` only;
+    CPU: ``time.perf_counter``)."""
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    times = []
+    for _ in range(reps):
+        if setup is not None:
+            setup()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return float(np.median(times))
+
+
+def copy_bandwidth(device: str, nbytes: int, reps: int = 10) -> float:
+    """Device-to-device copy ``dst.copy_(src)`` of ``nbytes``: GB/s counting bytes read + written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, reps=reps)
+    return 2 * nbytes / ms / 1e6
+
+
+def machine(device: str) -> str:
+    """The card (or CPU and threads) and the torch / triton versions."""
+    if torch.device(device).type == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{where} (torch {torch.__version__}, triton {triton.__version__})"
