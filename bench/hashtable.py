@@ -11,7 +11,7 @@ each load factor in turn (0.25, 0.5, 0.75). At each load, for one batch of ids:
                          restored (``copy_`` of keys/state) before each repeat, outside the timed
                          region (CUDA events around the op only)
   find_or_insert (hit)   every id present: the training steady state
-  find + gather dim D    ``rows = find(ids); emb.index_select(0, rows.clamp_min(0))`` from ``emb float32
+  find + gather dim D    ``rows = find(ids); fxrec::gather_rows(emb, rows)`` from ``emb float32
                          [capacity, D]`` (what HierarchicalKV's find returns: the values); dims
                          whose table does not fit the free memory are skipped
 
@@ -31,7 +31,7 @@ first ``p - 1`` slots). Per id:
   find_or_insert   the same + 1 (inserted flag); a new id also writes back its state sector and
                    its key sector (+ 64)
   find + gather    find + the row (dim x 4 B, rounded up to 32 B sectors, random) + its copy out
-                   (dim x 4 B); the rows tensor's clamp/index round trips (3 x 8 B) are not counted
+                   (dim x 4 B); the rows tensor between the two ops (2 x 8 B) is not counted
 Not counted: L2 hits (an H100's 50 MB L2 holds ~6% of the 768 MiB index: few), atomics' latency.
 The Triton kernels run one program per 256 ids and loop until the program's LONGEST probe ends,
 so the "block max" column (mean over programs of their longest probe) is the latency term.
@@ -171,14 +171,14 @@ def bench_load(keys, state, n_stored: int, batch: int, load: float, dims: list[i
 
 
 def time_find_gather(keys, state, ids, dim: int, reps: int, device: str) -> float | str:
-    """ms of ``emb.index_select(0, find(ids).clamp_min(0))`` (the gather ``HashTable.gather`` runs)
-    with ``emb float32 [capacity, dim]``, or why not."""
+    """ms of ``gather_rows(emb, find(ids))`` (what ``HashTable.gather`` runs) with ``emb float32
+    [capacity, dim]``, or why not."""
     need = keys.numel() * dim * 4
     if torch.device(device).type == "cuda" and need > torch.cuda.mem_get_info()[0] - (2 << 30):
         return f"skipped: emb needs {need / 2**30:.0f} GiB"
     try:
         emb = torch.empty((keys.numel(), dim), dtype=torch.float32, device=device)  # values don't matter
-        return median_ms(lambda: emb.index_select(0, ops.table_find(keys, state, ids).clamp_min(0)), device, reps=reps)
+        return median_ms(lambda: ops.gather_rows(emb, ops.table_find(keys, state, ids)), device, reps=reps)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return "OOM"

@@ -3,4 +3,6 @@
 Importing this package registers every op (CPU kernel, fake kernel, CUDA kernel, autograd).
 """
 
-from fxrec.ops import bucketize, check, combine, cross, dense, hash, init_rows, mod, sparse_update, table, truncate  # noqa: F401
+from fxrec.ops import (  # noqa: F401
+    bucketize, check, combine, cross, dense, gather, hash, init_rows, mod, sparse_update, table, truncate,
+)

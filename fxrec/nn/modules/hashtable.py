@@ -228,9 +228,7 @@ class HashTable(nn.Module):
         gradient of a row is summed over its occurrences, which ``counts [*rows.shape]`` —
         default 1 each — records for ``grad_reduce_by="id"``)."""
         flat = rows.reshape(-1)
-        found = flat >= 0
-        emb = torch.where(found[:, None], self.embedding.index_select(0, flat.clamp_min(0)), 0.0)
-        emb = emb.reshape(*rows.shape, self.dim)
+        emb = torch.ops.fxrec.gather_rows(self.embedding, flat).reshape(*rows.shape, self.dim)
         if not (requires_grad and self.training and torch.is_grad_enabled()):
             return emb
         emb = emb.detach().requires_grad_()
