@@ -1,7 +1,7 @@
 """Dynamic-table index benchmark: ``fxrec::table_find`` and ``fxrec::table_find_or_insert``.
 
-A table of ``2**capacity_log2`` slots (default 2**26 = 64M: keys int64 + state int32, 768 MiB) is
-filled with distinct pseudo-random int64 ids (the splitmix64 stream: ``mix64(i * GAMMA + salt)``,
+A table of ``2**capacity_log2`` slots (default 2**27 = 128M: keys int64 + state int32, 1.5 GiB;
+64M keys at load 0.5) is filled with distinct pseudo-random int64 ids (the splitmix64 stream: ``mix64(i * GAMMA + salt)``,
 distinct because it is a bijection of ``i``), in batches of ``2**batch_log2`` (default 1M), up to
 each load factor in turn (0.25, 0.5, 0.75). At each load, for one batch of ids:
 
@@ -32,11 +32,11 @@ first ``p - 1`` slots). Per id:
                    its key sector (+ 64)
   find + gather    find + the row (dim x 4 B, rounded up to 32 B sectors, random) + its copy out
                    (dim x 4 B); the rows tensor between the two ops (2 x 8 B) is not counted
-Not counted: L2 hits (an H100's 50 MB L2 holds ~6% of the 768 MiB index: few), atomics' latency.
+Not counted: L2 hits (an H100's 50 MB L2 holds ~3% of the 1.5 GiB index: few), atomics' latency.
 The Triton kernels run one program per 256 ids and loop until the program's LONGEST probe ends,
 so the "block max" column (mean over programs of their longest probe) is the latency term.
 
-    python -m bench.hashtable [--capacity-log2 26] [--batch-log2 20] [--loads 0.25 0.5 0.75]
+    python -m bench.hashtable [--capacity-log2 27] [--batch-log2 20] [--loads 0.25 0.5 0.75]
                               [--dims 8 16 64] [--reps 10]
     python -m bench.hashtable --smoke     # CPU (the ops' torch kernels), tiny table, seconds
 """
@@ -208,7 +208,7 @@ def run(capacity_log2: int, batch_log2: int, loads: list[float], dims: list[int]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--capacity-log2", type=int, default=26)
+    parser.add_argument("--capacity-log2", type=int, default=27)
     parser.add_argument("--batch-log2", type=int, default=20)
     parser.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 16, 64])
