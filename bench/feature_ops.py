@@ -1,8 +1,11 @@
 """Feature-stage benchmark: the tutorial's feature set, and per-op throughput.
 
 GPU (when present), for the seed tutorial's features at each batch size:
-  engine  FeatureEngine, eager: one fxrec op per feature and op (what the graph holds today)
-  multi   the same work through fxrec's multi-tensor ops: one launch per op type and level
+  engine  FeatureEngine, eager: one fxrec op per feature and op (the graph as built)
+  passes  FeatureEngine(..., passes=True), eager: the graph after fxrec.passes (horizontal
+          fusion: one multi-tensor op per op type and level, as ``multi`` writes by hand)
+  multi   the same work through fxrec's multi-tensor ops, hand-written: one launch per op type
+          and level
   torch   the same work through fxrec's plain-torch reference kernels on the GPU (the vectorized
           torch code that is also the CPU kernel): what it costs without Triton
 plus the bytes the stage must move at least and the bandwidth that implies. Then, on CPU,
@@ -19,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec)
 from examples.deepctr.features import get_feature_conf
@@ -122,25 +126,37 @@ def check_same(a: dict, b: dict) -> None:
             assert torch.equal(u, v), f"{key}: implementations disagree"
 
 
+def check_same_engine(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = tree_leaves(a[key]), tree_leaves(b[key])
+        assert len(x) == len(y) and all(torch.equal(u, v) for u, v in zip(x, y)), f"{key}: engines disagree"
+
+
 def bench_gpu(batch_sizes: list[int]) -> None:
     print(f"\n## GPU feature stage: {torch.cuda.get_device_name()} (torch {torch.__version__})")
     bandwidth = copy_bandwidth("cuda", 1 << 28)
     print(f"device-to-device copy: {bandwidth:.0f} GB/s (read + write)")
     engine = FeatureEngine(get_feature_conf(seq_len=SEQ_LEN)).cuda()
+    fused = FeatureEngine(get_feature_conf(seq_len=SEQ_LEN), passes=True).cuda()
     boundaries = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, device="cuda")
-    rows = ["| B | ids in | engine ms | multi ms | torch ms | multi vs engine | multi vs torch | floor ms | multi GB/s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| B | ids in | engine ms | passes ms | multi ms | torch ms | passes vs engine | multi vs engine "
+            "| multi vs torch | floor ms | multi GB/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in batch_sizes:
         batch = seed_batch(b, "cuda")
         check_same(stage_multi(batch, boundaries), stage_torch(batch, boundaries))
+        check_same_engine(engine(batch), fused(batch))
         t_engine = time_gpu(lambda: engine(batch))
+        t_passes = time_gpu(lambda: fused(batch))
         t_multi = time_gpu(lambda: stage_multi(batch, boundaries))
         t_torch = time_gpu(lambda: stage_torch(batch, boundaries))
         nbytes = min_bytes(batch)
         ids = batch["sparse4"].values().numel() + batch["sparse5"].offsets()[1].numel() - 1
         rows.append(
-            f"| {b} | {ids / 1e6:.1f}M | {t_engine:.3f} | {t_multi:.3f} | {t_torch:.3f} | "
-            f"{t_engine / t_multi:.2f}x | {t_torch / t_multi:.2f}x | {nbytes / bandwidth / 1e6:.3f} | "
+            f"| {b} | {ids / 1e6:.1f}M | {t_engine:.3f} | {t_passes:.3f} | {t_multi:.3f} | {t_torch:.3f} | "
+            f"{t_engine / t_passes:.2f}x | {t_engine / t_multi:.2f}x | {t_torch / t_multi:.2f}x | "
+            f"{nbytes / bandwidth / 1e6:.3f} | "
             f"{nbytes / t_multi / 1e6:.0f} |"
         )
         breakdown(batch, boundaries)

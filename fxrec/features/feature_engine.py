@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from fxrec.features import graph as G
 from fxrec.features.feature import Feature
+from fxrec.ops.triton.bucketize import VALUE_DTYPES as BUCKETIZE_DTYPES
 from fxrec.features.op import (
     Bucketize,
     FeatureCross,
@@ -72,8 +73,9 @@ class _GraphBuilder:
 
     def bucketize(self, p: _Parts, op: Bucketize, where: str, name: str) -> _Parts:
         bounds = self.constant(name, torch.tensor(op.boundaries, dtype=torch.float64))
-        bounds = self.call(G.boundaries_on, bounds, p.values)
-        return _Parts(self.call(torch.ops.fxrec.bucketize.default, p.values, bounds), p.offsets, p.weight)
+        values = self.call(G.require_dtype, p.values, BUCKETIZE_DTYPES, where)
+        bounds = self.call(G.boundaries_on, bounds, values)
+        return _Parts(self.call(torch.ops.fxrec.bucketize.default, values, bounds), p.offsets, p.weight)
 
     def hash(self, p: _Parts, op: Hash, where: str) -> _Parts:
         splits = self.call(G.string_offsets, p.values, p.offsets, p.weight, where)
@@ -131,9 +133,14 @@ class FeatureEngine(nn.Module):
     Output: each feature by name, and every input column that no feature of the same name
     replaced (``label`` and the like) as it came. Ops never write into their inputs; a feature
     that only selects a column returns that column itself.
+
+    ``passes``: ``False`` (default) runs the graph as built from the configs; ``True`` rewrites
+    it once, here, with ``fxrec.passes.DEFAULT_PASSES`` (horizontal fusion: one multi-tensor op
+    per op type and level, fewer kernel launches on CUDA); a sequence of passes runs those.
+    Outputs are the same either way. ``fxrec.passes.explain(engine)`` shows what the passes do.
     """
 
-    def __init__(self, feature_list: Sequence[Feature]):
+    def __init__(self, feature_list: Sequence[Feature], passes: bool | Sequence = False):
         super().__init__()
         features = list(feature_list)
         seen: set[str] = set()
@@ -153,7 +160,16 @@ class FeatureEngine(nn.Module):
             for s in (f.ops[0].fields if isinstance(f.ops[0], SelectFields) else [f.ops[0]])
             if s.dim is not None
         }
-        self.graph_module = self._build()
+        gm = self._build()
+        if passes is not False:
+            from fxrec.passes import DEFAULT_PASSES, run_passes  # passes import features: not at the top
+
+            if passes is True:
+                passes = DEFAULT_PASSES
+            elif isinstance(passes, (str, bytes)) or not all(callable(p) for p in passes):
+                raise TypeError(f"FeatureEngine: passes must be True, False or a sequence of passes, got {passes!r}")
+            gm = run_passes(gm, tuple(passes))
+        self.graph_module = gm
 
     def _build(self) -> torch.fx.GraphModule:
         b = _GraphBuilder(self.columns)

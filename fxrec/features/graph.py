@@ -28,6 +28,7 @@ __all__ = [
     "boundaries_on",
     "string_offsets",
     "hash_ids",
+    "hash_ids_multi",
     "hash_levels",
     "check_row_lengths",
     "cast_values",
@@ -106,10 +107,45 @@ def string_offsets(values: torch.Tensor, offsets, weight, where: str):
 
 
 def hash_ids(values: torch.Tensor, offsets, hash_type: str) -> torch.Tensor:
-    """Strings (``offsets`` split the bytes) or int64 ids (``offsets is None``) -> int64 hashes."""
+    """Strings (``offsets`` split the bytes) or int64 ids (``offsets is None``) -> int64 hashes.
+
+    The graph is built before data is seen, so whether a ``Hash`` reads strings or ids (the
+    column's dtype) is decided here: ``fxrec::hash_bytes`` or ``fxrec::hash_int64``.
+    """
     if offsets is None:
         return torch.ops.fxrec.hash_int64(values, hash_type)
     return torch.ops.fxrec.hash_bytes(values, offsets, hash_type)
+
+
+def hash_ids_multi(values: list, offsets: list, hash_types: list) -> list:
+    """``[hash_ids(v, o, t) for ...]`` with one multi-tensor op per input kind.
+
+    What the horizontal fusion pass (``fxrec.passes``) puts in place of several ``hash_ids``
+    nodes: whether a feature hashes strings or ids is only known from its data's dtype, so the
+    split happens here, at run time (a guard under ``torch.compile``): every string feature goes
+    through one ``fxrec::hash_bytes_multi``, every id feature through one ``hash_int64_multi``
+    (the single op where a kind has one feature). Outputs are in feature order.
+    """
+    out: list = [None] * len(values)
+    strings = [i for i, o in enumerate(offsets) if o is not None]
+    ids = [i for i, o in enumerate(offsets) if o is None]
+    if len(strings) == 1:
+        (i,) = strings
+        out[i] = torch.ops.fxrec.hash_bytes(values[i], offsets[i], hash_types[i])
+    elif strings:
+        hashed = torch.ops.fxrec.hash_bytes_multi(
+            [values[i] for i in strings], [offsets[i] for i in strings], [hash_types[i] for i in strings]
+        )
+        for i, h in zip(strings, hashed):
+            out[i] = h
+    if len(ids) == 1:
+        (i,) = ids
+        out[i] = torch.ops.fxrec.hash_int64(values[i], hash_types[i])
+    elif ids:
+        hashed = torch.ops.fxrec.hash_int64_multi([values[i] for i in ids], [hash_types[i] for i in ids])
+        for i, h in zip(ids, hashed):
+            out[i] = h
+    return out
 
 
 def hash_levels(values: torch.Tensor, offsets):

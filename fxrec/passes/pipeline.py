@@ -1,0 +1,105 @@
+"""Running passes over a feature graph, and showing what they did.
+
+``run_passes(gm, passes)`` applies passes in order (each a pure ``GraphModule -> GraphModule``);
+``explain(x, passes)`` tells, per fxrec op, how many nodes the graph had before and after.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Sequence
+
+import torch
+import torch.fx
+
+from fxrec.features import graph as G
+from fxrec.passes.horizontal_fusion import horizontal_fusion
+
+__all__ = ["Pass", "DEFAULT_PASSES", "run_passes", "op_counts", "explain"]
+
+Pass = Callable[[torch.fx.GraphModule], torch.fx.GraphModule]
+
+# Horizontal fusion only, for now; lookup merge, table coalescing and lookup + combiner fusion
+# join here as they are built (DESIGN.md, "Passes").
+DEFAULT_PASSES: tuple[Pass, ...] = (horizontal_fusion,)
+
+# Graph helpers that stand for fxrec ops (which one is chosen at run time by the data's dtype).
+_HELPER_OPS = {
+    G.hash_ids: "hash_bytes|hash_int64",
+    G.hash_ids_multi: "hash_bytes_multi|hash_int64_multi",
+}
+
+
+def run_passes(gm: torch.fx.GraphModule, passes: Sequence[Pass] = DEFAULT_PASSES) -> torch.fx.GraphModule:
+    """``gm`` rewritten by each pass in turn; ``gm`` itself is left unchanged."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"run_passes takes a torch.fx.GraphModule, got {type(gm).__name__}")
+    for p in passes:
+        if not callable(p):
+            raise TypeError(f"run_passes: a pass must be callable GraphModule -> GraphModule, got {p!r}")
+        out = p(gm)
+        if not isinstance(out, torch.fx.GraphModule):
+            raise TypeError(f"pass {getattr(p, '__name__', p)!r} returned {type(out).__name__}, not a GraphModule")
+        gm = out
+    return gm
+
+
+def op_name(node: torch.fx.Node) -> str | None:
+    """``"mod"`` for a ``torch.ops.fxrec.mod`` node (any overload), None for other nodes."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        if target.namespace == "fxrec":
+            return target.__name__.split(".")[0]
+        return None
+    try:
+        return _HELPER_OPS.get(target)
+    except TypeError:  # an unhashable target
+        return None
+
+
+def op_counts(gm: torch.fx.GraphModule) -> collections.Counter:
+    """How many nodes of each ``torch.ops.fxrec.*`` op ``gm`` holds (hash helpers included)."""
+    return collections.Counter(name for node in gm.graph.nodes if (name := op_name(node)))
+
+
+def _graph_of(x) -> torch.fx.GraphModule:
+    from fxrec.features.feature_engine import FeatureEngine  # features may import passes lazily
+
+    if isinstance(x, torch.fx.GraphModule):
+        return x
+    if isinstance(x, FeatureEngine):
+        # the graph as built from the configs, whether or not the engine runs passes
+        return FeatureEngine(x.features).graph_module
+    gm = getattr(x, "graph_module", None)
+    if isinstance(gm, torch.fx.GraphModule):
+        return gm
+    raise TypeError(f"explain takes a GraphModule or a module with .graph_module, got {type(x).__name__}")
+
+
+def explain(x, passes: Sequence[Pass] = DEFAULT_PASSES, print_: bool = False, code: bool = False) -> str:
+    """What ``passes`` do to a graph: a table of fxrec op counts before and after.
+
+    ``x``: a ``GraphModule``, a ``FeatureEngine`` (its graph as built from the configs, before
+    any pass) or any module with a ``graph_module``. ``code=True`` appends the graph's code
+    before and after. ``print_=True`` prints the text too.
+    """
+    before = _graph_of(x)
+    after = run_passes(before, passes)
+    counts_before, counts_after = op_counts(before), op_counts(after)
+    names = sorted(set(counts_before) | set(counts_after))
+    width = max([len("op")] + [len(n) for n in names])
+    pass_names = ", ".join(getattr(p, "__name__", repr(p)) for p in passes) or "(none)"
+    lines = [
+        f"passes: {pass_names}",
+        f"{'op':<{width}}  before  after",
+        *(f"{n:<{width}}  {counts_before[n]:>6}  {counts_after[n]:>5}" for n in names),
+        f"{'total':<{width}}  {sum(counts_before.values()):>6}  {sum(counts_after.values()):>5}",
+    ]
+    if code:
+        lines += ["", "before:", before.code.strip("\n"), "", "after:", after.code.strip("\n")]
+    text = "\n".join(lines)
+    if print_:
+        print(text)
+    return text
