@@ -19,7 +19,14 @@ Decisions:
   ``grad_reduce_by`` (SPEC §4.5). With ``set_grad_accum_steps(k)``, a ``"worker"`` table's
   gradients (sums over the k micro-batches' occurrences) are divided by k, averaging them as
   dense gradients are; an ``"id"`` table's are not: its mean over occurrences already runs over
-  every occurrence of the k micro-batches, so it is an average as it stands.
+  every occurrence of the k micro-batches, so it is an average as it stands. (This is for loops
+  that backpropagate the unscaled loss. ``fxrec.framework.Trainer`` scales the loss by 1/k, which
+  averages dense and sparse gradients alike, "id" tables included, and sets this to 1.)
+- Several processes (a process group of more than one rank): tables are REPLICATED, and
+  ``step`` merges every rank's row gradients before updating
+  (``fxrec.distributed.replicated.sync_replicated_grads``: the union of the ranks' ids, inserted
+  where new, gradients summed in rank order), so every rank applies the same update and the
+  replicas stay identical. Every rank must call ``step`` together (it is a collective).
 - Per-table state (``table_state[name]``: ``step``, and Adam's running products ``b1p``/``b2p``)
   advances only on the steps that UPDATE the table, i.e. where it has at least one row with a
   gradient: SPEC §5.1's "per table, per update step", one counter per table. So each table
@@ -53,6 +60,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fxrec.distributed.env import is_distributed
+from fxrec.distributed.replicated import sync_replicated_grads
 from fxrec.nn.modules.hashtable import HashTable
 from fxrec.ops.table import table_items
 
@@ -158,8 +167,12 @@ class SparseOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        for name, table in self.tables.items():
-            rows, grads = table.take_grads()
+        if is_distributed():  # replicated tables: every rank applies every rank's rows
+            taken = [(table, *table.take_grads(return_counts=True)) for table in self.tables.values()]
+            merged = sync_replicated_grads(taken)
+        else:
+            merged = [table.take_grads() for table in self.tables.values()]
+        for (name, table), (rows, grads) in zip(self.tables.items(), merged):
             if rows.numel() > 0:
                 if table.grad_reduce_by == "worker" and self.grad_accum_steps != 1:
                     grads = grads / self.grad_accum_steps

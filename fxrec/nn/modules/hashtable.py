@@ -244,15 +244,19 @@ class HashTable(nn.Module):
 
     # -- gradients ------------------------------------------------------------------------------------
 
-    def take_grads(self) -> tuple[Tensor, Tensor]:
+    def take_grads(self, return_counts: bool = False) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
         """``(rows [R], grads [R, dim])`` of every row the pending lookups touched, each row once,
         gradients reduced per ``grad_reduce_by``; clears the pending lookups. Rows whose leaf got no
-        gradient (unused by the loss) and rows -1 are left out."""
+        gradient (unused by the loss) and rows -1 are left out. With ``return_counts``, also each
+        row's number of occurrences (float32 ``[R]``), which merging ``"id"`` means across ranks
+        needs (``fxrec.distributed.replicated``)."""
         pending = [p for p in self._pending if p.emb.grad is not None]
         self._pending = []
         device = self.keys.device
         if not pending:
-            return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, self.dim, dtype=torch.float32, device=device)
+            empty = (torch.empty(0, dtype=torch.int64, device=device),
+                     torch.empty(0, self.dim, dtype=torch.float32, device=device))
+            return (*empty, torch.empty(0, dtype=torch.float32, device=device)) if return_counts else empty
         rows = torch.cat([p.rows for p in pending])
         grads = torch.cat([p.emb.grad.reshape(-1, self.dim) for p in pending]).to(torch.float32)
         counts = torch.cat([p.counts for p in pending])
@@ -260,13 +264,15 @@ class HashTable(nn.Module):
         unique_rows, inverse = torch.unique(rows[keep], return_inverse=True)
         summed = torch.zeros(unique_rows.numel(), self.dim, dtype=torch.float32, device=device)
         summed.index_add_(0, inverse, grads[keep])
-        if self.grad_reduce_by == "id":
+        occurrences = None
+        if self.grad_reduce_by == "id" or return_counts:
             occurrences = torch.zeros(unique_rows.numel(), dtype=torch.float32, device=device)
             occurrences.index_add_(0, inverse, counts[keep])
+        if self.grad_reduce_by == "id":
             summed /= occurrences.clamp_min(1.0)[:, None]
         elif dist.is_available() and dist.is_initialized():
             summed /= dist.get_world_size()
-        return unique_rows, summed
+        return (unique_rows, summed, occurrences) if return_counts else (unique_rows, summed)
 
     def clear_grads(self) -> None:
         """Drop the pending lookups' gradients (an optimizer's ``zero_grad``)."""

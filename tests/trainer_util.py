@@ -1,0 +1,171 @@
+"""Small models, batches and ORC files for the Trainer's tests (tests/test_trainer.py, and the
+child processes some of those tests start)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.orc as orc
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxrec.framework.metrics import add_metric
+from fxrec.framework.trainer import Trainer, TrainingArguments
+from fxrec.io.orc_dataset import OrcDataset
+from fxrec.metrics.auroc import AUROC
+from fxrec.nn.hashtable_hook import FilterHook
+from fxrec.nn.initializers import TruncNormalInitializer
+from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
+from fxrec.nn.modules.hashtable import filter_out_sparse_param
+from fxrec.ops.table import table_items
+from fxrec.optim import SparseAdamWTF, SparseSGD
+from fxrec.ragged import RaggedTensor
+
+DIM = 4
+
+
+class ToyModel(nn.Module):
+    """Two tables ("ids": sum, grad_reduce_by "worker"; "tags": mean, "id"), a small MLP, BCE
+    loss, an AUROC registered with add_metric (as the tutorial's DeepCTR does)."""
+
+    def __init__(self, seed: int = 0, filter_hook: FilterHook | None = None, width: int = 8):
+        super().__init__()
+        torch.manual_seed(seed)
+        init = TruncNormalInitializer(mean=0, std=0.1)
+        self.embedding = EmbeddingEngine({
+            "ids": EmbeddingOption(embedding_dim=DIM, shared_name="ids", combiner="sum", initializer=init,
+                                   device="cpu", grad_reduce_by="worker", filter_hook=filter_hook),
+            "tags": EmbeddingOption(embedding_dim=DIM, shared_name="tags", combiner="mean", initializer=init,
+                                    device="cpu", grad_reduce_by="id"),
+        })
+        self.dense = nn.Sequential(nn.Linear(2 * DIM + 2, width), nn.ReLU(), nn.Linear(width, 1))
+        self.auc = AUROC(num_thresholds=50)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        emb = self.embedding({"ids": batch["ids"], "tags": batch["tags"]})
+        x = torch.cat([emb["ids"], emb["tags"], batch["dense"].to(torch.float32)], -1)
+        p = torch.sigmoid(self.dense(x)).reshape(-1)
+        label = batch["label"].reshape(-1).to(torch.float32)
+        loss = F.binary_cross_entropy(p, label)
+        self.auc.update(p.detach(), label)
+        add_metric("auc", self.auc.compute())
+        add_metric("loss", loss)
+        return loss
+
+
+def _ragged(rng: np.random.Generator, rows: int, low: int, high: int, vocab: int) -> RaggedTensor:
+    lengths = rng.integers(low, high + 1, size=rows)
+    values = torch.from_numpy(rng.integers(0, vocab, size=int(lengths.sum())).astype(np.int64))
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return RaggedTensor(values, offsets)
+
+
+def make_batches(n: int, batch_size: int, seed: int = 0, vocab: int = 50) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        out.append({
+            "label": torch.from_numpy(rng.integers(0, 2, size=(batch_size, 1)).astype(np.float32)),
+            "dense": torch.from_numpy(rng.random((batch_size, 2)).astype(np.float32)),
+            "ids": _ragged(rng, batch_size, 1, 3, vocab),
+            "tags": _ragged(rng, batch_size, 0, 4, 20),
+        })
+    return out
+
+
+def concat_batches(batches: list[dict]) -> dict:
+    out = {}
+    for key in batches[0]:
+        values = [b[key] for b in batches]
+        if isinstance(values[0], RaggedTensor):
+            vals, offs, base = [], [torch.zeros(1, dtype=torch.int64)], 0
+            for v in values:
+                vals.append(v.values())
+                offs.append(v.offsets()[0][1:] + base)
+                base += v.values().numel()
+            out[key] = RaggedTensor(torch.cat(vals), torch.cat(offs))
+        else:
+            out[key] = torch.cat(values)
+    return out
+
+
+def write_orc(directory: str, files: int = 3, rows: int = 20, seed: int = 0) -> str:
+    """``files`` ORC files of ``rows`` rows with the columns ToyModel reads."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(files):
+        ids = [rng.integers(0, 50, size=rng.integers(1, 4)).tolist() for _ in range(rows)]
+        tags = [rng.integers(0, 20, size=rng.integers(0, 5)).tolist() for _ in range(rows)]
+        table = pa.table({
+            "label": pa.array([[float(x)] for x in rng.integers(0, 2, size=rows)], type=pa.list_(pa.float64())),
+            "dense": pa.array(rng.random((rows, 2)).tolist(), type=pa.list_(pa.float64())),
+            "ids": pa.array(ids, type=pa.list_(pa.int64())),
+            "tags": pa.array(tags, type=pa.list_(pa.int64())),
+        })
+        orc.write_table(table, os.path.join(directory, f"part_{i}.orc"))
+    return directory
+
+
+def orc_dataset(directory: str, batch_size: int = 16, drop_remainder: bool = False, worker_idx: int = 0,
+                worker_num: int = 1) -> OrcDataset:
+    ds = OrcDataset(batch_size, worker_idx=worker_idx, worker_num=worker_num, read_threads_num=1, prefetch=1,
+                    drop_remainder=drop_remainder, transform_fn=[lambda x: x[0]])
+    ds.add_path(directory)
+    ds.fixedlen_feature("label", [0.0])
+    ds.fixedlen_feature("dense", [0.0, 0.0])
+    ds.varlen_feature("ids")
+    ds.varlen_feature("tags")
+    return ds
+
+
+def make_trainer(output_dir: str, dataset, seed: int = 0, sgd: bool = False, scheduler: bool = True,
+                 eval_dataset=None, hooks=None, model: ToyModel | None = None, **args) -> Trainer:
+    """A Trainer over a fresh ToyModel: AdamW + StepLR + SparseAdamWTF (``sgd``: SGD + SparseSGD)."""
+    model = ToyModel(seed) if model is None else model
+    if sgd:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sparse = SparseSGD(filter_out_sparse_param(model), lr=0.1)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        sparse = SparseAdamWTF(filter_out_sparse_param(model), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
+    args.setdefault("log_steps", 100)
+    args.setdefault("save_steps", None)
+    config = TrainingArguments(output_dir=output_dir, **args)
+    return Trainer(model, config, dataset, eval_dataset=eval_dataset, hooks=hooks, dense_optimizers=(opt, sched),
+                   sparse_optimizer=sparse)
+
+
+def table_snapshot(model: nn.Module) -> dict:
+    """Per table, in id order: ids, embedding rows, slots, the table's step."""
+    out = {}
+    for name, table in filter_out_sparse_param(model).items():
+        ids, rows = table_items(table.keys, table.state)
+        order = torch.argsort(ids)
+        rows = rows[order]
+        snap = {"ids": ids[order].clone(), "embedding": table.embedding[rows].clone(), "step": int(table.step)}
+        for slot, t in table.slots().items():
+            snap["slot." + slot] = t[rows].clone()
+        out[name] = snap
+    return out
+
+
+def dense_snapshot(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def assert_same(a: dict, b: dict, exact: bool = True, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_same(a[k], b[k], exact, atol)
+        elif isinstance(a[k], torch.Tensor):
+            if exact or not a[k].dtype.is_floating_point:
+                assert torch.equal(a[k], b[k]), k
+            else:
+                torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+        else:
+            assert a[k] == b[k], k
