@@ -25,9 +25,7 @@ import concurrent.futures
 import json
 import os
 import platform
-import random
 import statistics
-import string
 import sys
 import time
 
@@ -38,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from examples.deepctr.data import generate_data  # noqa: E402
 from fxrec.io.orc_dataset import OrcDataset  # noqa: E402
 
 ROWS_PER_FILE = 2047
@@ -46,46 +45,14 @@ COLUMNS = ["label", "dense1", "dense2", "sparse1", "sparse2", "sparse3", "sparse
 ID_COLUMNS = ["sparse1", "sparse2", "sparse3", "sparse4"]
 
 
-def tutorial_table(seed: int = 42) -> pa.Table:
-    """The seed tutorial's generator, seeded."""
-    np.random.seed(seed)
-    random.seed(seed)
-    bs = ROWS_PER_FILE
-    dense1 = np.random.rand(bs, 8)
-    dense2 = np.random.rand(bs, 1)
-    label = np.floor(np.random.rand(bs, 1) + 0.5, dtype=np.float32)
-    sparse = np.arange(bs, dtype=np.int64).reshape(bs, 1)
-    long_int_seq = [
-        np.random.randint(0, 1000000, size=np.random.randint(1, 2000, dtype=np.int64), dtype=np.int64).tolist()
-        for _ in range(bs)
-    ]
-    strs = ["".join(random.choices(string.ascii_letters + string.digits, k=10)) for _ in range(1000)]
-    long_str_seq = [random.choices(strs, k=np.random.randint(1, 2000, dtype=np.int64)) for _ in range(bs)]
-    return pa.Table.from_pydict(
-        {
-            "label": label.tolist(),
-            "dense1": dense1.tolist(),
-            "dense2": dense2.tolist(),
-            "sparse1": sparse.tolist(),
-            "sparse2": sparse.tolist(),
-            "sparse3": sparse.tolist(),
-            "sparse4": long_int_seq,
-            "sparse5": long_str_seq,
-        }
-    )
-
-
 def make_data(data_dir: str, num_files: int) -> list[str]:
     marker = os.path.join(data_dir, "DONE.json")
     spec = {"rows_per_file": ROWS_PER_FILE, "num_files": num_files, "seed": 42}
-    paths = [os.path.join(data_dir, f"data_{i:04d}.orc") for i in range(num_files)]
+    paths = [os.path.join(data_dir, f"data_{i}.orc") for i in range(num_files)]
     if os.path.exists(marker) and json.load(open(marker)) == spec:
         return paths
-    os.makedirs(data_dir, exist_ok=True)
     print(f"writing {num_files} files of {ROWS_PER_FILE} rows into {data_dir} ...", flush=True)
-    table = tutorial_table()
-    for path in paths:
-        orc.write_table(table, path)
+    paths = generate_data(data_dir, rows=ROWS_PER_FILE, file_num=num_files, seed=42)  # the tutorial's generator
     json.dump(spec, open(marker, "w"))
     return paths
 

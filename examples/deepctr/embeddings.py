@@ -1,5 +1,6 @@
-"""The tutorial's embedding configuration (``get_embedding_conf``), with ``recis`` -> ``fxrec`` and
-the tutorial's ``torch.device("cuda")`` a parameter (its default)."""
+"""The tutorial's embedding configuration (``get_embedding_conf``), with ``recis`` -> ``fxrec``, and
+two parameters whose defaults are the tutorial's values: ``device`` (the tutorial's
+``torch.device("cuda")``) and ``tile_len`` (``sparse4``/``sparse5``'s tile length, 1000)."""
 
 import torch
 
@@ -7,7 +8,7 @@ from fxrec.nn.initializers import TruncNormalInitializer
 from fxrec.nn.modules.embedding import EmbeddingOption
 
 
-def get_embedding_conf(device: torch.device = torch.device("cuda")):
+def get_embedding_conf(device: torch.device = torch.device("cuda"), tile_len: int = 1000):
     emb_conf = {}
     # dense2 feature looks up emb table with dim=8, name=sparse1
     emb_conf["dense2"] = EmbeddingOption(
@@ -47,7 +48,7 @@ def get_embedding_conf(device: torch.device = torch.device("cuda")):
         combiner="tile",
         initializer=TruncNormalInitializer(mean=0, std=0.01),
         device=device,
-        combiner_kwargs={"tile_len": 1000}
+        combiner_kwargs={"tile_len": tile_len}
     )
     emb_conf["sparse5"] = EmbeddingOption(
         embedding_dim=16,
@@ -55,7 +56,7 @@ def get_embedding_conf(device: torch.device = torch.device("cuda")):
         combiner="tile",
         initializer=TruncNormalInitializer(mean=0, std=0.01),
         device=device,
-        combiner_kwargs={"tile_len": 1000}
+        combiner_kwargs={"tile_len": tile_len}
     )
     emb_conf["sparse1_x_sparse2"] = EmbeddingOption(
         embedding_dim=16,
