@@ -44,9 +44,9 @@ from fxrec.framework.checkpoint import CheckpointManager
 from fxrec.framework.metrics import clear_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TUTORIAL = os.path.join(REPO, "..", "shared", "spec", "seed_ctr_example.rst")
-if not os.path.exists(TUTORIAL):
-    TUTORIAL = "/work/shared/spec/seed_ctr_example.rst"
+# A verbatim copy of the tutorial the project follows, kept with the tests so that every checkout
+# (CI's clean clone, a GPU host) runs the same text.
+TUTORIAL = os.path.join(REPO, "tests", "data", "seed_ctr_example.rst")
 
 SUBSTITUTIONS = [
     ("recis", "fxrec"),
