@@ -1,5 +1,6 @@
 """Embedding gather + combiner benchmark: ``fxrec::segment_combine`` and its backward
-``fxrec::segment_combine_backward``, against torch's embedding ops in the same run.
+``fxrec::segment_combine_backward``, and ``fxrec::table_combine`` (the lookup fused with the
+combiner: what the embedding layer runs), against torch's embedding ops in the same run.
 
 A table ``emb float32 [rows, dim]`` (default 8M rows; row 0 is zeros, the pad row of the padded
 baseline) is read at random rows (ids uniform in ``[1, rows)``: every gather is random access),
@@ -16,6 +17,14 @@ at dims 8, 16, 64, 128. For each case, combiner and dim, forward and backward:
             [B, tile_len] id matrix (built outside the timing; pad id 0 is the zero row and
             padding_idx, so it gets no gradient).
             Also F.embedding alone (gather only) per case and dim.
+            For bag/sum and seq/tile also the embedding layer's path, with the batch's ids
+            deduplicated into U unique rows (``rows [U]``, ``index`` into them): fxrec
+            table_combine (table [rows, dim] read through ``table[rows[index[i]]]``) without an
+            anchor and with HashTable's stride-0 zero anchor (training), and the unfused path
+            it replaced, gather_rows [U, dim] + segment_combine. Same bytes counted as
+            segment_combine (table_combine also reads 8 B of rows per item, not counted). Their
+            last column: table_combine ms / segment_combine ms; the unfused row's: its ms /
+            table_combine-with-anchor ms.
   backward  fxrec segment_combine_backward into [rows, dim] (what embedding_bag's dense grad
             is) and into [U, dim] (index remapped to the U unique rows: how fxrec's lookup layer
             calls it, DESIGN.md: no dense table gradient); autograd backward of embedding_bag
@@ -59,6 +68,7 @@ from bench.timing import copy_bandwidth, machine, median_ms
 ops = torch.ops.fxrec
 TARGET = 0.8  # of the copy bandwidth (the issue)
 ISSUE_F_EMBEDDING_TBS, ISSUE_TRITON_GATHER_TBS = 0.23, 3.1  # H200, 64-byte rows (the issue)
+TABLE_COMBINE_ROWS = {("bag", "sum"), ("seq", "tile")}  # (case, combiner) also timed through table_combine
 
 
 @dataclass
@@ -132,6 +142,23 @@ def fxrec_forward(emb: torch.Tensor, case: Case, combiner: str):
     weight = case.weight if combiner == "sum+w" else None
     mode = "sum" if combiner == "sum+w" else combiner
     return lambda: ops.segment_combine(emb, case.index, case.offsets, weight, mode, case.tile_len)
+
+
+def fxrec_table_forward(emb: torch.Tensor, case: Case, combiner: str, unique: tuple, anchor: bool):
+    """table_combine as the embedding layer calls it: rows [U] of the table, index into them."""
+    uniq, inverse = unique
+    weight = case.weight if combiner == "sum+w" else None
+    mode = "sum" if combiner == "sum+w" else combiner
+    zero = torch.zeros((), dtype=emb.dtype, device=emb.device).expand(uniq.numel(), emb.shape[1]) if anchor else None
+    return lambda: ops.table_combine(emb, uniq, zero, inverse, case.offsets, weight, mode, case.tile_len)
+
+
+def unfused_forward(emb: torch.Tensor, case: Case, combiner: str, unique: tuple):
+    """The path table_combine replaced: gather_rows into [U, dim], then segment_combine."""
+    uniq, inverse = unique
+    weight = case.weight if combiner == "sum+w" else None
+    mode = "sum" if combiner == "sum+w" else combiner
+    return lambda: ops.segment_combine(ops.gather_rows(emb, uniq), inverse, case.offsets, weight, mode, case.tile_len)
 
 
 def fxrec_backward(grad: torch.Tensor, index: torch.Tensor, case: Case, combiner: str, num_rows: int):
@@ -213,6 +240,15 @@ def bench_combiner(t: Table, emb: torch.Tensor, case: Case, combiner: str, uniqu
     out = fxrec_forward(emb, case, combiner)()
     check_close(out, torch_forward(emb, case, combiner), f"{case.name} {combiner} dim {dim} forward")
     gbs = t.row(case, combiner, dim, "fwd", "fxrec segment_combine", fwd, fxrec_forward(emb, case, combiner), ref="fwd")
+    if (case.name, combiner) in TABLE_COMBINE_ROWS:
+        check_close(fxrec_table_forward(emb, case, combiner, unique, True)(), out,
+                    f"{case.name} {combiner} dim {dim} table_combine")
+        t.row(case, combiner, dim, "fwd", f"fxrec table_combine (rows [U={uniq.numel()}])", fwd,
+              fxrec_table_forward(emb, case, combiner, unique, False), compare="fwd")
+        t.row(case, combiner, dim, "fwd", "fxrec table_combine + zero anchor (training)", fwd,
+              fxrec_table_forward(emb, case, combiner, unique, True), ref="fused", compare="fwd")
+        t.row(case, combiner, dim, "fwd", "gather_rows [U, dim] + segment_combine (unfused)", fwd,
+              unfused_forward(emb, case, combiner, unique), compare="fused")
     if combiner == "tile":
         if dim == 16 and gbs is not None:
             t.tile_16.append(gbs)

@@ -301,6 +301,36 @@ def test_shared_table_allows_per_lookup_differences():
     assert len(engine.tables) == 1
 
 
+def test_one_fused_op_per_lookup_and_sparse_gradients_only():
+    """Each feature's lookup + combiner is ONE fxrec::table_combine (no [U, dim] gather); the
+    gradient reaches the table through the stride-0 anchor only, never a dense table gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    engine = EmbeddingEngine({
+        "a": option(embedding_dim=4, shared_name="t", combiner="tile", combiner_kwargs={"tile_len": 3}),
+        "b": option(embedding_dim=4, shared_name="t", combiner="mean"),
+    })
+    x = {"a": ragged_ids([[1, 2, 2], [7]]), "b": ragged_ids([[2, 9], []])}
+    with Record() as record:
+        out = engine(x)
+    combiners = [op for op in record.ops if op.startswith("fxrec.") and "find" not in op and "init_rows" not in op]
+    assert combiners == ["fxrec.table_combine.default"] * 2
+    table = engine.tables["t"]
+    assert [p.anchor.stride() for p in table._pending] == [(0, 0), (0, 0)]
+    (out["a"].sum() + out["b"].sum()).backward()
+    assert table.embedding.grad is None and not table.embedding.requires_grad
+    assert {i: g[0] for i, g in grads_by_id(table).items()} == {1: 1.0, 2: 2.5, 7: 1.0, 9: 0.5}
+
+
 # -- trainable, eval, read-only -----------------------------------------------------------------------------
 
 def test_untrainable_feature_inserts_but_gives_no_grads():

@@ -164,6 +164,37 @@ def test_pending_grads_follow_rows_through_growth_and_eviction():
     assert table.keys[rows].tolist() == [100]  # the evicted id's gradient is dropped
 
 
+def test_grad_anchor_is_a_stride_zero_leaf_only_when_training_with_grad():
+    table = HashTable(3, name="t", initializer=UniformInitializer())
+    rows = table.lookup(torch.tensor([4, 5]))
+    anchor = table.grad_anchor(rows, torch.tensor([2, 1]))
+    # zeros(()).expand(U, dim): a [U, dim] leaf without memory; the table itself is a plain buffer
+    assert anchor.is_leaf and anchor.requires_grad and anchor.shape == (2, 3) and anchor.stride() == (0, 0)
+    assert not anchor.any() and not table.embedding.requires_grad
+    out = torch.ops.fxrec.table_combine(table.embedding, rows, anchor, torch.tensor([0, 1, 1]), torch.tensor([0, 3]),
+                                        None, "sum", 1)
+    torch.testing.assert_close(out[0], table.embedding[rows[0]] + 2 * table.embedding[rows[1]], rtol=0, atol=0)
+    out.sum().backward()
+    assert table.embedding.grad is None and anchor.grad.shape == (2, 3)
+    got_rows, grads = table.take_grads()
+    by_id = {int(table.keys[r]): g.tolist() for r, g in zip(got_rows.tolist(), grads)}
+    assert by_id == {4: [1.0] * 3, 5: [2.0] * 3}  # summed over the items
+    with torch.no_grad():
+        assert table.grad_anchor(rows) is None
+    table.eval()
+    assert table.grad_anchor(rows) is None
+    assert table._pending == []
+
+
+def test_forward_equals_gather():
+    table = HashTable(4, name="t", initializer=UniformInitializer())
+    ids = torch.tensor([[3, 9, 3], [-2, 0, 9]])
+    emb = table(ids)
+    assert emb.requires_grad and emb.shape == (2, 3, 4)
+    assert torch.equal(emb, table.gather(table.lookup(ids)))
+    assert not table.gather(table.lookup(ids)).requires_grad  # a plain read
+
+
 @pytest.mark.parametrize("mode", ["eval", "read_only"])
 def test_no_insert_when_not_admitting(mode):
     hook = AdmitHook("ReadOnly") if mode == "read_only" else None

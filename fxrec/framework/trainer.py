@@ -556,9 +556,7 @@ class Trainer:
                 p.grad /= self.world_size
             p.grad *= factor
         for table in self.tables.values():
-            for pending in table._pending:
-                if pending.emb.grad is not None:
-                    pending.emb.grad *= factor
+            table.scale_grads(factor)
 
     # -- evaluation --------------------------------------------------------------------------------
 

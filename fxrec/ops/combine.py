@@ -1,11 +1,9 @@
-"""Embedding combiners over ragged rows (SPEC §4.2): ``fxrec::segment_combine`` and its backward
-``fxrec::segment_combine_backward``.
+"""Embedding combiners over ragged rows (SPEC §4.2): ``fxrec::segment_combine``, its backward
+``fxrec::segment_combine_backward``, and ``fxrec::table_combine``, the table lookup fused with the
+combiner (what the embedding layer runs, one op per table lookup).
 
-The lookup layer deduplicates a feature's ids into ``U`` unique ids, gathers their table rows
-into ``emb [U, dim]`` (a tensor that requires grad: the table itself never gets a dense
-``[capacity, dim]`` gradient, DESIGN.md), and calls
-
-    segment_combine(emb, index, offsets, weight, combiner, tile_len)
+``segment_combine(emb, index, offsets, weight, combiner, tile_len)`` combines rows of a given
+``emb [U, dim]``:
 
 - ``index`` int64 ``[N]``: item ``i``'s row in ``emb``; ``-1`` means "no embedding" (an id unseen
   in eval / read-only mode, SPEC §4.4): it contributes a zero vector and gets no gradient, but it
@@ -27,19 +25,49 @@ gives ``grad_emb [num_rows = U, dim]``: each item adds its row's gradient (times
 gradient is the sum over its occurrences); ``-1`` items add nothing. The backward is linear in
 ``grad``, so its own gradient is ``segment_combine`` again (double backward works).
 
+``table_combine(table, rows, anchor, index, offsets, weight, combiner, tile_len)`` is exactly
+
+    segment_combine(gather_rows(table, rows) + anchor, index, offsets, weight, combiner, tile_len)
+
+(``table [R, dim]``; ``rows`` int64 ``[U]``, each in ``[-1, R)``, ``-1`` a zero row; ``anchor``
+``[U, dim]`` of ``table``'s dtype, or None for 0) computed without the ``[U, dim]`` gather: the
+kernels read ``table[rows[index[i]]] + anchor[index[i]]`` per item; a row ``-1`` contributes no
+table value (its item is ``anchor[index[i]]`` alone; the CUDA kernels do not even load it).
+The embedding layer deduplicates a feature's ids into ``U`` unique ids, finds their table rows
+``rows`` and calls it with ``index`` = each item's unique id.
+
+Autograd of ``table_combine``: the gradient w.r.t. ``anchor`` is
+``segment_combine_backward(grad, index, offsets, weight, combiner, tile_len, U)`` (the op above);
+``table`` (a buffer of the dynamic table) gets none, nor does ``weight``. The anchor is how sparse
+gradients reach a table without a dense ``[R, dim]`` gradient (DESIGN.md): ``HashTable`` hands
+out an all-zero anchor ``zeros(()).expand(U, dim)`` (strides ``(0, 0)``: no memory) that requires
+grad; its ``.grad`` is the ``[U, dim]`` gradient of the touched rows, which the sparse optimizer
+takes. The kernels read the anchor through its strides, so it is never materialized.
+
 Decisions:
+- ``table_combine`` is one op (not ``gather_rows`` then ``segment_combine``) so that the ``[U, dim]``
+  gathered rows are neither written nor read back, nor kept alive for the backward: the forward
+  moves the same bytes as ``segment_combine`` plus 8 B of ``rows`` per item.
+- Backward through ``table_combine`` whose ``table`` requires grad raises ``RuntimeError`` (the
+  table is updated by the sparse optimizer through the anchor's gradient, never by autograd).
+- With an anchor, ``table[r] + anchor[u]`` is formed in the accumulation dtype; for float32 /
+  float64 this is exactly the composition above, for float16 / bfloat16 it rounds once less
+  (tile: once, like torch's half add).
 - Weights are data (RecIS's id weights): they get no gradient. Backward through an op whose
   ``weight`` requires grad raises ``RuntimeError`` rather than silently returning zeros.
 - dtypes: ``emb`` float16/bfloat16/float32/float64, ``weight`` any float dtype; sums accumulate in
   float32 (float64 for float64 ``emb``) and the result has ``emb``'s dtype. Tile copies exactly.
 - Validation: metadata (dtypes, ranks, lengths, devices, combiner, tile_len) raises
   ``TypeError``/``ValueError`` naming the argument, on every device. The CPU kernel also checks the
-  contents (offsets non-decreasing within ``[0, N]``; every index entry in ``[-1, U)``); the CUDA
-  kernels do not sync to check them: they clamp offsets into ``[0, N]`` and treat index entries
-  outside ``[0, U)`` as ``-1``, so they never read or write outside the tensors.
-- CPU kernels are vectorized torch (gather + ``index_add_``); CUDA kernels are Triton
-  (``fxrec/ops/triton/combine.py``). Sums run in a different order on the two devices and the
-  CUDA backward uses atomics (run-dependent order): the devices agree within float rounding.
+  contents (offsets non-decreasing within ``[0, N]``; every index entry in ``[-1, U)``; every
+  table row in ``[-1, R)``); the CUDA kernels do not sync to check them: they clamp offsets into
+  ``[0, N]`` and treat index entries outside ``[0, U)`` as ``-1`` and table rows outside
+  ``[0, R)`` as zero rows, so they never read or write outside the tensors.
+- CPU kernels are vectorized torch (gather + ``index_add_``; both forwards share one reduction,
+  ``_combine_items``, given each item's embedding); CUDA kernels are Triton
+  (``fxrec/ops/triton/combine.py``; each forward kernel serves both ops). Sums run in a different
+  order on the two devices and the CUDA backward uses atomics (run-dependent order): the devices
+  agree within float rounding.
 """
 
 from __future__ import annotations
@@ -49,9 +77,9 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fxrec.ops.dense import check_offsets_content
-from fxrec.ops.triton.combine import segment_combine_backward_triton, segment_combine_triton
+from fxrec.ops.triton.combine import segment_combine_backward_triton, segment_combine_triton, table_combine_triton
 
-__all__ = ["segment_combine", "segment_combine_backward", "COMBINERS"]
+__all__ = ["segment_combine", "segment_combine_backward", "table_combine", "COMBINERS"]
 
 COMBINERS = ("sum", "mean", "tile")
 _EMB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -116,6 +144,33 @@ def _check_backward(grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor
         raise ValueError(f"fxrec::{op}: num_rows must be >= 0, got {num_rows}")
 
 
+def _check_table_forward(table: Tensor, rows: Tensor, anchor: Tensor | None, index: Tensor, offsets: Tensor,
+                         weight: Tensor | None, combiner: str, tile_len: int) -> None:
+    op = "table_combine"
+    _check_common(op, "table", table, index, offsets, weight, combiner, tile_len)
+    if guard_or_false(table.shape[1] == 0):
+        raise ValueError(f"fxrec::{op}: table must be [R, dim] with dim >= 1, got shape {tuple(table.shape)}")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"fxrec::{op}: rows must be int64, got {rows.dtype}")
+    if rows.dim() != 1:
+        raise ValueError(f"fxrec::{op}: rows must be 1-D [U], got shape {tuple(rows.shape)}")
+    if rows.device != table.device:
+        raise ValueError(f"fxrec::{op}: rows is on {rows.device} but table on {table.device}")
+    if anchor is None:
+        return
+    if anchor.dtype != table.dtype:
+        raise TypeError(f"fxrec::{op}: anchor must have table's dtype {table.dtype}, got {anchor.dtype}")
+    if anchor.dim() != 2 or guard_or_false(anchor.shape[0] != rows.shape[0]) or guard_or_false(
+        anchor.shape[1] != table.shape[1]
+    ):
+        raise ValueError(
+            f"fxrec::{op}: anchor must be [U, dim] = [{rows.shape[0]}, {table.shape[1]}] (one row per rows entry), "
+            f"got shape {tuple(anchor.shape)}"
+        )
+    if anchor.device != table.device:
+        raise ValueError(f"fxrec::{op}: anchor is on {anchor.device} but table on {table.device}")
+
+
 def _check_contents(op: str, index: Tensor, offsets: Tensor, num_rows: int) -> Tensor:
     """CPU kernels only (reads the data). Returns the row lengths."""
     lengths = check_offsets_content(op, "offsets", offsets, index.shape[0])
@@ -150,16 +205,51 @@ def _row_weight(rows: Tensor, item_weight: Tensor, n_rows: int) -> Tensor:
 
 def _gather(emb: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
     """``emb[idx]`` in ``dtype``, zero rows where ``idx == -1`` (also for an empty ``emb``)."""
-    found = idx >= 0
-    out = torch.zeros((idx.shape[0], emb.shape[1]), dtype=dtype, device=emb.device)
-    out[found] = emb[idx[found]].to(dtype)
-    return out
+    if emb.shape[0] == 0:  # every idx is -1
+        return torch.zeros((idx.shape[0], emb.shape[1]), dtype=dtype, device=emb.device)
+    return torch.where((idx >= 0)[:, None], emb.index_select(0, idx.clamp_min(0)).to(dtype), 0)
 
 
 def _item_weight(weight: Tensor | None, positions: Tensor, dtype: torch.dtype) -> Tensor:
     if weight is None:
         return torch.ones(positions.shape[0], dtype=dtype, device=positions.device)
     return weight[positions].to(dtype)
+
+
+def _combine_items(items, index: Tensor, offsets: Tensor, lengths: Tensor, weight: Tensor | None, combiner: str,
+                   tile_len: int, dim: int, dtype: torch.dtype) -> Tensor:
+    """The forward of both ops on CPU, given ``items(idx, dtype) -> [len(idx), dim]``: the
+    embeddings (in ``dtype``) of the items whose index entries are ``idx``, zero rows for -1."""
+    n_rows = lengths.shape[0]
+    if combiner == "tile":
+        out = torch.zeros((n_rows, tile_len, dim), dtype=dtype, device=offsets.device)
+        mask, positions = _tile_slots(offsets, lengths, tile_len)
+        out[mask] = items(index[positions], dtype)
+        return out.view(n_rows, tile_len * dim)
+    acc_dtype = _accumulate_dtype(dtype)
+    rows, positions = _items(offsets, lengths)
+    w = _item_weight(weight, positions, acc_dtype)
+    e = items(index[positions], acc_dtype)  # a -1 item adds 0 * w, like the Triton kernel
+    out = e.new_zeros((n_rows, dim)).index_add_(0, rows, e * w[:, None])
+    if combiner == "mean":
+        total = _row_weight(rows, w, n_rows)
+        out = torch.where(total != 0, out / total, 0.0)
+    return out.to(dtype)
+
+
+def _gather_through(table: Tensor, rows: Tensor, anchor: Tensor | None, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """``table[rows[idx]] + anchor[idx]`` in ``dtype``: zero rows where ``idx == -1``; where
+    ``rows[idx] == -1`` the table row is zero (the anchor's row alone)."""
+    if rows.shape[0] == 0:  # every idx is -1
+        return torch.zeros((idx.shape[0], table.shape[1]), dtype=dtype, device=table.device)
+    found = idx >= 0
+    u = idx.clamp_min(0)
+    e = _gather(table, torch.where(found, rows.index_select(0, u), -1), dtype)
+    if anchor is None:
+        return e
+    if anchor.stride(0) == 0:  # one row for every unique id (HashTable's zero anchor): no [n, dim] gather
+        return e + torch.where(found[:, None], anchor[0].to(dtype), 0)
+    return e + torch.where(found[:, None], anchor.index_select(0, u).to(dtype), 0)
 
 
 # -- segment_combine -----------------------------------------------------------------------------
@@ -174,21 +264,8 @@ def segment_combine(emb: Tensor, index: Tensor, offsets: Tensor, weight: Tensor 
     """Combine each row's embeddings (see the module docstring)."""
     _check_forward(emb, index, offsets, weight, combiner, tile_len)
     lengths = _check_contents("segment_combine", index, offsets, emb.shape[0])
-    n_rows, dim = lengths.shape[0], emb.shape[1]
-    if combiner == "tile":
-        out = emb.new_zeros((n_rows, tile_len, dim))
-        mask, positions = _tile_slots(offsets, lengths, tile_len)
-        out[mask] = _gather(emb, index[positions], emb.dtype)
-        return out.view(n_rows, tile_len * dim)
-    acc_dtype = _accumulate_dtype(emb.dtype)
-    rows, positions = _items(offsets, lengths)
-    w = _item_weight(weight, positions, acc_dtype)
-    e = _gather(emb, index[positions], acc_dtype)  # a -1 item adds 0 * w, like the Triton kernel
-    out = e.new_zeros((n_rows, dim)).index_add_(0, rows, e * w[:, None])
-    if combiner == "mean":
-        total = _row_weight(rows, w, n_rows)
-        out = torch.where(total != 0, out / total, 0.0)
-    return out.to(emb.dtype)
+    return _combine_items(lambda idx, dtype: _gather(emb, idx, dtype), index, offsets, lengths, weight, combiner,
+                          tile_len, emb.shape[1], emb.dtype)
 
 
 @segment_combine.register_kernel("cuda")
@@ -293,3 +370,64 @@ def _backward_grad(ctx, grad_grad_emb: Tensor):
 
 
 segment_combine_backward.register_autograd(_backward_grad, setup_context=_backward_setup)
+
+
+# -- table_combine -------------------------------------------------------------------------------
+
+@torch.library.custom_op(
+    "fxrec::table_combine",
+    mutates_args=(),
+    schema=(
+        "(Tensor table, Tensor rows, Tensor? anchor, Tensor index, Tensor offsets, Tensor? weight, str combiner, "
+        "int tile_len) -> Tensor"
+    ),
+)
+def table_combine(table: Tensor, rows: Tensor, anchor: Tensor | None, index: Tensor, offsets: Tensor,
+                  weight: Tensor | None, combiner: str, tile_len: int) -> Tensor:
+    """``segment_combine(gather_rows(table, rows) + anchor, index, offsets, weight, combiner,
+    tile_len)`` without the ``[U, dim]`` gather (module docstring)."""
+    _check_table_forward(table, rows, anchor, index, offsets, weight, combiner, tile_len)
+    lengths = _check_contents("table_combine", index, offsets, rows.shape[0])
+    if rows.numel() and (bool((rows < -1).any()) or bool((rows >= table.shape[0]).any())):
+        raise ValueError(f"fxrec::table_combine: rows entries must lie in [-1, {table.shape[0]}) (-1: no table row)")
+    return _combine_items(lambda idx, dtype: _gather_through(table, rows, anchor, idx, dtype), index, offsets,
+                          lengths, weight, combiner, tile_len, table.shape[1], table.dtype)
+
+
+@table_combine.register_kernel("cuda")
+def _(table, rows, anchor, index, offsets, weight, combiner, tile_len):
+    _check_table_forward(table, rows, anchor, index, offsets, weight, combiner, tile_len)
+    return table_combine_triton(table, rows, anchor, index, offsets, weight, combiner, tile_len)
+
+
+@table_combine.register_fake
+def _(table, rows, anchor, index, offsets, weight, combiner, tile_len):
+    _check_table_forward(table, rows, anchor, index, offsets, weight, combiner, tile_len)
+    width = tile_len * table.shape[1] if combiner == "tile" else table.shape[1]
+    return table.new_empty((offsets.shape[0] - 1, width))
+
+
+def _table_combine_setup(ctx, inputs, output) -> None:
+    table, rows, anchor, index, offsets, weight, combiner, tile_len = inputs
+    ctx.save_for_backward(index, offsets, weight)
+    ctx.combiner, ctx.tile_len, ctx.num_rows = combiner, tile_len, rows.shape[0]
+
+
+def _table_combine_grad(ctx, grad: Tensor):
+    if ctx.needs_input_grad[0]:
+        raise RuntimeError(
+            "fxrec::table_combine: the table gets no gradient (sparse gradients reach it through anchor); "
+            "pass table.detach()"
+        )
+    if ctx.needs_input_grad[5]:
+        raise RuntimeError("fxrec::table_combine: weights are data and get no gradient; pass weight.detach()")
+    grad_anchor = None
+    if ctx.needs_input_grad[2]:
+        index, offsets, weight = ctx.saved_tensors
+        grad_anchor = torch.ops.fxrec.segment_combine_backward(
+            grad, index, offsets, weight, ctx.combiner, ctx.tile_len, ctx.num_rows
+        )
+    return None, None, grad_anchor, None, None, None, None, None
+
+
+table_combine.register_autograd(_table_combine_grad, setup_context=_table_combine_setup)

@@ -2,8 +2,8 @@
 
 ``gather_rows(table [R, dim], rows int64 [n]) -> [n, dim]`` (``table``'s dtype): ``table[rows[i]]``,
 or a zero row where ``rows[i] == -1`` (an id the table does not hold: eval mode, read-only
-admission, SPEC §4.4). What ``HashTable.gather`` reads; no autograd (the table hands out the
-result as a leaf, DESIGN.md).
+admission, SPEC §4.4). What ``HashTable.gather`` reads; no autograd (gradients reach a table
+through ``fxrec::table_combine``'s anchor, ``fxrec/ops/combine.py``).
 
 Validation: metadata raises ``TypeError``/``ValueError`` naming the argument on every device; the
 CPU kernel also rejects row numbers outside ``[-1, R)``; the CUDA kernel

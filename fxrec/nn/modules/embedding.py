@@ -11,12 +11,16 @@ fuse the gather with the combiner:
    ``TypeError``/``ValueError`` naming the feature: bad data never silently becomes ids. Floats
    in particular are not ids — bucketize them first (the seed tutorial's ``dense2`` is a float
    column, but its ``Bucketize`` turns it into int64 ``[B, 1]`` before the lookup).
-2. ``_lookup_unique``: ``torch.unique`` -> ``HashTable.lookup`` (find-or-insert, no autograd) ->
-   ``HashTable.gather(rows, counts, requires_grad=trainable)``: ``[U, dim]``, a leaf that the
-   sparse optimizer takes the gradient of (``take_grads``); no ``[capacity, dim]`` gradient.
-3. ``_combine``: ``torch.ops.fxrec.segment_combine(emb_u, inverse, offsets, weight, combiner,
-   tile_len)`` -> ``[B, dim]`` (sum / mean) or ``[B, tile_len * dim]`` (tile); its backward
-   scatters ``[U, dim]`` row gradients, each row's gradient summed over its occurrences.
+2. ``_lookup_unique``: ``torch.unique`` -> ``HashTable.lookup`` (find-or-insert, no autograd)
+   -> ``rows [U]`` of the distinct ids, each item's ``inverse [N]`` into them, and (trainable,
+   training mode, grad enabled) ``HashTable.grad_anchor(rows, counts)``: a zero ``[U, dim]`` leaf
+   (stride 0, no memory) that requires grad, whose gradient the sparse optimizer takes
+   (``take_grads``); otherwise None. No ``[U, dim]`` gather, no ``[capacity, dim]`` gradient.
+3. ``_combine``: ``torch.ops.fxrec.table_combine(table.embedding, rows, anchor, inverse,
+   offsets, weight, combiner, tile_len)`` -> ``[B, dim]`` (sum / mean) or ``[B, tile_len * dim]``
+   (tile): ONE op per lookup, the gather fused with the combiner (its kernels read
+   ``table[rows[inverse[i]]]`` per item). Its backward is ``segment_combine_backward`` into the
+   anchor: ``[U, dim]`` row gradients, each row's gradient summed over its occurrences.
 
 Decisions:
 - One ``HashTable`` per ``shared_name`` (``self.tables[shared_name]``, its ``name`` the shared
@@ -229,17 +233,20 @@ def _flat_ids(name: str, value) -> tuple[Tensor, Tensor, Tensor | None]:
     )
 
 
-def _lookup_unique(table: HashTable, values: Tensor, trainable: bool) -> tuple[Tensor, Tensor]:
-    """``(emb_u [U, dim], inverse [N])``: the rows of the distinct ids, and each item's one."""
+def _lookup_unique(table: HashTable, values: Tensor, trainable: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(rows [U], anchor [U, dim] | None, inverse [N])``: the table rows of the distinct ids, the
+    anchor their gradients reach the table through, and each item's distinct id."""
     uniq, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
     rows = table.lookup(uniq)
-    return table.gather(rows, counts, requires_grad=trainable), inverse
+    anchor = table.grad_anchor(rows, counts) if trainable else None
+    return rows, anchor, inverse
 
 
-def _combine(emb_u: Tensor, inverse: Tensor, offsets: Tensor, weight: Tensor | None,
-             option: EmbeddingOption) -> Tensor:
+def _combine(embedding: Tensor, rows: Tensor, anchor: Tensor | None, inverse: Tensor, offsets: Tensor,
+             weight: Tensor | None, option: EmbeddingOption) -> Tensor:
     w = weight.detach() if (weight is not None and option.use_weight) else None
-    return torch.ops.fxrec.segment_combine(emb_u, inverse, offsets, w, option.combiner, option.tile_len)
+    return torch.ops.fxrec.table_combine(embedding, rows, anchor, inverse, offsets, w, option.combiner,
+                                         option.tile_len)
 
 
 class EmbeddingEngine(nn.Module):
@@ -291,8 +298,9 @@ class EmbeddingEngine(nn.Module):
                 f"EmbeddingEngine: feature {name!r} is on {values.device}, its table {option.shared_name!r} "
                 f"on {table.embedding.device}"
             )
-        emb_u, inverse = _lookup_unique(table, values, option.trainable)
-        return _combine(emb_u, inverse, offsets, weight, option)
+        rows, anchor, inverse = _lookup_unique(table, values, option.trainable)
+        # table.embedding after the lookup: an insert may have grown (replaced) it.
+        return _combine(table.embedding, rows, anchor, inverse, offsets, weight, option)
 
     def forward(self, samples: dict) -> dict:
         """A new dict: configured features embedded, other entries passed through (RaggedTensors

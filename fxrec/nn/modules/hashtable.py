@@ -11,11 +11,21 @@ Lookups:
   are inserted, their rows initialized by the initializer from (table seed, id) alone
   (``fxrec::init_rows``: the same id gets the same row on CPU and CUDA, in any insertion order);
   otherwise unseen ids get row -1.
-- ``gather(rows) -> [*, dim]``: the rows' embeddings, zeros for -1. In training mode, with grad
-  enabled, the result is a leaf that requires grad: after ``backward()`` the sparse optimizer
-  takes the gradients of the touched rows only (``take_grads``), never a dense
-  ``[capacity, dim]`` gradient (DESIGN.md). Rows -1 get no gradient.
-- ``forward(ids) = gather(lookup(ids))``.
+- ``grad_anchor(rows, counts) -> anchor | None``: where gradients reach the table. The embedding
+  layer reads rows through ``fxrec::table_combine(table.embedding, rows, anchor, ...)`` (the lookup
+  fused with the combiner, ``fxrec/ops/combine.py``), whose result is
+  ``table[rows] + anchor`` combined: in training mode with grad enabled the anchor is an all-zero
+  ``[U, dim]`` leaf that requires grad, ``zeros(()).expand(U, dim)`` (strides ``(0, 0)``: no
+  memory), recorded with its rows as a pending gradient. After ``backward()`` its ``.grad`` is the
+  ``[U, dim]`` gradient of the touched rows, which the sparse optimizer takes (``take_grads``):
+  never a dense ``[capacity, dim]`` gradient (DESIGN.md); the table itself is a buffer and gets no
+  autograd gradient. Otherwise (eval mode, grad disabled) there is no anchor (None). Rows -1 get
+  no gradient. This is the only way gradients reach a table.
+- ``forward(ids) -> [*ids.shape, dim]``: the embeddings of ``ids`` (duplicates looked up once):
+  ``table_combine`` with one item per output row (the ``tile`` combiner, ``tile_len=1``: a copy),
+  so it trains through the same anchor.
+- ``gather(rows) -> [*rows.shape, dim]``: the rows' embeddings, zeros for -1, a plain read
+  without gradient (``fxrec::gather_rows``).
 
 Room: the index keeps its load <= 1/2. Before inserting ``n`` ids the table grows (capacity
 doubles until it fits) by rebuilding the index and moving every row buffer (``_rebuild``); the
@@ -62,10 +72,11 @@ def _capacity_for(n: int) -> int:
 
 @dataclass
 class _PendingGrad:
-    """Rows a lookup gathered this step, their leaf embeddings, and how often each occurred."""
+    """Rows a lookup read this step, the anchor their gradient accumulates in, and how often each
+    occurred."""
 
     rows: Tensor  # int64 [U]
-    emb: Tensor  # [U, dim], requires grad
+    anchor: Tensor  # [U, dim] zeros (stride 0), a leaf that requires grad; .grad [U, dim] after backward
     counts: Tensor  # float32 [U]
 
 
@@ -220,37 +231,45 @@ class HashTable(nn.Module):
         self.last_seen[rows] = self.step
         return rows.reshape(ids.shape)
 
-    def gather(self, rows: Tensor, counts: Tensor | None = None, requires_grad: bool = True) -> Tensor:
-        """``[*rows.shape, dim]``: the rows' embeddings, zeros where a row is -1.
-
-        In training mode with grad enabled (and ``requires_grad``) the result is a leaf whose
-        gradient the sparse optimizer takes after backward; ``rows`` should then be unique (the
-        gradient of a row is summed over its occurrences, which ``counts [*rows.shape]`` —
-        default 1 each — records for ``grad_reduce_by="id"``)."""
+    def gather(self, rows: Tensor) -> Tensor:
+        """``[*rows.shape, dim]``: the rows' embeddings, zeros where a row is -1. A read: no
+        gradient reaches the table through it (``grad_anchor`` / ``forward`` for that)."""
         flat = rows.reshape(-1)
-        emb = torch.ops.fxrec.gather_rows(self.embedding, flat).reshape(*rows.shape, self.dim)
-        if not (requires_grad and self.training and torch.is_grad_enabled()):
-            return emb
-        emb = emb.detach().requires_grad_()
-        counts = torch.ones(flat.shape, dtype=torch.float32, device=flat.device) if counts is None else counts
-        self._pending.append(_PendingGrad(flat, emb, counts.reshape(-1).to(torch.float32)))
-        return emb
+        return torch.ops.fxrec.gather_rows(self.embedding, flat).reshape(*rows.shape, self.dim)
+
+    def grad_anchor(self, rows: Tensor, counts: Tensor | None = None) -> Tensor | None:
+        """The anchor of ``fxrec::table_combine`` for unique ``rows [U]`` (module docstring): in
+        training mode with grad enabled a zero ``[U, dim]`` leaf (stride 0) that requires grad,
+        recorded with ``rows`` so that ``take_grads`` finds its gradient; else None. ``counts
+        [U]`` (default 1 each): how often each row occurs in the batch, for ``grad_reduce_by="id"``."""
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        if rows.dim() != 1:
+            raise ValueError(f"HashTable {self.name!r}: grad_anchor takes 1-D rows [U], got shape {tuple(rows.shape)}")
+        anchor = self.embedding.new_zeros(()).expand(rows.shape[0], self.dim).requires_grad_()
+        counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts
+        self._pending.append(_PendingGrad(rows, anchor, counts.reshape(-1).to(torch.float32)))
+        return anchor
 
     def forward(self, ids: Tensor) -> Tensor:
-        """The embeddings ``[*ids.shape, dim]`` of ``ids``."""
+        """The embeddings ``[*ids.shape, dim]`` of ``ids`` (module docstring)."""
         uniq, inverse, counts = torch.unique(ids.reshape(-1), return_inverse=True, return_counts=True)
-        emb = self.gather(self.lookup(uniq), counts)
-        return emb[inverse].reshape(*ids.shape, self.dim)
+        rows = self.lookup(uniq)
+        anchor = self.grad_anchor(rows, counts)
+        n = inverse.shape[0]
+        one_each = torch.arange(n + 1, dtype=torch.int64, device=inverse.device)
+        emb = torch.ops.fxrec.table_combine(self.embedding, rows, anchor, inverse, one_each, None, "tile", 1)
+        return emb.reshape(*ids.shape, self.dim)
 
     # -- gradients ------------------------------------------------------------------------------------
 
     def take_grads(self, return_counts: bool = False) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
         """``(rows [R], grads [R, dim])`` of every row the pending lookups touched, each row once,
-        gradients reduced per ``grad_reduce_by``; clears the pending lookups. Rows whose leaf got no
-        gradient (unused by the loss) and rows -1 are left out. With ``return_counts``, also each
+        gradients reduced per ``grad_reduce_by``; clears the pending lookups. Rows whose anchor got
+        no gradient (unused by the loss) and rows -1 are left out. With ``return_counts``, also each
         row's number of occurrences (float32 ``[R]``), which merging ``"id"`` means across ranks
         needs (``fxrec.distributed.replicated``)."""
-        pending = [p for p in self._pending if p.emb.grad is not None]
+        pending = [p for p in self._pending if p.anchor.grad is not None]
         self._pending = []
         device = self.keys.device
         if not pending:
@@ -258,7 +277,7 @@ class HashTable(nn.Module):
                      torch.empty(0, self.dim, dtype=torch.float32, device=device))
             return (*empty, torch.empty(0, dtype=torch.float32, device=device)) if return_counts else empty
         rows = torch.cat([p.rows for p in pending])
-        grads = torch.cat([p.emb.grad.reshape(-1, self.dim) for p in pending]).to(torch.float32)
+        grads = torch.cat([p.anchor.grad for p in pending]).to(torch.float32)
         counts = torch.cat([p.counts for p in pending])
         keep = rows >= 0
         unique_rows, inverse = torch.unique(rows[keep], return_inverse=True)
@@ -273,6 +292,14 @@ class HashTable(nn.Module):
         elif dist.is_available() and dist.is_initialized():
             summed /= dist.get_world_size()
         return (unique_rows, summed, occurrences) if return_counts else (unique_rows, summed)
+
+    @torch.no_grad()
+    def scale_grads(self, factor: float) -> None:
+        """Multiply the pending gradients by ``factor`` (the Trainer's rescale of a partial
+        accumulation group)."""
+        for p in self._pending:
+            if p.anchor.grad is not None:
+                p.anchor.grad *= factor
 
     def clear_grads(self) -> None:
         """Drop the pending lookups' gradients (an optimizer's ``zero_grad``)."""

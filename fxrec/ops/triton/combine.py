@@ -1,18 +1,26 @@
 """Triton kernels of the embedding combiners (``fxrec::segment_combine`` and its backward
-``fxrec::segment_combine_backward``); semantics in ``fxrec/ops/combine.py``.
+``fxrec::segment_combine_backward``, and ``fxrec::table_combine``, the lookup fused with the
+combiner); semantics in ``fxrec/ops/combine.py``.
 
 - sum/mean forward: one program per (row, tile of ``BLOCK_D`` columns); it walks the row's
   items ``BLOCK_N`` at a time, gathers their embedding rows and accumulates ``w * e`` (and, for
   mean, ``w``) in fp32 (fp64 for fp64 embeddings).
 - tile forward: one program per (row, block of ``BLOCK_S`` slots): a masked copy, exact.
+- Both forward kernels serve both ops through constexpr flags: ``HAS_ROWS`` (table_combine) reads
+  item ``i``'s embedding as ``table[rows[index[i]]]`` instead of ``emb[index[i]]`` (one more
+  8-byte load per item, no ``[U, dim]`` gather in between), and ``HAS_ANCHOR`` adds
+  ``anchor[index[i]]`` read through its strides (the expanded zero anchor a ``HashTable`` hands
+  out has strides ``(0, 0)``: it is never materialized). With an anchor the sum is formed in the
+  accumulation dtype (the tile "copy" then rounds it once to the output dtype).
 - backward: one program per (block of ``BLOCK_N`` items, tile of ``BLOCK_D`` columns); each
   item adds its (weighted) row gradient into its embedding row with ``tl.atomic_add`` into an
   fp32/fp64 buffer. Atomics make the summation order, hence the float rounding of duplicated
   rows, run-dependent on the GPU: the result equals the CPU kernel's within rounding, not bit
-  for bit.
+  for bit. (table_combine's gradient w.r.t. its anchor is this backward, unchanged.)
 
 Nothing here syncs with the host and nothing reads outside the tensors: offsets are clamped to
-``[0, N]``, and index entries outside ``[0, U)`` are treated like ``-1`` (no embedding).
+``[0, N]``, index entries outside ``[0, U)`` are treated like ``-1`` (no embedding), and table
+rows outside ``[0, R)`` (``-1``: absent) read as zero rows without touching the table.
 
 Launchers work on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors.
 """
@@ -24,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["segment_combine_triton", "segment_combine_backward_triton"]
+__all__ = ["segment_combine_triton", "segment_combine_backward_triton", "table_combine_triton"]
 
 _MAX_BLOCK_D = 128
 _BLOCK_N = 32  # items per step of a row's loop (sum/mean forward)
@@ -60,9 +68,40 @@ def _row_bounds(offsets, row, n_items):
 
 
 @triton.jit
+def _item_embedding(emb, rows, anchor, idx, in_batch, d, d_ok, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
+                    HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr):
+    """The embeddings of the items whose index entries are ``idx`` (masked by ``in_batch``), columns
+    ``d``: ``emb[idx]`` (``HAS_ROWS=False``) or ``emb[rows[idx]]`` (``HAS_ROWS``: ``emb`` is the
+    table), plus ``anchor[idx]`` (``HAS_ANCHOR``, any strides: an expanded zero anchor has stride 0).
+    An entry outside ``[0, n_unique)`` is no embedding (zeros); a table row outside
+    ``[0, n_emb_rows)`` (-1) is a zero row that is never read. In ``ACC`` when ``HAS_ANCHOR``
+    (the sum is formed there), else in ``emb``'s dtype (a copy). ``ANCHOR_SCALAR``: both anchor
+    strides are 0 (the table's expanded zero anchor): its one value is loaded once, not per item."""
+    found = in_batch & (idx >= 0) & (idx < n_unique)
+    if HAS_ROWS:
+        row = tl.load(rows + idx, mask=found, other=-1)
+        hit = found & (row >= 0) & (row < n_emb_rows)
+    else:
+        row = idx
+        hit = found
+    e = tl.load(emb + row[:, None] * dim + d[None, :], mask=hit[:, None] & d_ok[None, :], other=0.0)
+    if HAS_ANCHOR:
+        if ANCHOR_SCALAR:
+            a0 = tl.load(anchor + d * 0, mask=d_ok, other=0.0).to(ACC)  # one address, loaded once per column block
+            a = tl.where(found[:, None] & d_ok[None, :], a0[None, :], 0.0)
+        else:
+            a = tl.load(anchor + idx[:, None] * anchor_s0 + d[None, :] * anchor_s1,
+                        mask=found[:, None] & d_ok[None, :], other=0.0)
+        e = e.to(ACC) + a.to(ACC)
+    return e
+
+
+@triton.jit
 def _segment_reduce_kernel(
-    emb, index, offsets, weight, out, n_items, n_emb_rows, dim,
-    HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    emb, rows, anchor, index, offsets, weight, out, n_items, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
+    HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    MEAN: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -79,8 +118,8 @@ def _segment_reduce_kernel(
         else:
             w = in_row.to(ACC)
         weight_sum += w  # a -1 item's weight counts too (see combine.py)
-        found = (idx >= 0) & (idx < n_emb_rows)
-        e = tl.load(emb + idx[:, None] * dim + d[None, :], mask=found[:, None] & d_ok[None, :], other=0.0)
+        e = _item_embedding(emb, rows, anchor, idx, in_row, d, d_ok, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
+                            HAS_ROWS, HAS_ANCHOR, ANCHOR_SCALAR, ACC)
         acc += tl.sum(e.to(ACC) * w[:, None], axis=0)
     if MEAN:
         total = tl.sum(weight_sum, axis=0)
@@ -90,7 +129,9 @@ def _segment_reduce_kernel(
 
 @triton.jit
 def _segment_tile_kernel(
-    emb, index, offsets, out, n_items, n_emb_rows, dim, tile_len, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
+    emb, rows, anchor, index, offsets, out, n_items, n_unique, n_emb_rows, dim, tile_len, anchor_s0, anchor_s1,
+    HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -98,12 +139,13 @@ def _segment_tile_kernel(
     begin, end = _row_bounds(offsets, row, n_items)
     present = s_ok & (begin + s < end)
     idx = tl.load(index + begin + s, mask=present, other=-1)
-    found = present & (idx >= 0) & (idx < n_emb_rows)
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < dim
-        e = tl.load(emb + idx[:, None] * dim + d[None, :], mask=found[:, None] & d_ok[None, :], other=0.0)
-        tl.store(out + (row * tile_len + s[:, None]) * dim + d[None, :], e, mask=s_ok[:, None] & d_ok[None, :])
+        e = _item_embedding(emb, rows, anchor, idx, present, d, d_ok, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
+                            HAS_ROWS, HAS_ANCHOR, ANCHOR_SCALAR, ACC)
+        tl.store(out + (row * tile_len + s[:, None]) * dim + d[None, :], e.to(out.dtype.element_ty),
+                 mask=s_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -131,12 +173,22 @@ def _segment_scatter_kernel(
     tl.atomic_add(grad_emb + idx[:, None] * dim + d[None, :], g, mask=mask)
 
 
-def segment_combine_triton(
-    emb: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str, tile_len: int
+def _combine_launch(
+    emb: Tensor, rows: Tensor | None, anchor: Tensor | None, index: Tensor, offsets: Tensor, weight: Tensor | None,
+    combiner: str, tile_len: int,
 ) -> Tensor:
-    """Forward: ``[B, dim]`` (sum/mean) or ``[B, tile_len * dim]`` (tile), in ``emb``'s dtype."""
+    """The forward of both ops: item ``i``'s embedding is ``emb[index[i]]`` (``rows`` None) or
+    ``emb[rows[index[i]]]``, plus ``anchor[index[i]]`` when an anchor is given."""
     emb, index, offsets = emb.contiguous(), index.contiguous(), offsets.contiguous()
     n_rows, dim = offsets.shape[0] - 1, emb.shape[1]
+    n_unique = emb.shape[0] if rows is None else rows.shape[0]
+    anchor_strides = (0, 0) if anchor is None else anchor.stride()  # any strides: no copy of a broadcast anchor
+    # ANCHOR_SCALAR: a stride-0 anchor is one value (an anchor of 0 rows is never read at all)
+    anchor_scalar = anchor is not None and anchor_strides == (0, 0) and anchor.numel() > 0
+    flags = dict(HAS_ROWS=rows is not None, HAS_ANCHOR=anchor is not None, ANCHOR_SCALAR=anchor_scalar,
+                 ACC=_tl_dtype(emb.dtype))
+    rows = index if rows is None else rows.contiguous()  # unused pointers when absent
+    anchor = emb if anchor is None else anchor
     block_d = _block_d(dim)
     if combiner == "tile":
         out = emb.new_empty((n_rows, tile_len * dim))
@@ -144,18 +196,35 @@ def segment_combine_triton(
             block_s = min(_rows_per_program(block_d), triton.next_power_of_2(tile_len))
             grid = (n_rows, triton.cdiv(tile_len, block_s))
             _segment_tile_kernel[grid](
-                emb, index, offsets, out, index.shape[0], emb.shape[0], dim, tile_len, BLOCK_S=block_s, BLOCK_D=block_d
+                emb, rows, anchor, index, offsets, out, index.shape[0], n_unique, emb.shape[0], dim, tile_len,
+                *anchor_strides, **flags, BLOCK_S=block_s, BLOCK_D=block_d,
             )
         return out
     out = emb.new_empty((n_rows, dim))
     if out.numel():
         weight = weight.contiguous() if weight is not None else None
         _segment_reduce_kernel[(n_rows, triton.cdiv(dim, block_d))](
-            emb, index, offsets, weight if weight is not None else index, out, index.shape[0], emb.shape[0], dim,
-            HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", ACC=_tl_dtype(emb.dtype),
-            BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+            emb, rows, anchor, index, offsets, weight if weight is not None else index, out, index.shape[0], n_unique,
+            emb.shape[0], dim, *anchor_strides, **flags,
+            HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
         )
     return out
+
+
+def segment_combine_triton(
+    emb: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str, tile_len: int
+) -> Tensor:
+    """Forward: ``[B, dim]`` (sum/mean) or ``[B, tile_len * dim]`` (tile), in ``emb``'s dtype."""
+    return _combine_launch(emb, None, None, index, offsets, weight, combiner, tile_len)
+
+
+def table_combine_triton(
+    table: Tensor, rows: Tensor, anchor: Tensor | None, index: Tensor, offsets: Tensor, weight: Tensor | None,
+    combiner: str, tile_len: int,
+) -> Tensor:
+    """``fxrec::table_combine``'s forward: ``segment_combine_triton`` of ``table[rows] + anchor``
+    without materializing it (the kernels read ``table[rows[index[i]]]``)."""
+    return _combine_launch(table, rows, anchor, index, offsets, weight, combiner, tile_len)
 
 
 def segment_combine_backward_triton(
