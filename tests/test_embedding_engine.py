@@ -503,3 +503,29 @@ def test_seed_tutorial_widths():
     assert sorted(tables) == ["sparse1", "sparse1_x_sparse2", "sparse2", "sparse3", "sparse4", "sparse5"]
     rows, grads = tables["sparse4"].take_grads()
     assert rows.numel() == len(tables["sparse4"]) and grads.shape == (rows.numel(), 16)
+
+
+# -- the engine's FX graph ------------------------------------------------------------------------------
+
+def test_graph_module_built_at_construction():
+    from fxrec.passes import op_counts
+
+    engine = EmbeddingEngine(get_embedding_conf(device=torch.device("cpu"), tile_len=2))
+    gm = engine.graph_module
+    assert isinstance(gm, torch.fx.GraphModule)
+    gm.graph.lint()
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == list(engine.options)
+    assert op_counts(gm) == {"table_lookup": 7, "table_combine": 7}
+    # the graph shares the engine's tables, which appear once in state_dict and modules()
+    assert gm.tables.sparse1 is engine.tables["sparse1"]
+    assert not any(k.startswith("graph_module") for k in engine.state_dict())
+    assert sum(isinstance(m, HashTable) for m in engine.modules()) == len(engine.tables)
+    engine.eval()
+    assert not gm.tables.sparse1.training
+
+
+def test_every_feature_checked_before_any_lookup():
+    engine = EmbeddingEngine({"a": option(embedding_dim=2, shared_name="x"), "b": option(embedding_dim=2, shared_name="y")})
+    with pytest.raises(TypeError, match="feature 'b' is a torch.float32 tensor"):
+        engine({"a": torch.tensor([1, 2]), "b": torch.tensor([1.0])})
+    assert len(engine.tables["x"]) == 0 and not engine.tables["x"]._pending

@@ -162,13 +162,9 @@ class FeatureEngine(nn.Module):
         }
         gm = self._build()
         if passes is not False:
-            from fxrec.passes import DEFAULT_PASSES, run_passes  # passes import features: not at the top
+            from fxrec.passes import DEFAULT_PASSES, apply_passes  # passes import features: not at the top
 
-            if passes is True:
-                passes = DEFAULT_PASSES
-            elif isinstance(passes, (str, bytes)) or not all(callable(p) for p in passes):
-                raise TypeError(f"FeatureEngine: passes must be True, False or a sequence of passes, got {passes!r}")
-            gm = run_passes(gm, tuple(passes))
+            gm = apply_passes(gm, passes, DEFAULT_PASSES, "FeatureEngine")
         self.graph_module = gm
 
     def _build(self) -> torch.fx.GraphModule:

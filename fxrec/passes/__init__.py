@@ -1,13 +1,19 @@
 """Compiler passes over fxrec's FX graphs: each a pure function ``GraphModule -> GraphModule``.
 
 - ``horizontal_fusion``: same-type feature ops of different features -> one multi-tensor op.
+- ``lookup_merge``: all lookups into one embedding table -> one dedup + one lookup.
 
 ``run_passes(gm, passes=DEFAULT_PASSES)`` applies them in order; ``explain(x)`` shows the fxrec
 op counts before and after. ``FeatureEngine(features, passes=True)`` runs its graph through
-``DEFAULT_PASSES`` when it is built (off by default).
+``DEFAULT_PASSES`` when it is built (off by default); ``EmbeddingEngine(options, passes=True)``
+likewise with ``DEFAULT_EMBEDDING_PASSES``.
 """
 
 from fxrec.passes.horizontal_fusion import horizontal_fusion
-from fxrec.passes.pipeline import DEFAULT_PASSES, Pass, explain, op_counts, run_passes
+from fxrec.passes.lookup_merge import lookup_merge
+from fxrec.passes.pipeline import (
+    DEFAULT_EMBEDDING_PASSES, DEFAULT_PASSES, Pass, apply_passes, explain, op_counts, run_passes,
+)
 
-__all__ = ["DEFAULT_PASSES", "Pass", "explain", "horizontal_fusion", "op_counts", "run_passes"]
+__all__ = ["DEFAULT_EMBEDDING_PASSES", "DEFAULT_PASSES", "Pass", "apply_passes", "explain", "horizontal_fusion", "lookup_merge",
+           "op_counts", "run_passes"]

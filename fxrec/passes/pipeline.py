@@ -2,6 +2,9 @@
 
 ``run_passes(gm, passes)`` applies passes in order (each a pure ``GraphModule -> GraphModule``);
 ``explain(x, passes)`` tells, per fxrec op, how many nodes the graph had before and after.
+
+Default passes depend on the graph: ``DEFAULT_PASSES`` (horizontal fusion) for FeatureEngine
+graphs, ``DEFAULT_EMBEDDING_PASSES`` (lookup merge) for EmbeddingEngine graphs.
 """
 
 from __future__ import annotations
@@ -13,20 +16,26 @@ import torch
 import torch.fx
 
 from fxrec.features import graph as G
+from fxrec.nn.modules.embedding import EmbeddingEngine, _lookup_unique, _lookup_unique_merged
 from fxrec.passes.horizontal_fusion import horizontal_fusion
+from fxrec.passes.lookup_merge import lookup_merge
 
-__all__ = ["Pass", "DEFAULT_PASSES", "run_passes", "op_counts", "explain"]
+__all__ = ["Pass", "DEFAULT_PASSES", "DEFAULT_EMBEDDING_PASSES", "apply_passes", "run_passes", "op_counts", "explain"]
 
 Pass = Callable[[torch.fx.GraphModule], torch.fx.GraphModule]
 
-# Horizontal fusion only, for now; lookup merge, table coalescing and lookup + combiner fusion
-# join here as they are built (DESIGN.md, "Passes").
+# FeatureEngine graphs: horizontal fusion. EmbeddingEngine graphs: lookup merge; table coalescing
+# and lookup + combiner fusion join here as they are built (DESIGN.md, "Passes").
 DEFAULT_PASSES: tuple[Pass, ...] = (horizontal_fusion,)
+DEFAULT_EMBEDDING_PASSES: tuple[Pass, ...] = (lookup_merge,)
 
 # Graph helpers that stand for fxrec ops (which one is chosen at run time by the data's dtype).
 _HELPER_OPS = {
     G.hash_ids: "hash_bytes|hash_int64",
     G.hash_ids_multi: "hash_bytes_multi|hash_int64_multi",
+    # EmbeddingEngine's lookups (dedup + find-or-insert + grad anchor), one or several features each
+    _lookup_unique: "table_lookup",
+    _lookup_unique_merged: "table_lookup",
 }
 
 
@@ -42,6 +51,18 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[Pass] = DEFAULT_PASSES
             raise TypeError(f"pass {getattr(p, '__name__', p)!r} returned {type(out).__name__}, not a GraphModule")
         gm = out
     return gm
+
+
+def apply_passes(gm: torch.fx.GraphModule, passes, defaults: Sequence[Pass], owner: str) -> torch.fx.GraphModule:
+    """An engine's ``passes=`` argument applied to its graph: ``False`` none, ``True`` ``defaults``,
+    or a sequence of passes; anything else is a ``TypeError`` naming ``owner``."""
+    if passes is False:
+        return gm
+    if passes is True:
+        passes = defaults
+    elif isinstance(passes, (str, bytes)) or not all(callable(p) for p in passes):
+        raise TypeError(f"{owner}: passes must be True, False or a sequence of passes, got {passes!r}")
+    return run_passes(gm, tuple(passes))
 
 
 def op_name(node: torch.fx.Node) -> str | None:
@@ -72,20 +93,28 @@ def _graph_of(x) -> torch.fx.GraphModule:
     if isinstance(x, FeatureEngine):
         # the graph as built from the configs, whether or not the engine runs passes
         return FeatureEngine(x.features).graph_module
+    if isinstance(x, EmbeddingEngine):
+        return x.build_graph()  # likewise (it shares the engine's tables; building touches none)
     gm = getattr(x, "graph_module", None)
     if isinstance(gm, torch.fx.GraphModule):
         return gm
     raise TypeError(f"explain takes a GraphModule or a module with .graph_module, got {type(x).__name__}")
 
 
-def explain(x, passes: Sequence[Pass] = DEFAULT_PASSES, print_: bool = False, code: bool = False) -> str:
+def explain(x, passes: Sequence[Pass] | None = None, print_: bool = False, code: bool = False) -> str:
     """What ``passes`` do to a graph: a table of fxrec op counts before and after.
 
-    ``x``: a ``GraphModule``, a ``FeatureEngine`` (its graph as built from the configs, before
-    any pass) or any module with a ``graph_module``. ``code=True`` appends the graph's code
-    before and after. ``print_=True`` prints the text too.
+    ``x``: a ``GraphModule``, a ``FeatureEngine`` or ``EmbeddingEngine`` (its graph as built from
+    the configs, before any pass) or any module with a ``graph_module``. ``passes``: default
+    ``DEFAULT_EMBEDDING_PASSES`` for an EmbeddingEngine (or its graph), else ``DEFAULT_PASSES``.
+    ``code=True`` appends the graph's code before and after. ``print_=True`` prints the text too.
     """
     before = _graph_of(x)
+    if passes is None:
+        embedding = isinstance(x, EmbeddingEngine) or any(
+            n.op == "call_function" and n.target in (_lookup_unique, _lookup_unique_merged) for n in before.graph.nodes
+        )
+        passes = DEFAULT_EMBEDDING_PASSES if embedding else DEFAULT_PASSES
     after = run_passes(before, passes)
     counts_before, counts_after = op_counts(before), op_counts(after)
     names = sorted(set(counts_before) | set(counts_after))

@@ -1,8 +1,8 @@
 """``EmbeddingOption`` and ``EmbeddingEngine`` (SPEC §4.1–4.3), with RecIS's names and defaults.
 
-Data path of one configured feature (``EmbeddingEngine.forward``), one small function per step
-so that the compiler (SPEC §6) can trace it into an FX graph, merge the lookups of one table and
-fuse the gather with the combiner:
+Data path of one configured feature, one small function per step: ``EmbeddingEngine`` builds
+them into ONE ``torch.fx.GraphModule`` at construction (``engine.graph_module``), which compiler
+passes (SPEC §6, ``fxrec.passes``) rewrite — ``lookup_merge`` merges the lookups of one table:
 
 1. ``_flat_ids``: the feature's value -> ``(values [N] int64, offsets [B + 1] int64, weight [N] | None)``.
    Accepted: a ``RaggedTensor`` with ONE ragged level (int64 values, optional float weight), a
@@ -11,13 +11,14 @@ fuse the gather with the combiner:
    ``TypeError``/``ValueError`` naming the feature: bad data never silently becomes ids. Floats
    in particular are not ids — bucketize them first (the seed tutorial's ``dense2`` is a float
    column, but its ``Bucketize`` turns it into int64 ``[B, 1]`` before the lookup).
+   (``_feature_ids`` adds the check that the ids are on the table's device.)
 2. ``_lookup_unique``: ``torch.unique`` -> ``HashTable.lookup`` (find-or-insert, no autograd)
-   -> ``rows [U]`` of the distinct ids, each item's ``inverse [N]`` into them, and (trainable,
-   training mode, grad enabled) ``HashTable.grad_anchor(rows, counts)``: a zero ``[U, dim]`` leaf
+   -> the table's ``embedding`` after the insert, ``rows [U]`` of the distinct ids, each item's
+   ``inverse [N]`` into them, and (trainable, training mode, grad enabled) ``HashTable.grad_anchor(rows, counts)``: a zero ``[U, dim]`` leaf
    (stride 0, no memory) that requires grad, whose gradient the sparse optimizer takes
    (``take_grads``); otherwise None. No ``[U, dim]`` gather, no ``[capacity, dim]`` gradient.
-3. ``_combine``: ``torch.ops.fxrec.table_combine(table.embedding, rows, anchor, inverse,
-   offsets, weight, combiner, tile_len)`` -> ``[B, dim]`` (sum / mean) or ``[B, tile_len * dim]``
+3. ``table_combine`` (weights through ``_weight_of``): ``torch.ops.fxrec.table_combine(embedding,
+   rows, anchor, inverse, offsets, weight, combiner, tile_len)`` -> ``[B, dim]`` (sum / mean) or ``[B, tile_len * dim]``
    (tile): ONE op per lookup, the gather fused with the combiner (its kernels read
    ``table[rows[inverse[i]]]`` per item). Its backward is ``segment_combine_backward`` into the
    anchor: ``[U, dim]`` row gradients, each row's gradient summed over its occurrences.
@@ -33,7 +34,8 @@ Decisions:
   A ``shared_name`` may not contain ``"."`` (a module name: ``nn.ModuleDict`` forbids it).
 - Lookups are deduplicated per feature; two features of one table look it up one after the
   other (the second finds the ids the first inserted) and their gradients are summed per row by
-  ``take_grads``. Merging them into one lookup is a compiler pass, not a semantic change.
+  ``take_grads``. Merging them into one lookup is a compiler pass (``passes=True``), not a
+  semantic change. Every configured feature's ids are checked before any table is touched.
 - ``trainable=False``: the feature's ids are still inserted and initialized (training mode), but
   its embeddings are constants: it contributes no gradient (another trainable feature of the
   same table still does).
@@ -49,9 +51,13 @@ Decisions:
 
 from __future__ import annotations
 
+import keyword
+import operator
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
@@ -233,30 +239,96 @@ def _flat_ids(name: str, value) -> tuple[Tensor, Tensor, Tensor | None]:
     )
 
 
-def _lookup_unique(table: HashTable, values: Tensor, trainable: bool) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``(rows [U], anchor [U, dim] | None, inverse [N])``: the table rows of the distinct ids, the
-    anchor their gradients reach the table through, and each item's distinct id."""
+def _feature_ids(name: str, value, table: HashTable) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``_flat_ids`` of a feature, checked to be on its table's device."""
+    values, offsets, weight = _flat_ids(name, value)
+    if values.device != table.embedding.device:
+        raise ValueError(
+            f"EmbeddingEngine: feature {name!r} is on {values.device}, its table {table.name!r} "
+            f"on {table.embedding.device}"
+        )
+    return values, offsets, weight
+
+
+def _lookup_unique(table: HashTable, values: Tensor, trainable: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """``(embedding, rows [U], anchor [U, dim] | None, inverse [N])``: the table's embedding after
+    the lookup (an insert may have grown, i.e. replaced, it), the table rows of the distinct ids,
+    the anchor their gradients reach the table through, and each item's distinct id. Mutates the
+    table (inserts, ``last_seen``, a pending gradient): one opaque graph node."""
     uniq, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
     rows = table.lookup(uniq)
     anchor = table.grad_anchor(rows, counts) if trainable else None
-    return rows, anchor, inverse
+    return table.embedding, rows, anchor, inverse
 
 
-def _combine(embedding: Tensor, rows: Tensor, anchor: Tensor | None, inverse: Tensor, offsets: Tensor,
-             weight: Tensor | None, option: EmbeddingOption) -> Tensor:
-    w = weight.detach() if (weight is not None and option.use_weight) else None
-    return torch.ops.fxrec.table_combine(embedding, rows, anchor, inverse, offsets, w, option.combiner,
-                                         option.tile_len)
+def _lookup_unique_merged(table: HashTable, values: list[Tensor], trainable: tuple[bool, ...]) -> tuple:
+    """Several features' lookups into one table as ONE dedup and ONE lookup (the ``lookup_merge``
+    pass): ``((embedding, rows, anchor, inverse), ...)`` per feature, each feature's ``inverse``
+    its slice of the shared inverse. The anchor covers the rows of the trainable features' ids
+    only, with their occurrences there, so that ``take_grads`` returns what the features' own
+    lookups would: a table both trainable and non-trainable features read gives the trainable
+    ones ``rows[used]`` and the inverse remapped into it."""
+    sizes = [v.shape[0] for v in values]
+    uniq, inverse, counts = torch.unique(torch.cat(values), return_inverse=True, return_counts=True)
+    rows = table.lookup(uniq)
+    embedding = table.embedding
+    inverses = torch.split(inverse, sizes)
+    if not any(trainable):
+        return tuple((embedding, rows, None, inv) for inv in inverses)
+    if all(trainable):
+        anchor = table.grad_anchor(rows, counts)
+        return tuple((embedding, rows, anchor, inv) for inv in inverses)
+    mask = torch.cat([inverse.new_full((n,), t, dtype=torch.bool) for n, t in zip(sizes, trainable)])
+    trained_counts = torch.bincount(inverse[mask], minlength=uniq.shape[0])
+    used = trained_counts > 0
+    trained_rows = rows[used]
+    anchor = table.grad_anchor(trained_rows, trained_counts[used])
+    if anchor is None:
+        return tuple((embedding, rows, None, inv) for inv in inverses)
+    remap = torch.cumsum(used, 0) - 1
+    return tuple(
+        (embedding, trained_rows, anchor, remap[inv]) if t else (embedding, rows, None, inv)
+        for inv, t in zip(inverses, trainable)
+    )
+
+
+def _weight_of(weight: Tensor | None, use_weight: bool) -> Tensor | None:
+    """The weights ``table_combine`` takes: detached (data), or None without ``use_weight``."""
+    return weight.detach() if (weight is not None and use_weight) else None
+
+
+def _placeholder_names(features: list[str]) -> list[str]:
+    """Python identifiers for the graph's inputs: a feature's name where it is one."""
+    names: list[str] = []
+    for i, feature in enumerate(features):
+        name = feature if feature.isidentifier() and not keyword.iskeyword(feature) else f"feature_{i}"
+        while name in names or name in features[i + 1:]:
+            name += "_"
+        names.append(name)
+    return names
 
 
 class EmbeddingEngine(nn.Module):
     """Looks up every configured feature of a batch dict (module docstring).
 
+    The configured features' data path is ONE ``torch.fx.GraphModule`` (``engine.graph_module``),
+    built here from the options before any data is seen, which compiler passes rewrite: its
+    inputs are the features' values (in ``options`` order); per feature a ``_feature_ids`` node
+    (flat ids, checked, errors naming the feature), then per feature a ``_lookup_unique`` node (one
+    opaque node: it mutates the table, ``tables.<shared_name>``, a ``get_attr``) and a
+    ``fxrec::table_combine`` node; its outputs are the embedded features. Every feature is checked
+    before any table is touched.
+
     Args:
         options: ``{feature name: EmbeddingOption}``.
+        passes: ``False`` (default) runs the graph as built; ``True`` rewrites it once, here, with
+            ``fxrec.passes.DEFAULT_EMBEDDING_PASSES`` (lookup merge: one dedup and one lookup per
+            table); a sequence of passes runs those. Outputs and gradients are the same either way
+            (row numbers may differ: ids are inserted in another order). ``fxrec.passes.explain(engine)``
+            shows what the passes do.
     """
 
-    def __init__(self, options: dict[str, EmbeddingOption]) -> None:
+    def __init__(self, options: dict[str, EmbeddingOption], passes: bool | Sequence = False) -> None:
         super().__init__()
         if not isinstance(options, dict):
             raise TypeError(f"EmbeddingEngine: options must be a dict of feature name -> EmbeddingOption, "
@@ -276,6 +348,47 @@ class EmbeddingEngine(nn.Module):
                 owners[option.shared_name] = (feature, option)
         self._options = dict(options)
         self.tables = nn.ModuleDict({shared: _make_table(option) for shared, (_, option) in owners.items()})
+        gm = self.build_graph()
+        if passes is not False:
+            from fxrec.passes import DEFAULT_EMBEDDING_PASSES, apply_passes  # passes import this module
+
+            gm = apply_passes(gm, passes, DEFAULT_EMBEDDING_PASSES, "EmbeddingEngine")
+        # Not a registered submodule: the graph shares the engine's tables (the same HashTable
+        # objects), which must appear once in state_dict / named_modules, under ``tables``.
+        object.__setattr__(self, "graph_module", gm)
+
+    def build_graph(self) -> torch.fx.GraphModule:
+        """The graph of the configured features as built from the options, before any pass (class
+        docstring); it shares this engine's tables."""
+        graph = torch.fx.Graph()
+        features = list(self._options)
+        inputs = [graph.placeholder(name) for name in _placeholder_names(features)]
+        tables = {}
+        for option in self._options.values():
+            if option.shared_name not in tables:
+                tables[option.shared_name] = graph.get_attr(f"tables.{option.shared_name}")
+
+        def item(node, i):
+            return graph.call_function(operator.getitem, (node, i))
+
+        parts = []
+        for feature, value in zip(features, inputs):
+            table = tables[self._options[feature].shared_name]
+            triple = graph.call_function(_feature_ids, (feature, value, table))
+            parts.append((item(triple, 0), item(triple, 1), item(triple, 2)))
+        outputs = []
+        for feature, (values, offsets, weight) in zip(features, parts):
+            option = self._options[feature]
+            found = graph.call_function(_lookup_unique, (tables[option.shared_name], values, option.trainable))
+            embedding, rows, anchor, inverse = (item(found, i) for i in range(4))
+            w = graph.call_function(_weight_of, (weight, option.use_weight))
+            outputs.append(graph.call_function(
+                torch.ops.fxrec.table_combine.default,
+                (embedding, rows, anchor, inverse, offsets, w, option.combiner, option.tile_len),
+            ))
+        graph.output(tuple(outputs))
+        graph.lint()
+        return torch.fx.GraphModule(self, graph, class_name="EmbeddingGraph")
 
     @property
     def options(self) -> dict[str, EmbeddingOption]:
@@ -292,15 +405,10 @@ class EmbeddingEngine(nn.Module):
         """The embedding of one feature: ``[B, dim]`` (sum / mean) or ``[B, tile_len * dim]`` (tile)."""
         option = self._options[name]
         table = self.tables[option.shared_name]
-        values, offsets, weight = _flat_ids(name, value)
-        if values.device != table.embedding.device:
-            raise ValueError(
-                f"EmbeddingEngine: feature {name!r} is on {values.device}, its table {option.shared_name!r} "
-                f"on {table.embedding.device}"
-            )
-        rows, anchor, inverse = _lookup_unique(table, values, option.trainable)
-        # table.embedding after the lookup: an insert may have grown (replaced) it.
-        return _combine(table.embedding, rows, anchor, inverse, offsets, weight, option)
+        values, offsets, weight = _feature_ids(name, value, table)
+        embedding, rows, anchor, inverse = _lookup_unique(table, values, option.trainable)
+        return torch.ops.fxrec.table_combine(embedding, rows, anchor, inverse, offsets,
+                                             _weight_of(weight, option.use_weight), option.combiner, option.tile_len)
 
     def forward(self, samples: dict) -> dict:
         """A new dict: configured features embedded, other entries passed through (RaggedTensors
@@ -310,13 +418,13 @@ class EmbeddingEngine(nn.Module):
         missing = [name for name in self._options if name not in samples]
         if missing:
             raise ValueError(f"EmbeddingEngine: features {missing} have an EmbeddingOption but are not in the batch")
+        embedded = dict(zip(self._options, self.graph_module(*[samples[name] for name in self._options])))
         out = {}
         for name, value in samples.items():
-            if name in self._options:
-                out[name] = self.lookup(name, value)
+            if name in embedded:
+                out[name] = embedded[name]
             elif isinstance(value, RaggedTensor):
                 out[name] = value.to_dense()
             else:
                 out[name] = value
         return out
-
