@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -23,12 +23,14 @@ from fxrec.nn.modules.hashtable import filter_out_sparse_param
 from fxrec.optim import SparseSGD
 from tests.trainer_util import (
     ToyModel,
+    assert_matches_checkpoint,
     assert_same,
     concat_batches,
     dense_snapshot,
     make_batches,
     make_trainer,
     orc_dataset,
+    run_ranks,
     table_snapshot,
     write_orc,
 )
@@ -132,6 +134,48 @@ def test_errors(tmp_path):
         trainer.train()
     with pytest.raises(RuntimeError, match="no batch"):
         make_trainer(str(tmp_path / "empty"), [], train_steps=3).train()
+
+
+class NaNAt(ToyModel):
+    """Its predictions are NaN from the ``at``-th forward on; AUROC sees them before the loss does."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, batch):
+        self.calls += 1
+        emb = self.embedding({"ids": batch["ids"], "tags": batch["tags"]})
+        x = torch.cat([emb["ids"], emb["tags"], batch["dense"]], -1)
+        p = torch.sigmoid(self.dense(x)).reshape(-1)
+        if self.calls >= self.at:
+            p = p * float("nan")
+        label = batch["label"].reshape(-1)
+        self.auc.update(p.detach(), label)
+        return torch.nn.functional.binary_cross_entropy(p, label)
+
+
+def test_bad_predictions_or_labels_name_the_step(tmp_path):
+    """NaN predictions (AUROC's ValueError) from the 8th forward on: the second micro-batch of step
+    4 (2 micro-batches a step, 4 batches a pass: steps 3 and 4 are epoch 1); and a label 2
+    (binary_cross_entropy's RuntimeError) at step 3: the same error type, naming the step and
+    epoch, the original chained."""
+    batches = make_batches(4, 4)
+    trainer = make_trainer(str(tmp_path / "nan"), batches, model=NaNAt(8), train_steps=10,
+                           gradient_accumulation_steps=2)
+    expected = r"^Trainer: step 4 \(epoch 1\): AUROC: predictions must lie in \[0, 1\]"
+    with pytest.raises(ValueError, match=expected) as err:
+        trainer.train()
+    assert type(err.value.__cause__) is ValueError and "AUROC" in str(err.value.__cause__)
+    assert trainer.state.global_step == 3
+
+    bad = make_batches(4, 4)
+    bad[2]["label"][1, 0] = 2.0
+    trainer = make_trainer(str(tmp_path / "label"), bad, train_steps=4)
+    expected = r"^Trainer: step 3 \(epoch 0\): .*target should be between 0 and 1"
+    with pytest.raises(RuntimeError, match=expected) as err:
+        trainer.train()
+    assert type(err.value.__cause__) is RuntimeError and trainer.state.global_step == 2
 
 
 # -- steps, epochs, accumulation ----------------------------------------------------------------
@@ -483,25 +527,7 @@ def test_two_processes_keep_replicas_identical_and_match_one_process(tmp_path):
     out = str(tmp_path)
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(repo=REPO, out=out))
-    env = dict(os.environ, WORLD_SIZE="2", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    logs = [open(tmp_path / f"rank{r}.log", "w") for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=logs[r], stderr=subprocess.STDOUT) for r in range(2)]
-    try:
-        deadline = time.monotonic() + 300
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one rank failed: the other would wait for it forever
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        for f in logs:
-            f.close()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, (tmp_path / f"rank{r}.log").read_text()[-3000:]
+    run_ranks(str(script), 2, out)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0 == r1  # bit-identical replicas (JSON floats are exact reprs)
     assert r0["step"] == 10 and r0["epoch"] == 4  # 5 passes of 2 steps; the 5th not ended
@@ -525,3 +551,67 @@ def test_two_processes_keep_replicas_identical_and_match_one_process(tmp_path):
     for name, t in table_snapshot(ref).items():
         assert r0["tables"][name]["ids"] == t["ids"].tolist()
         torch.testing.assert_close(torch.tensor(r0["tables"][name]["embedding"]), t["embedding"], atol=1e-5, rtol=1e-5)
+
+
+# -- reshard: save at world size 2, load at 1 and at 3 ----------------------------------------------
+
+_RESHARD = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+from fxrec.framework.checkpoint import CheckpointManager
+from tests.trainer_util import assert_matches_checkpoint, make_batches, make_trainer, table_snapshot
+
+out, store, saved = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+batches = make_batches(6, 4, seed=11)[rank::world]
+if world == 2:  # train: {steps} steps, rank 0 saves ckpt_{steps} at the end
+    make_trainer(out, batches, seed=rank, train_steps={steps}).train()
+else:  # resume at another world size: every rank holds every id and slot of the checkpoint
+    trainer = make_trainer(out, batches, seed=100 + rank, train_steps=saved)
+    trainer.train()  # restores, runs no step
+    assert_matches_checkpoint(trainer, CheckpointManager(out).load(saved))
+    trainer.args.train_steps = saved + 1
+    trainer.train()  # one more step at this world size (and its checkpoint)
+    snap = table_snapshot(trainer.model)
+    with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
+        json.dump({{"step": trainer.state.global_step, "tables": {{n: {{k: (v.tolist() if hasattr(v, "tolist") else v)
+                   for k, v in t.items()}} for n, t in snap.items()}}}}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_reshard_save_at_two_load_at_one_and_three(tmp_path):
+    """2 gloo ranks train 4 steps (each its own batches) and rank 0 saves; the checkpoint holds the
+    ids of both ranks' batches. Loaded in one process (this one) and in 3 processes, every rank's
+    tables (ids, embedding, last_seen, step, optimizer moments), the sparse optimizer's per-table
+    state, the dense state and the step equal the checkpoint exactly; one more step then runs,
+    and the 3 replicas stay identical."""
+    steps = 4
+    script = tmp_path / "reshard.py"
+    script.write_text(_RESHARD.format(repo=REPO, steps=steps))
+    out2 = tmp_path / "w2"
+    out2.mkdir()
+    run_ranks(str(script), 2, str(tmp_path), [str(out2), str(tmp_path / "store2"), "0"])
+    assert CheckpointManager(out2).list_steps() == [steps]
+    parts = CheckpointManager(out2).load(steps)
+    batches = make_batches(6, 4, seed=11)  # 3 a rank: 4 steps read all 6
+    for name, feature in (("ids", "ids"), ("tags", "tags")):
+        seen = torch.unique(torch.cat([b[feature].values() for b in batches]))
+        assert torch.equal(torch.sort(parts["sparse"][name]["ids"]).values, seen)  # rank 1's ids too
+    for world in (1, 3):
+        shutil.copytree(out2, tmp_path / f"w{world}")
+    # world 1: a Trainer in this process (no process group)
+    trainer = make_trainer(str(tmp_path / "w1"), batches, seed=7, train_steps=steps)
+    trainer.train()
+    assert_matches_checkpoint(trainer, parts)
+    trainer.args.train_steps = steps + 1
+    trainer.train()
+    assert trainer.state.global_step == steps + 1 and CheckpointManager(tmp_path / "w1").latest_step() == steps + 1
+    # world 3: three gloo processes
+    out3 = tmp_path / "w3"
+    run_ranks(str(script), 3, str(tmp_path), [str(out3), str(tmp_path / "store3"), str(steps)])
+    ranks = [json.loads((out3 / f"rank{r}.json").read_text()) for r in range(3)]
+    assert ranks[0] == ranks[1] == ranks[2] and ranks[0]["step"] == steps + 1
+    assert CheckpointManager(out3).list_steps() == [steps, steps + 1]

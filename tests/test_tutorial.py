@@ -22,6 +22,24 @@ Everything else — sequences of up to 1999 ids and strings, truncation and tile
 32056-wide dense input, AdamW + SparseAdamWTF, 100 steps, log_steps 10, the checkpoint — runs as
 written.
 
+``test_tutorial_code_under_torchrun``: the same extracted code (the same renaming, sizes and CPU
+changes) written to a script and run as the tutorial says, ``python -m torch.distributed.run
+--standalone --nproc_per_node=2 seed_ctr_example.py`` (gloo, CPU; GPUs hidden), so its main entry
+runs as written except for these changes (``TORCHRUN_SUBSTITUTIONS``, ``CPU_PREAMBLE``):
+
+- the in-process test's patch of ``nn.Module.cuda`` (returns the module unchanged) is the first
+  thing the script does;
+- every rank runs the data generation (module level, before the main entry): each file is written
+  under a name of its own (``data_<i>.orc.<pid>``, outside ``./fake_data/``) and renamed into
+  place, so no rank reads a file another rank is still writing (each rank's random rows differ;
+  a reader sees one whole file, whichever rank's);
+- ``set_num_threads``: ``cpu_count() // 16`` threads -> at least 1 (0 is an error on a machine
+  of fewer than 16 cores), and ``torch.cuda.set_device(RANK)`` -> nothing (no CUDA device);
+- ``dist.init_process_group()`` -> ``dist.init_process_group("gloo")`` (CPU tensors; on a GPU
+  machine, whose GPUs the test hides, the default would also set up NCCL);
+- ``train_steps=100`` -> ``train_steps=30`` (time: two ranks on two cores run ~6 steps/s; the
+  loss has fallen by far more than half by step 30).
+
 ``test_example_under_torchrun``: ``torchrun --nproc_per_node=2 -m examples.deepctr.train`` (on the
 CPU with gloo, also on GPU machines) on tiny generated data with an odd number of files (the
 ranks' shards differ in size).
@@ -59,6 +77,21 @@ CPU_SUBSTITUTIONS = [
     ('device="cuda"', 'device="cpu"'),
 ]
 
+# The tutorial's own main entry under torchrun on the CPU (module docstring).
+CPU_PREAMBLE = """\
+import torch
+torch.nn.Module.cuda = lambda self, device=None: self  # CPU: deepctr_model.cuda() keeps the module
+"""
+TORCHRUN_SUBSTITUTIONS = [
+    ('orc.write_table(table, os.path.join(file_dir, "data_{}.orc".format(i)))',
+     'orc.write_table(table, f"data_{i}.orc.{os.getpid()}")\n'
+     '    os.replace(f"data_{i}.orc.{os.getpid()}", os.path.join(file_dir, "data_{}.orc".format(i)))'),
+    ("cpu_num = cpu_count() // 16", "cpu_num = max(1, cpu_count() // 16)"),
+    ('torch.cuda.set_device(int(os.getenv("RANK", "-1")))', "pass  # CPU: no CUDA device to set"),
+    ("dist.init_process_group()", 'dist.init_process_group("gloo")'),
+    ("train_steps=100", "train_steps=30"),
+]
+
 
 def python_blocks(rst: str) -> list[str]:
     """The bodies of the ``.. code-block:: python`` directives of an rst text, in order."""
@@ -77,14 +110,23 @@ def python_blocks(rst: str) -> list[str]:
     return blocks
 
 
-def tutorial_source(cpu: bool = True) -> str:
+def tutorial_source(cpu: bool = True, torchrun: bool = False) -> str:
+    """The tutorial's code with ``SUBSTITUTIONS`` (and ``CPU_SUBSTITUTIONS`` when ``cpu``); with
+    ``torchrun``, the script run by ``test_tutorial_code_under_torchrun`` (CPU only)."""
     with open(TUTORIAL) as f:
         blocks = python_blocks(f.read())
     source = "\n\n".join(blocks)
     for old, new in SUBSTITUTIONS + (CPU_SUBSTITUTIONS if cpu else []):
         assert old in source, f"the tutorial no longer contains {old!r}"
         source = source.replace(old, new)
-    return "from fxrec.features.op import Hash\n" + source
+    for old, new in TORCHRUN_SUBSTITUTIONS if torchrun else []:
+        assert source.count(old) == 1, f"the tutorial no longer contains {old!r} (once)"
+        source = source.replace(old, new)
+    source = "from fxrec.features.op import Hash\n" + source
+    if torchrun:
+        assert cpu, "the torchrun script is for the CPU"
+        source = CPU_PREAMBLE + source
+    return source
 
 
 def test_extracts_every_python_block():
@@ -121,6 +163,30 @@ def test_tutorial_code_runs(tmp_path, monkeypatch, device):
     assert manager.latest_step() == 100
     parts = manager.load(parts=["sparse", "trainer"])
     assert parts["trainer"]["global_step"] == 100
+    assert set(parts["sparse"]) == {"sparse1", "sparse2", "sparse3", "sparse4", "sparse5", "sparse1_x_sparse2"}
+
+
+def test_tutorial_code_under_torchrun(tmp_path):
+    """The tutorial's code as a script under ``torchrun --standalone --nproc_per_node=2`` (module
+    docstring): both ranks exit 0, rank 0 logs a falling loss and the AUC every 10 steps and
+    writes the final checkpoint (with both ranks' IO state)."""
+    script = tmp_path / "seed_ctr_example.py"
+    script.write_text(tutorial_source(cpu=True, torchrun=True))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]  # torchrun: 0 when every rank exits 0
+    assert sorted(os.listdir(tmp_path / "fake_data")) == ["data_0.orc", "data_1.orc"]
+    records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30]
+    losses = [r["loss"] for r in records]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.5 * losses[0]
+    assert all(0.0 <= r["metrics"]["auc"] <= 1.0 for r in records)
+    manager = CheckpointManager(tmp_path / "ckpt")
+    assert manager.list_steps() == [30]
+    parts = manager.load(parts=["sparse", "trainer", "io"])
+    assert parts["trainer"]["global_step"] == 30 and parts["trainer"]["world_size"] == 2
+    assert [s["worker_idx"] for s in parts["io"]] == [0, 1]
     assert set(parts["sparse"]) == {"sparse1", "sparse2", "sparse3", "sparse4", "sparse5", "sparse1_x_sparse2"}
 
 

@@ -4,6 +4,10 @@ child processes some of those tests start)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxrec.framework.metrics import add_metric
-from fxrec.framework.trainer import Trainer, TrainingArguments
+from fxrec.framework.trainer import Trainer, TrainingArguments, _dense_state_dict
 from fxrec.io.orc_dataset import OrcDataset
 from fxrec.metrics.auroc import AUROC
 from fxrec.nn.hashtable_hook import FilterHook
@@ -169,3 +173,60 @@ def assert_same(a: dict, b: dict, exact: bool = True, atol: float = 1e-6) -> Non
                 torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
         else:
             assert a[k] == b[k], k
+
+
+def by_id(entry: dict) -> dict:
+    """A table's state (``HashTable.state_dict()``, or a sparse optimizer's per-table state) with
+    its per-id tensors (first dimension = the number of ids) in id order; scalars as they are."""
+    order = torch.argsort(entry["ids"])
+    n = entry["ids"].numel()
+    return {k: v[order] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+            for k, v in entry.items()}
+
+
+def assert_matches_checkpoint(trainer: Trainer, parts: dict) -> None:
+    """The trainer's state equals a checkpoint's parts exactly: every table's ids and every slot
+    (embedding, last_seen, optimizer moments, the table step), compared in id order; the sparse
+    optimizer's per-table state (ids, slots, step, b1p, b2p) and param group; the dense state; the
+    global step."""
+    assert sorted(trainer.tables) == sorted(parts["sparse"])
+    for name, table in trainer.tables.items():
+        assert_same(by_id(table.state_dict()), by_id(parts["sparse"][name]))
+    mine, saved = trainer.sparse_optimizer.state_dict(), parts["sparse_optimizer"]
+    assert sorted(mine["state"]) == sorted(saved["state"]) == sorted(trainer.tables)
+    for name in mine["state"]:
+        assert_same(by_id(mine["state"][name]), by_id(saved["state"][name]))
+    assert mine["param_groups"] == saved["param_groups"]
+    assert_same(dict(_dense_state_dict(trainer.model)), dict(parts["model"]))
+    assert trainer.state.global_step == parts["trainer"]["global_step"]
+
+
+def run_ranks(script: str, world: int, log_dir: str, args: list[str] = (), timeout: float = 300) -> None:
+    """Run ``python script *args`` as ``world`` ranks (RANK, WORLD_SIZE, LOCAL_RANK set; CPU, one
+    thread each) and assert every rank exits 0 (else the failing rank's log tail). When one rank
+    fails, the others are killed (they would wait for it forever). Logs: ``log_dir/<script
+    name>.rank<r>.log``."""
+    env = dict(os.environ, WORLD_SIZE=str(world), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    stem = os.path.splitext(os.path.basename(script))[0]
+    paths = [os.path.join(log_dir, f"{stem}.rank{r}.log") for r in range(world)]
+    logs = [open(path, "w") for path in paths]
+    procs = [subprocess.Popen([sys.executable, script, *args], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=logs[r], stderr=subprocess.STDOUT) for r in range(world)]
+    try:
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break  # one rank failed: the others would wait for it forever
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:  # report the rank that failed first, not one killed here
+        r = next((r for r in failed if procs[r].returncode != -signal.SIGKILL), failed[0])
+        with open(paths[r]) as f:
+            raise AssertionError(f"rank {r} of {world} exited {procs[r].returncode}:\n" + f.read()[-3000:])

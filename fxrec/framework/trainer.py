@@ -62,6 +62,11 @@ Decisions (RecIS's bugs fixed as SPEC §7 decides; the rest written down here):
 - ``train_and_evaluate(eval_interval=None)``: ``train()``, evaluating (``evaluate()``, i.e.
   ``args.eval_steps`` batches) every ``eval_interval`` steps, or after every epoch when
   ``eval_interval`` is None, and at the end.
+- A ``ValueError`` or ``RuntimeError`` (exactly those types; subclasses pass through unchanged)
+  raised while running a training step — e.g. AUROC rejecting NaN or out-of-range predictions or
+  labels (``ValueError``), ``binary_cross_entropy``'s range checks (``RuntimeError``) — is raised
+  again, same type, as ``"Trainer: step <n> (epoch <e>): <the original message>"`` (n: the global
+  step being run, 1-based), chained to the original (``from err``).
 - ``compile=True``: not yet (``NotImplementedError``): compiling the whole step lands with the
   compiler (SPEC §6). ``save_concurrency_per_rank`` is accepted and has no effect yet (rank 0
   writes each part file in turn).
@@ -478,7 +483,12 @@ class Trainer:
                     break
                 step = self.state.global_step + 1
                 self._call_hooks("before_step", step)
-                outputs, ended = self._train_step(batch, iterator)
+                try:
+                    outputs, ended = self._train_step(batch, iterator)
+                except (ValueError, RuntimeError) as err:
+                    if type(err) not in (ValueError, RuntimeError):  # subclasses (DistError, ...) as they are
+                        raise
+                    raise type(err)(f"Trainer: step {step} (epoch {epoch}): {err}") from err
                 self.state.global_step = step
                 steps += 1
                 self._call_hooks("after_step", step, outputs)
