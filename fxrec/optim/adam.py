@@ -1,8 +1,8 @@
 """The sparse Adam family (SPEC §5.1): ``SparseAdamWTF``, ``SparseAdamW``, ``SparseAdam``.
 
-Per table, per update step (a step where the table has rows with a gradient, see
-``fxrec.optim.sparse_optimizer``): ``b1p *= beta1; b2p *= beta2``; then for each row r with
-gradient g, through ``torch.ops.fxrec.sparse_adam_update``::
+Per table, per optimizer step (every step, see ``fxrec.optim.sparse_optimizer``):
+``b1p *= beta1; b2p *= beta2``; then for each row r with gradient g, through
+``torch.ops.fxrec.sparse_adam_update``::
 
     p_r = p_r * decay
     m_r = beta1*m_r + (1-beta1)*g ;  v_r = beta2*v_r + (1-beta2)*g*g

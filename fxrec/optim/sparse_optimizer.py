@@ -28,14 +28,11 @@ Decisions:
   where new, gradients summed in rank order), so every rank applies the same update and the
   replicas stay identical. Every rank must call ``step`` together (it is a collective).
 - Per-table state (``table_state[name]``: ``step``, and Adam's running products ``b1p``/``b2p``)
-  advances only on the steps that UPDATE the table, i.e. where it has at least one row with a
-  gradient: SPEC §5.1's "per table, per update step", one counter per table. So each table
-  runs the Adam it would run alone, and a table fed only on some steps (a rare feature) does not
-  see its bias correction run out before its first update. (RecIS advances every step; on
-  tables that get gradients every step, the two agree.) ``table.advance_step()`` — the table's
-  own step counter, which eviction (``GlobalStepFilter``) counts in — runs on EVERY optimizer
-  step for every table: an id nobody looked up for N steps is stale whether or not its table got
-  gradients.
+  advances on EVERY optimizer step, whether or not the table got gradient rows (RecIS's rule,
+  SPEC §5.1 "per table, per update step"; a table's rows without a gradient stay untouched). The
+  same holds for ``table.advance_step()`` (the eviction clock of ``GlobalStepFilter``). Branching
+  on whether a step touched a table would also need a host sync, which a compiled step cannot
+  take.
 - Slots are created (``table.slot``) when the optimizer is built, so ids inserted before the
   first step, and rows rebuilt by a model ``load_state_dict``, get the slot's initial value.
 - ``state_dict()`` is keyed by table name (RecIS's keys collided across tables): per table its
@@ -173,12 +170,11 @@ class SparseOptimizer(Optimizer):
         else:
             merged = [table.take_grads() for table in self.tables.values()]
         for (name, table), (rows, grads) in zip(self.tables.items(), merged):
-            if rows.numel() > 0:
-                if table.grad_reduce_by == "worker" and self.grad_accum_steps != 1:
-                    grads = grads / self.grad_accum_steps
-                state = self.table_state[name]
-                state["step"] += 1
-                self._update(table, state, self._slots(table), rows, grads, group)
+            if table.grad_reduce_by == "worker" and self.grad_accum_steps != 1:
+                grads = grads / self.grad_accum_steps
+            state = self.table_state[name]
+            state["step"] += 1
+            self._update(table, state, self._slots(table), rows, grads, group)  # no rows: only the counters move
             table.advance_step()
         return loss
 

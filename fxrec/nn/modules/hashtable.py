@@ -38,7 +38,10 @@ looked up in the last ``N`` steps (the table's ``step`` counts sparse-optimizer 
 ``slot.<name> [n, width]`` per optimizer slot, rows in ascending row order (row numbers are not
 state: loading rebuilds the index and may place ids elsewhere).
 
-Host syncs: an insert counts its new ids (to keep the load bound) — one sync per training lookup.
+Host syncs: the table counts its ids on the device (``count``, a 0-d int64 buffer); an eager
+training lookup reads it to keep the load bound (``reserve``) — one sync per lookup. Under
+``torch.compile`` the lookup does not reserve (growth replaces buffers, which a graph cannot): the
+caller reserves room for a step's ids before the compiled step, and the lookup syncs nothing.
 """
 
 from __future__ import annotations
@@ -135,7 +138,6 @@ class HashTable(nn.Module):
         self.filter_hook = filter_hook
         self.admit_hook = admit_hook
         self.seed = _seed_of(name) if seed is None else int(seed)
-        self._size = 0  # filled slots (host-side count)
         self._slot_init: dict[str, float] = {}
         self._pending: list[_PendingGrad] = []
         capacity = _capacity_for(block_size // 2)
@@ -145,6 +147,8 @@ class HashTable(nn.Module):
         self.register_buffer("embedding", torch.zeros(capacity, self.dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("last_seen", torch.zeros(capacity, dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        # The number of filled slots, on the device: inserts count into it without a host sync.
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
 
     # -- sizes -----------------------------------------------------------------------------------
 
@@ -153,12 +157,12 @@ class HashTable(nn.Module):
         return self.keys.numel()
 
     def __len__(self) -> int:
-        """The number of ids in the table."""
-        return self._size
+        """The number of ids in the table (a host sync)."""
+        return int(self.count)
 
     def extra_repr(self) -> str:
         return (
-            f"name={self.name!r}, dim={self.dim}, dtype={self.dtype}, size={self._size}, capacity={self.capacity}, "
+            f"name={self.name!r}, dim={self.dim}, dtype={self.dtype}, size={len(self)}, capacity={self.capacity}, "
             f"initializer={self.initializer!r}, grad_reduce_by={self.grad_reduce_by!r}"
         )
 
@@ -202,9 +206,10 @@ class HashTable(nn.Module):
             raise ValueError(f"HashTable {self.name!r}: ids are on {ids.device}, the table on {self.keys.device}")
 
     def reserve(self, n: int) -> None:
-        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2."""
-        if 2 * (self._size + n) > self.capacity:
-            self._rebuild(_capacity_for(self._size + n), self.state == FILLED)
+        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2 (a host sync)."""
+        size = len(self)
+        if 2 * (size + n) > self.capacity:
+            self._rebuild(_capacity_for(size + n), self.state == FILLED)
 
     @torch.no_grad()
     def lookup(self, ids: Tensor) -> Tensor:
@@ -218,16 +223,19 @@ class HashTable(nn.Module):
                 found = rows[rows >= 0]
                 self.last_seen[found] = self.step
             return rows.reshape(ids.shape)
-        self.reserve(flat.numel())
+        if not torch.compiler.is_compiling():
+            # Growth replaces the buffers: it cannot run inside a compiled graph, whose caller
+            # reserves room for the step's ids beforehand (``reserve``). A compiled lookup into a
+            # table without room fails in ``table_find_or_insert`` (a full index).
+            self.reserve(flat.numel())
         rows, inserted = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, flat)
         new_rows = rows[inserted]
-        if new_rows.numel() > 0:
-            self._size += new_rows.numel()
-            self.embedding[new_rows] = self.initializer.init_rows(
-                flat[inserted], self.dim, self.seed, self.block_size, self.dtype
-            )
-            for name, init in self._slot_init.items():
-                getattr(self, f"slot_{name}")[new_rows] = init
+        self.count += new_rows.shape[0]
+        self.embedding[new_rows] = self.initializer.init_rows(
+            flat[inserted], self.dim, self.seed, self.block_size, self.dtype
+        )
+        for name, init in self._slot_init.items():
+            getattr(self, f"slot_{name}")[new_rows] = init
         self.last_seen[rows] = self.step
         return rows.reshape(ids.shape)
 
@@ -248,7 +256,10 @@ class HashTable(nn.Module):
             raise ValueError(f"HashTable {self.name!r}: grad_anchor takes 1-D rows [U], got shape {tuple(rows.shape)}")
         anchor = self.embedding.new_zeros(()).expand(rows.shape[0], self.dim).requires_grad_()
         counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts
-        self._pending.append(_PendingGrad(rows, anchor, counts.reshape(-1).to(torch.float32)))
+        # A new list, not an append: under torch.compile an anchor put into the list object that
+        # existed before the graph would escape it ("requires_grad_() intermediate leaked as
+        # output"); a list made in the graph and dropped by take_grads / clear_grads does not.
+        self._pending = [*self._pending, _PendingGrad(rows, anchor, counts.reshape(-1).to(torch.float32))]
         return anchor
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -341,7 +352,7 @@ class HashTable(nn.Module):
             moved[new_rows] = old[old_rows]
             setattr(self, name, moved)
         self.keys, self.state = keys, state
-        self._size = old_rows.numel()
+        self.count = torch.tensor(old_rows.numel(), dtype=torch.int64, device=keys.device)
         for p in self._pending:
             p.rows = remap[p.rows]
 
@@ -382,8 +393,8 @@ class HashTable(nn.Module):
         capacity = _capacity_for(n)
         self.keys, self.state = new_index(capacity, self.keys.device)
         rows, _ = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids)
-        self._size = n
         device = self.keys.device
+        self.count = torch.tensor(n, dtype=torch.int64, device=device)
         self.embedding = self.embedding.new_zeros(capacity, self.dim)
         self.embedding[rows] = embedding.to(device=device, dtype=self.dtype)
         self.last_seen = self.last_seen.new_zeros(capacity)
