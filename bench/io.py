@@ -47,7 +47,7 @@ ID_COLUMNS = ["sparse1", "sparse2", "sparse3", "sparse4"]
 
 def make_data(data_dir: str, num_files: int) -> list[str]:
     marker = os.path.join(data_dir, "DONE.json")
-    spec = {"rows_per_file": ROWS_PER_FILE, "num_files": num_files, "seed": 42}
+    spec = {"rows_per_file": ROWS_PER_FILE, "num_files": num_files, "seed": 42, "generator": "examples.deepctr.data"}
     paths = [os.path.join(data_dir, f"data_{i}.orc") for i in range(num_files)]
     if os.path.exists(marker) and json.load(open(marker)) == spec:
         return paths
