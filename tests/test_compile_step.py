@@ -11,11 +11,12 @@ What it takes (torch 2.13, CPU):
   on purpose (``torch._dynamo.graph_break()`` in ``_use_grad``, pytorch#104053, and "optimizer:
   pending mutation on parameter" after an in-graph backward), ``Optimizer.zero_grad`` is
   ``torch._disable_dynamo``.
-- What does not work yet (strict xfail below): ONE graph. SparseOptimizer keeps its per-table
-  counters (step, Adam's b1p/b2p) as Python numbers, which Dynamo guards on and recompiles for;
-  making them 0-d tensors needs ``fxrec::sparse_adam_update`` to take its bias corrections as
-  tensors. And Inductor's pattern matcher miscompiled the functional dense SGD update here (the
-  weight moved by +grad): the fixture turns it off; not yet reduced to a report.
+- ONE graph for all ten steps (SGD and AdamW): SparseOptimizer keeps its per-table counters
+  (step, Adam's b1p/b2p) as tensors updated in place, and ``fxrec::sparse_adam_update`` takes
+  its bias corrections as 0-d float64 tensors, so Dynamo has no Python number to guard on (as
+  Python numbers they recompiled every AdamW step, up to the recompile limit).
+- Inductor's pattern matcher miscompiled the functional dense SGD update here (the weight moved
+  by +grad): the fixture turns it off; not yet reduced to a report.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def snapshot(model, sparse) -> dict:
             out[f"{name}.{key}"] = value if value.dim() == 0 else value[order]
     for name, scalars in sparse.table_state.items():
         for key, value in scalars.items():
-            out[f"opt.{name}.{key}"] = value
+            out[f"opt.{name}.{key}"] = value.clone()  # 0-d tensors, updated in place
     return out
 
 
@@ -186,13 +187,9 @@ def test_compiled_step_matches_eager(runs):
 def test_compiled_step_no_graph_breaks(runs):
     *_, breaks, graphs = runs
     assert breaks == {}
-    assert graphs <= 8  # Dynamo's recompile limit (AdamW reaches it: its last steps run eagerly)
+    assert graphs <= 8  # Dynamo's recompile limit (test_compiled_step_one_graph: exactly 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "recompiles on SparseOptimizer.table_state's Python scalars: SGD once "
-    "(\"sparse.table_state['ta']['step'] == 0\", then automatic dynamic), AdamW every step "
-    "(\"sparse.table_state['ta']['b1p'] == 0.478...\": float guards) up to the recompile limit"))
 def test_compiled_step_one_graph(runs):
     *_, graphs = runs
     assert graphs == 1

@@ -308,6 +308,30 @@ def test_bias_correction_counters_advance_every_step():
     torch.testing.assert_close(b.embedding[rows_of(b, [9])], torch.full((1, 3), expected), rtol=1e-5, atol=1e-8)
 
 
+def test_table_state_is_tensors_updated_in_place():
+    """The per-table counters are tensors on the table's device, advanced in place (a compiled
+    step guards on no Python number); state_dict gives 0-d copies, load_state_dict copies back in
+    place."""
+    table = make_table(dim=2)
+    opt = SparseAdamW([table], lr=0.1)
+    state = opt.table_state["t"]
+    held = dict(state)
+    assert state["step"].dtype == torch.int64 and state["step"].dim() == 0
+    assert all(state[k].dtype == torch.float64 and state[k].numel() == 1 for k in ("b1p", "b2p"))
+    assert all(v.device == table.embedding.device for v in state.values())
+    for _ in range(2):
+        step(opt, table, [1], torch.ones(1, 2))
+    assert all(opt.table_state["t"][k] is held[k] for k in held)
+    assert int(held["step"]) == 2 and float(held["b1p"]) == 0.9 * 0.9 and float(held["b2p"]) == 0.999 * 0.999
+    saved = opt.state_dict()["state"]["t"]
+    assert all(saved[k].dim() == 0 and saved[k].dtype == held[k].dtype for k in held)
+    step(opt, table, [1], torch.ones(1, 2))
+    assert int(saved["step"]) == 2  # a copy, not the live tensor
+    opt.load_state_dict(roundtrip({"state": {"t": saved}, "param_groups": opt.state_dict()["param_groups"]}))
+    assert all(opt.table_state["t"][k] is held[k] for k in held)
+    assert int(held["step"]) == 2 and float(held["b1p"]) == 0.9 * 0.9
+
+
 # -- state_dict ----------------------------------------------------------------------------------
 
 def make_model():

@@ -116,10 +116,21 @@ adam_hparams = st.fixed_dictionaries({
 })
 
 
-def adam_args(h):
-    """The op's scalar arguments for hyperparameters ``h`` at update step ``h['step']``."""
+def bc(*values, device="cpu"):
+    """Adam's bias corrections as the op takes them: 0-d float64 tensors."""
+    return tuple(torch.tensor(float(v), dtype=torch.float64, device=device) for v in values)
+
+
+def adam_args(h, device="cpu"):
+    """The op's scalar arguments for hyperparameters ``h`` at update step ``h['step']`` (the bias
+    corrections as 0-d float64 tensors on ``device``)."""
     bc1, bc2 = 1 - h["beta1"] ** h["step"], 1 - h["beta2"] ** h["step"]
-    return h["lr"], h["beta1"], h["beta2"], h["eps"], h["decay"], bc1, bc2
+    return (h["lr"], h["beta1"], h["beta2"], h["eps"], h["decay"], *bc(bc1, bc2, device=device))
+
+
+def oracle_args(args):
+    """``adam_args``' values as floats, for the oracle."""
+    return tuple(float(a) for a in args)
 
 
 # -- vs torch.optim.AdamW (SPEC §5.1) ------------------------------------------------------------
@@ -136,7 +147,7 @@ def test_sparse_adamw_matches_torch_adamw():
         adamw.step()
         b1p, b2p = b1p * betas[0], b2p * betas[1]
         adam_update(param, exp_avg, exp_avg_sq, rows, torch.ones(len(rows), dim),
-                    lr, betas[0], betas[1], eps, 1 - lr * wd, 1 - b1p, 1 - b2p)
+                    lr, betas[0], betas[1], eps, 1 - lr * wd, *bc(1 - b1p, 1 - b2p))
         state = adamw.state[dense]
         torch.testing.assert_close(param[rows], dense.detach(), rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(exp_avg[rows], state["exp_avg"], rtol=1e-5, atol=0)
@@ -160,7 +171,7 @@ def test_sparse_adamwtf_decay_has_no_lr_factor():
         grads = randn((3, 8), gen)
         b1p, b2p = b1p * beta1, b2p * beta2
         hp = (lr, beta1, beta2, eps, 1 - wd, 1 - b1p, 1 - b2p)
-        adam_update(param, exp_avg, exp_avg_sq, torch.tensor(rows), grads, *hp)
+        adam_update(param, exp_avg, exp_avg_sq, torch.tensor(rows), grads, *hp[:5], *bc(*hp[5:]))
         expected, mags = adam_oracle(*expected, rows, grads.numpy(), *hp)
     assert_matches_oracle([param, exp_avg, exp_avg_sq], [before, torch.zeros(6, 8), torch.zeros(6, 8)],
                           rows, expected, mags)
@@ -177,7 +188,7 @@ def test_adam_matches_oracle(table, h):
     param, exp_avg, exp_avg_sq, grads = adam_state(capacity, dim, len(rows), seed, grad_scale)
     before = [t.clone() for t in (param, exp_avg, exp_avg_sq)]
     adam_update(param, exp_avg, exp_avg_sq, torch.tensor(rows, dtype=torch.int64), grads, *adam_args(h))
-    expected, mags = adam_oracle(*(t.numpy() for t in before), rows, grads.numpy(), *adam_args(h))
+    expected, mags = adam_oracle(*(t.numpy() for t in before), rows, grads.numpy(), *oracle_args(adam_args(h)))
     assert_matches_oracle([param, exp_avg, exp_avg_sq], before, rows, expected, mags)
 
 
@@ -208,7 +219,7 @@ def test_sgd_matches_oracle(table, lr):
 def test_nan_gradient_poisons_only_its_row():
     param, m, v = torch.ones(4, 3), torch.zeros(4, 3), torch.zeros(4, 3)
     grads = torch.tensor([[1.0, float("nan"), 1.0], [1.0, 1.0, 1.0]])
-    adam_update(param, m, v, torch.tensor([2, 0]), grads, 0.1, 0.9, 0.999, 1e-8, 1.0, 0.1, 0.001)
+    adam_update(param, m, v, torch.tensor([2, 0]), grads, 0.1, 0.9, 0.999, 1e-8, 1.0, *bc(0.1, 0.001))
     assert torch.isnan(param[2, 1]) and torch.isnan(m[2, 1]) and torch.isnan(v[2, 1])
     assert not torch.isnan(param[[0, 1, 3]]).any() and not torch.isnan(param[2, [0, 2]]).any()
 
@@ -227,11 +238,11 @@ def test_strided_views_update_in_place():
 
 # -- validation ----------------------------------------------------------------------------------
 
-def _adam(param=None, exp_avg=None, exp_avg_sq=None, rows=None, grads=None):
+def _adam(param=None, exp_avg=None, exp_avg_sq=None, rows=None, grads=None, bcs=None):
     args = [torch.zeros(5, 3) if x is None else x for x in (param, exp_avg, exp_avg_sq)]
     rows = torch.tensor([0, 2]) if rows is None else rows
     grads = torch.zeros(2, 3) if grads is None else grads
-    adam_update(*args, rows, grads, 1e-3, 0.9, 0.999, 1e-8, 1.0, 0.1, 0.001)
+    adam_update(*args, rows, grads, 1e-3, 0.9, 0.999, 1e-8, 1.0, *(bcs or bc(0.1, 0.001)))
 
 
 @pytest.mark.parametrize("kwargs, error, name", [
@@ -248,6 +259,9 @@ def _adam(param=None, exp_avg=None, exp_avg_sq=None, rows=None, grads=None):
     ({"grads": torch.zeros(3, 3)}, ValueError, "grads"),
     ({"grads": torch.zeros(2, 4)}, ValueError, "grads"),
     ({"grads": torch.zeros(2, 3, dtype=torch.float16)}, TypeError, "grads"),
+    ({"bcs": (torch.tensor(0.1), torch.tensor(0.001, dtype=torch.float64))}, TypeError, "bias_correction1"),
+    ({"bcs": (torch.tensor(0.1, dtype=torch.float64), torch.tensor([0.001], dtype=torch.float64))}, TypeError,
+     "bias_correction2"),
 ])
 def test_adam_rejects_bad_arguments(kwargs, error, name):
     with pytest.raises(error, match=name):
@@ -274,7 +288,7 @@ def opcheck_cases(device="cpu"):
     pos = lambda *shape: torch.rand(*shape, generator=gen).to(device)  # noqa: E731
     rows = torch.tensor([3, 0, 5], device=device)
     empty = torch.empty(0, dtype=torch.int64, device=device)
-    adam_hp = (1e-2, 0.9, 0.999, 1e-8, 0.99, 0.19, 0.002)
+    adam_hp = (1e-2, 0.9, 0.999, 1e-8, 0.99, *bc(0.19, 0.002, device=device))
     return [
         (adam_update, (t(6, 4), t(6, 4), pos(6, 4), rows, t(3, 4), *adam_hp)),
         (adam_update, (t(6, 4), t(6, 4), pos(6, 4), empty, t(0, 4), *adam_hp)),
@@ -327,7 +341,7 @@ def test_triton_launchers_match_cpu_kernels(table, h, rowwise):
     cpu = [param.clone(), m.clone(), v.clone()]
     adam_update(*cpu, idx, grads, *adam_args(h))
     tri = on(param, m, v)
-    sparse_adam_update_triton(*tri, *on(idx, grads), *adam_args(h))
+    sparse_adam_update_triton(*tri, *on(idx, grads), *adam_args(h, TRITON_DEVICE))
     _assert_same(tri, cpu, exact=True)
 
     cpu = [param.clone(), accum.clone()]
@@ -402,7 +416,7 @@ def _check_cuda_matches_cpu(param, m, v, rows, grads, h, rowwise):
     ]
     cpu, gpu = [param.clone(), m.clone(), v.clone()], cuda(param, m, v)
     adam_update(*cpu, rows, grads, *adam_args(h))
-    adam_update(*gpu, *cuda(rows, grads), *adam_args(h))
+    adam_update(*gpu, *cuda(rows, grads), *adam_args(h, "cuda"))
     close(gpu, cpu)
     cpu, gpu = [param.clone(), accum.clone()], cuda(param, accum)
     adagrad_update(*cpu, rows, grads, h["lr"], h["eps"], rowwise)

@@ -12,7 +12,10 @@ only fxrec ops that mutate their inputs (``mutates_args`` names the tensors writ
         m_r = beta1 * m_r + (1 - beta1) * g;   v_r = beta2 * v_r + (1 - beta2) * g * g
         p_r = p_r - lr * sqrt(bias_correction2) / bias_correction1 * m_r / (sqrt(v_r) + eps)
     with ``bias_correction1 = 1 - b1p`` and ``bias_correction2 = 1 - b2p``, where ``b1p``/``b2p`` are
-    the table's running products ``beta^t`` kept by the optimizer. One op serves the family:
+    the table's running products ``beta^t`` kept by the optimizer. The two bias corrections are
+    0-d float64 TENSORS on ``param``'s device (the optimizer's per-table counters are tensors, so a
+    compiled step neither guards on them nor syncs to read them); the other hyperparameters are
+    floats (the param group's, constant across steps). One op serves the family:
     SparseAdamWTF (``decay = 1 - weight_decay``), SparseAdamW (``decay = 1 - lr * weight_decay``),
     SparseAdam (``decay = 1``).
 
@@ -34,8 +37,10 @@ Decisions:
   ``TypeError``/``ValueError`` naming the argument. Row ids outside ``[0, capacity)`` raise
   ``ValueError`` on CPU (the kernel reads rows anyway); on CUDA, where that check would need a
   host sync, such rows are skipped and nothing outside the tables is written.
-- Hyperparameters are ``float`` (float64 on the host); products of them (``1 - beta1``, the step
-  size ``lr * sqrt(bias_correction2) / bias_correction1``) are formed in float64, then every tensor
+- Hyperparameters are ``float`` (float64 on the host) but for Adam's bias corrections (0-d float64
+  tensors); products of them (``1 - beta1``, the step size ``lr * sqrt(bias_correction2) /
+  bias_correction1``) are formed in float64 (the step size by torch float64 ops on the 0-d tensors,
+  on their device, then rounded to float32 once: ``_adam_step_size``), then every tensor
   operation runs in float32, one correctly rounded operation at a time (sqrt included, see
   ``_sqrt_rn``), in the order written above. The CUDA kernels (``fxrec/ops/triton/sparse_update.py``)
   follow the same order with IEEE sqrt/div and no FMA contraction, so the two devices are meant to
@@ -46,13 +51,12 @@ Decisions:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fxrec.ops.triton.sparse_update import (
+    adam_step_size as _adam_step_size,
     sparse_adagrad_update_triton,
     sparse_adam_update_triton,
     sparse_sgd_update_triton,
@@ -117,12 +121,19 @@ def _sqrt_rn(t: Tensor) -> Tensor:
 
 _ADAM_SCHEMA = (
     "(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grads, float lr, "
-    "float beta1, float beta2, float eps, float decay, float bias_correction1, float bias_correction2) -> ()"
+    "float beta1, float beta2, float eps, float decay, Tensor bias_correction1, Tensor bias_correction2) -> ()"
 )
 
 
-def _check_adam(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grads: Tensor) -> None:
+def _check_adam(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grads: Tensor,
+                bias_correction1: Tensor, bias_correction2: Tensor) -> None:
     _check_update_args("sparse_adam_update", param, rows, grads, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
+    for name, bc in (("bias_correction1", bias_correction1), ("bias_correction2", bias_correction2)):
+        if not isinstance(bc, Tensor) or bc.dtype != torch.float64 or bc.dim() != 0:
+            got = f"a {bc.dtype} tensor of shape {tuple(bc.shape)}" if isinstance(bc, Tensor) else repr(bc)
+            raise TypeError(f"fxrec::sparse_adam_update: {name} must be a 0-d float64 tensor, got {got}")
+        if bc.device != param.device:
+            raise ValueError(f"fxrec::sparse_adam_update: {name} is on {bc.device} but param on {param.device}")
 
 
 @torch.library.custom_op(
@@ -131,12 +142,12 @@ def _check_adam(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor
 def sparse_adam_update(
     param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grads: Tensor,
     lr: float, beta1: float, beta2: float, eps: float, decay: float,
-    bias_correction1: float, bias_correction2: float,
+    bias_correction1: Tensor, bias_correction2: Tensor,
 ) -> None:
     """Adam/AdamW/AdamWTF step on the rows ``rows`` (see the module docstring), in place."""
-    _check_adam(param, exp_avg, exp_avg_sq, rows, grads)
+    _check_adam(param, exp_avg, exp_avg_sq, rows, grads, bias_correction1, bias_correction2)
     _check_rows_in_range("sparse_adam_update", rows, param.shape[0])
-    step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+    step_size = _adam_step_size(lr, bias_correction1, bias_correction2)
     p = param.index_select(0, rows) * decay
     m = exp_avg.index_select(0, rows) * beta1 + grads * (1.0 - beta1)
     v = exp_avg_sq.index_select(0, rows) * beta2 + (1.0 - beta2) * grads * grads
@@ -148,7 +159,7 @@ def sparse_adam_update(
 
 @sparse_adam_update.register_kernel("cuda")
 def _(param, exp_avg, exp_avg_sq, rows, grads, lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2):
-    _check_adam(param, exp_avg, exp_avg_sq, rows, grads)
+    _check_adam(param, exp_avg, exp_avg_sq, rows, grads, bias_correction1, bias_correction2)
     sparse_adam_update_triton(
         param, exp_avg, exp_avg_sq, rows, grads, lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2
     )
@@ -156,7 +167,7 @@ def _(param, exp_avg, exp_avg_sq, rows, grads, lr, beta1, beta2, eps, decay, bia
 
 @sparse_adam_update.register_fake
 def _(param, exp_avg, exp_avg_sq, rows, grads, lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2):
-    _check_adam(param, exp_avg, exp_avg_sq, rows, grads)
+    _check_adam(param, exp_avg, exp_avg_sq, rows, grads, bias_correction1, bias_correction2)
 
 
 # -- sparse_adagrad_update -----------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The sparse Adam family (SPEC §5.1): ``SparseAdamWTF``, ``SparseAdamW``, ``SparseAdam``.
 
 Per table, per optimizer step (every step, see ``fxrec.optim.sparse_optimizer``):
-``b1p *= beta1; b2p *= beta2``; then for each row r with gradient g, through
-``torch.ops.fxrec.sparse_adam_update``::
+``b1p *= beta1; b2p *= beta2`` (float64 tensors, in place); then for each row r with
+gradient g, through ``torch.ops.fxrec.sparse_adam_update``::
 
     p_r = p_r * decay
     m_r = beta1*m_r + (1-beta1)*g ;  v_r = beta2*v_r + (1-beta2)*g*g
@@ -57,8 +57,11 @@ class _SparseAdamBase(SparseOptimizer):
             defaults["weight_decay"] = check_hyperparameter(owner, "weight_decay", weight_decay, high=max_weight_decay)
         super().__init__(tables, defaults)
 
-    def _new_table_state(self):
-        return {"step": 0, "b1p": 1.0, "b2p": 1.0}
+    def _new_table_state(self, device):
+        # b1p/b2p: float64 of shape [1], not 0-d (fxrec.optim.sparse_optimizer: torch.compile drops
+        # in-place updates of 0-d CPU float64 inputs); state_dict gives them 0-d all the same.
+        ones = {key: torch.ones(1, dtype=torch.float64, device=device) for key in ("b1p", "b2p")}
+        return {**super()._new_table_state(device), **ones}
 
     def _slot_specs(self, table):
         return {"exp_avg": (table.dim, 0.0), "exp_avg_sq": (table.dim, 0.0)}
@@ -68,12 +71,12 @@ class _SparseAdamBase(SparseOptimizer):
 
     def _update(self, table, state, slots, rows, grads, group):
         beta1, beta2 = (float(b) for b in group["betas"])
-        state["b1p"] *= beta1
-        state["b2p"] *= beta2
+        state["b1p"].mul_(beta1)  # [1] float64 tensors, in place (fxrec.optim.sparse_optimizer)
+        state["b2p"].mul_(beta2)
         torch.ops.fxrec.sparse_adam_update(
             table.embedding, slots["exp_avg"], slots["exp_avg_sq"], rows, grads,
             float(group["lr"]), beta1, beta2, float(group["eps"]), self._decay(group),
-            1.0 - state["b1p"], 1.0 - state["b2p"],
+            (1.0 - state["b1p"]).reshape(()), (1.0 - state["b2p"]).reshape(()),
         )
 
 

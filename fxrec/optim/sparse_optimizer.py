@@ -27,22 +27,30 @@ Decisions:
   (``fxrec.distributed.replicated.sync_replicated_grads``: the union of the ranks' ids, inserted
   where new, gradients summed in rank order), so every rank applies the same update and the
   replicas stay identical. Every rank must call ``step`` together (it is a collective).
-- Per-table state (``table_state[name]``: ``step``, and Adam's running products ``b1p``/``b2p``)
-  advances on EVERY optimizer step, whether or not the table got gradient rows (RecIS's rule,
-  SPEC §5.1 "per table, per update step"; a table's rows without a gradient stay untouched). The
-  same holds for ``table.advance_step()`` (the eviction clock of ``GlobalStepFilter``). Branching
-  on whether a step touched a table would also need a host sync, which a compiled step cannot
-  take.
+- Per-table state (``table_state[name]``: ``step``, and Adam's running products ``b1p``/``b2p``):
+  TENSORS on the table's device (0-d int64 ``step``; float64 ``b1p``/``b2p`` of shape ``[1]``),
+  updated in place (``step.add_(1)``, ``b1p.mul_(beta1)``): a compiled step neither guards on
+  them (Python numbers would be specialized, so every Adam step would recompile) nor syncs to
+  read them; ``_table_state`` moves them along if the tables moved device. Why ``[1]`` and not
+  0-d for the floats: torch 2.13's Dynamo gives a 0-d CPU float64 graph input an ``.item()``
+  symbol (FakeTensorConverter's ``item_memo``), and the ``tensorify_python_scalars`` restart
+  then DROPS the in-place update of it (``b.mul_(0.9)`` compiles to nothing, silently; 0-d
+  int64 and ``[1]`` float64 are kept). ``state_dict`` gives every scalar 0-d all the same. The state advances on EVERY
+  optimizer step, whether or not the table got gradient rows (RecIS's rule, SPEC §5.1 "per
+  table, per update step"; a table's rows without a gradient stay untouched). The same holds
+  for ``table.advance_step()`` (the eviction clock of ``GlobalStepFilter``). Branching on
+  whether a step touched a table would also need a host sync, which a compiled step cannot take.
 - Slots are created (``table.slot``) when the optimizer is built, so ids inserted before the
   first step, and rows rebuilt by a model ``load_state_dict``, get the slot's initial value.
 - ``state_dict()`` is keyed by table name (RecIS's keys collided across tables): per table its
   scalars (0-d tensors: int64 ``step``, float64 ``b1p``/``b2p``), ``ids`` (the table's ids, in
   row order) and ``slot.<name> [n, width]`` for those ids; plus ``param_groups`` (torch's format,
   ``params`` numbered, ``param_names`` the tables). Every leaf of ``state`` is a tensor (ready
-  for safetensors). ``load_state_dict`` restores it bit-exactly into an optimizer over the same
-  table names whose tables hold those ids (e.g. after ``model.load_state_dict``); an unknown or
-  missing table, an id the table lacks, or a missing / misshapen slot is a ``ValueError`` naming
-  the table, raised before anything is written. Ids the table holds beyond the saved ones keep
+  for safetensors). ``load_state_dict`` restores it bit-exactly (the scalars copied in place
+  into the optimizer's per-table tensors) into an optimizer over the same table names whose
+  tables hold those ids (e.g. after ``model.load_state_dict``); an unknown or missing table, an
+  id the table lacks, or a missing / misshapen slot or scalar is a ``ValueError`` naming the
+  table, raised before anything is written. Ids the table holds beyond the saved ones keep
   their slot values. The HashTable's own ``state_dict`` also stores the slots (SPEC §4.4); the
   optimizer's round-trips alone all the same.
 """
@@ -116,15 +124,27 @@ class SparseOptimizer(Optimizer):
         self.tables = _collect_tables(tables, type(self).__name__)
         placeholders = [(name, torch.empty(0)) for name in self.tables]  # see the module docstring
         super().__init__([{"params": placeholders}], defaults)
-        self.table_state: dict[str, dict[str, int | float]] = {name: self._new_table_state() for name in self.tables}
+        self.table_state: dict[str, dict[str, Tensor]] = {
+            name: self._new_table_state(table.embedding.device) for name, table in self.tables.items()
+        }
         self.grad_accum_steps = 1
         for table in self.tables.values():
             self._slots(table)
 
     # -- subclass interface ----------------------------------------------------------------------
 
-    def _new_table_state(self) -> dict[str, int | float]:
-        return {"step": 0}
+    def _new_table_state(self, device: torch.device) -> dict[str, Tensor]:
+        """The per-table scalars at step 0: one-element tensors on ``device`` (module docstring)."""
+        return {"step": torch.zeros((), dtype=torch.int64, device=device)}
+
+    def _table_state(self, name: str, table: HashTable) -> dict[str, Tensor]:
+        """``table_state[name]``, moved to the table's device if the table moved (e.g. ``model.to``
+        after the optimizer was built); a metadata check, no sync."""
+        state = self.table_state[name]
+        device = table.embedding.device
+        if any(value.device != device for value in state.values()):
+            state = self.table_state[name] = {key: value.to(device) for key, value in state.items()}
+        return state
 
     def _slot_specs(self, table: HashTable) -> dict[str, tuple[int, float]]:
         """``{slot name: (width, initial value)}``."""
@@ -172,8 +192,8 @@ class SparseOptimizer(Optimizer):
         for (name, table), (rows, grads) in zip(self.tables.items(), merged):
             if table.grad_reduce_by == "worker" and self.grad_accum_steps != 1:
                 grads = grads / self.grad_accum_steps
-            state = self.table_state[name]
-            state["step"] += 1
+            state = self._table_state(name, table)
+            state["step"].add_(1)
             self._update(table, state, self._slots(table), rows, grads, group)  # no rows: only the counters move
             table.advance_step()
         return loss
@@ -185,10 +205,7 @@ class SparseOptimizer(Optimizer):
         state = {}
         for name, table in self.tables.items():
             ids, rows = table_items(table.keys, table.state)
-            entry: dict[str, Tensor] = {
-                key: torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
-                for key, value in self.table_state[name].items()
-            }
+            entry: dict[str, Tensor] = {key: value.reshape(()).clone() for key, value in self.table_state[name].items()}
             entry["ids"] = ids
             for slot_name, slot in self._slots(table).items():
                 entry[f"slot.{slot_name}"] = slot[rows]
@@ -215,7 +232,7 @@ class SparseOptimizer(Optimizer):
         plan = []
         for name, table in self.tables.items():
             entry = saved[name]
-            scalars = self._new_table_state()
+            scalars = self._new_table_state(table.embedding.device)
             absent = [key for key in ["ids", *scalars] if key not in entry]
             if absent:
                 raise ValueError(f"{owner}: the state of table {name!r} lacks {absent}")
@@ -240,12 +257,19 @@ class SparseOptimizer(Optimizer):
                                      f"({ids.numel()}, {width}), got {got}")
                 values[slot_name] = value
             for key, default in scalars.items():
-                scalars[key] = int(entry[key]) if isinstance(default, int) else float(entry[key])
+                value = entry[key]
+                if not isinstance(value, Tensor):  # a Python number, as numbers (float64 for floats)
+                    value = torch.tensor(int(value) if default.dtype == torch.int64 else float(value))
+                if value.numel() != 1:
+                    raise ValueError(f"{owner}: table {name!r}: {key} must be a scalar, got shape {tuple(value.shape)}")
+                scalars[key] = value.reshape(default.shape).to(device=default.device, dtype=default.dtype)
             plan.append((name, table, rows, values, scalars))
         for name, table, rows, values, scalars in plan:
             slots = self._slots(table)
             for slot_name, value in values.items():
                 slots[slot_name][rows] = value.to(device=rows.device, dtype=torch.float32)
-            self.table_state[name] = scalars
+            state = self._table_state(name, table)
+            for key, value in scalars.items():  # in place: a compiled step keeps its tensors
+                state[key].copy_(value)
         group = self.param_groups[0]
         group.update({key: value for key, value in groups[0].items() if key not in ("params", "param_names")})

@@ -19,13 +19,12 @@ Launchers work on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors
 
 from __future__ import annotations
 
-import math
-
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["sparse_adam_update_triton", "sparse_adagrad_update_triton", "sparse_sgd_update_triton"]
+__all__ = ["adam_step_size", "sparse_adam_update_triton", "sparse_adagrad_update_triton", "sparse_sgd_update_triton"]
 
 _MAX_BLOCK_D = 128
 _ELEMENTS_PER_PROGRAM = 2048
@@ -53,10 +52,11 @@ def _tile(rows, n_rows, capacity, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.conste
 def _sparse_adam_kernel(
     param, exp_avg, exp_avg_sq, rows, grads, n_rows, capacity, dim,
     p_s0, p_s1, m_s0, m_s1, v_s0, v_s1,
-    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, eps,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size_ptr, eps,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i, r, d, mask = _tile(rows, n_rows, capacity, dim, BLOCK_R, BLOCK_D)
+    step_size = tl.load(step_size_ptr)  # float32, rounded once from its float64 value
     p_ptr = param + r[:, None] * p_s0 + d[None, :] * p_s1
     m_ptr = exp_avg + r[:, None] * m_s0 + d[None, :] * m_s1
     v_ptr = exp_avg_sq + r[:, None] * v_s0 + d[None, :] * v_s1
@@ -130,20 +130,31 @@ def _grid(n_rows: int, dim: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(n_rows, block_r), triton.cdiv(dim, block_d)), block_r, block_d
 
 
+def adam_step_size(lr: float, bias_correction1: Tensor, bias_correction2: Tensor) -> Tensor:
+    """Adam's step size ``lr * sqrt(bias_correction2) / bias_correction1`` as a 0-d float32 tensor
+    on the bias corrections' device: formed in float64 (correctly rounded mul, sqrt, div, in that
+    order, from the 0-d float64 tensors; no host sync), then rounded to float32 once. Shared by
+    the CPU kernel and the Triton launcher, so both see the same float32 step size."""
+    return (lr * bias_correction2.sqrt() / bias_correction1).to(torch.float32)
+
+
 def sparse_adam_update_triton(
     param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grads: Tensor,
     lr: float, beta1: float, beta2: float, eps: float, decay: float,
-    bias_correction1: float, bias_correction2: float,
+    bias_correction1: Tensor, bias_correction2: Tensor,
 ) -> None:
     """In place, for each i and r = rows[i] in [0, capacity) (rows unique):
     ``p_r *= decay; m_r = beta1 m_r + (1-beta1) g; v_r = beta2 v_r + (1-beta2) g g;
-    p_r -= lr sqrt(bias_correction2) / bias_correction1 * m_r / (sqrt(v_r) + eps)``."""
+    p_r -= lr sqrt(bias_correction2) / bias_correction1 * m_r / (sqrt(v_r) + eps)``; the bias
+    corrections are 0-d float64 tensors on ``param``'s device."""
     n_rows, (capacity, dim) = rows.shape[0], param.shape
     if n_rows == 0 or dim == 0:
         return
     rows, grads = rows.contiguous(), grads.contiguous()
-    # Scalars are folded on the host in float64, as the CPU kernel does, then read as float32.
-    step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+    # Host scalars are folded in float64, as the CPU kernel does, then read as float32; the step
+    # size is formed in float64 from the bias-correction tensors on the device (no host sync),
+    # rounded to float32 once, and loaded by the kernel (``adam_step_size``, as on CPU).
+    step_size = adam_step_size(lr, bias_correction1, bias_correction2)
     grid, block_r, block_d = _grid(n_rows, dim)
     _sparse_adam_kernel[grid](
         param, exp_avg, exp_avg_sq, rows, grads, n_rows, capacity, dim,
