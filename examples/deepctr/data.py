@@ -68,9 +68,11 @@ def generate_data(file_dir: str = "./fake_data/", rows: int = 2047, file_num: in
     paths = []
     for i in range(file_num):
         path = os.path.join(file_dir, "data_{}.orc".format(i))
-        tmp = path + ".tmp"
+        # Never a half-written .orc: written under a name of this process's own (torchrun ranks all
+        # generate the same files at once), then renamed into place atomically.
+        tmp = f"{path}.tmp-{os.getpid()}"
         orc.write_table(table, tmp)
-        os.replace(tmp, path)  # never a half-written .orc (a concurrent reader, an interrupted run)
+        os.replace(tmp, path)
         paths.append(path)
     return paths
 
