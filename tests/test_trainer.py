@@ -516,6 +516,7 @@ out = {{"step": trainer.state.global_step, "epoch": trainer.state.epoch,
         "tables": {{n: {{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in t.items()}} for n, t in snap.items()}}}}
 with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
     json.dump(out, f)
+dist.barrier()  # no rank tears gloo down while another still uses it
 dist.destroy_process_group()
 """
 
@@ -578,6 +579,7 @@ else:  # resume at another world size: every rank holds every id and slot of the
     with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
         json.dump({{"step": trainer.state.global_step, "tables": {{n: {{k: (v.tolist() if hasattr(v, "tolist") else v)
                    for k, v in t.items()}} for n, t in snap.items()}}}}, f)
+dist.barrier()  # no rank tears gloo down while another still uses it
 dist.destroy_process_group()
 """
 

@@ -462,6 +462,10 @@ class Trainer:
             if self.last_eval is None or self.last_eval.get("global_step") != self.state.global_step:
                 self._evaluate_in_training()
         self._call_hooks("after_train")
+        if is_distributed():
+            # Every rank leaves together: none tears its process group down (or exits) while
+            # another still runs a collective or rank 0 still writes the final checkpoint.
+            dist.barrier()
         return self.state
 
     def _train_pass(self) -> int:
