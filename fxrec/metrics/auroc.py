@@ -49,14 +49,15 @@ def auroc_thresholds(num_thresholds: int) -> list[float]:
     return [0.0 - KEPSILON] + inner + [1.0 + KEPSILON]
 
 
-def _flatten(t: torch.Tensor, what: str) -> torch.Tensor:
-    """[B], [B, 1] or a 0-dim tensor (what ``squeeze()`` leaves of a batch of one) -> [B]."""
+def flatten_batch(t: torch.Tensor, what: str, owner: str = "AUROC") -> torch.Tensor:
+    """[B], [B, 1] or a 0-dim tensor (what ``squeeze()`` leaves of a batch of one) -> [B]; a
+    ``ValueError`` naming ``owner`` and ``what`` otherwise (shared by AUROC and Gauc)."""
     if t.dim() == 0:
         return t.reshape(1)
     if t.dim() == 2 and t.shape[1] == 1:
         return t.reshape(-1)
     if t.dim() != 1:
-        raise ValueError(f"AUROC: {what} must have shape [B] or [B, 1], got {tuple(t.shape)}")
+        raise ValueError(f"{owner}: {what} must have shape [B] or [B, 1], got {tuple(t.shape)}")
     return t
 
 
@@ -128,7 +129,7 @@ class AUROC(nn.Module):
     # -- counting --------------------------------------------------------------------------------
 
     def _check(self, pred: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pred, label = _flatten(pred, "predictions"), _flatten(label, "labels")
+        pred, label = flatten_batch(pred, "predictions"), flatten_batch(label, "labels")
         if pred.shape != label.shape:
             raise ValueError(f"AUROC: predictions {tuple(pred.shape)} and labels {tuple(label.shape)} differ in shape")
         if not pred.is_floating_point() or pred.dtype in (torch.float16, torch.bfloat16):

@@ -40,15 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def _flatten(t: torch.Tensor, what: str) -> torch.Tensor:
-    if t.dim() == 0:
-        return t.reshape(1)
-    if t.dim() == 2 and t.shape[1] == 1:
-        return t.reshape(-1)
-    if t.dim() != 1:
-        raise ValueError(f"Gauc: {what} must have shape [B] or [B, 1], got {tuple(t.shape)}")
-    return t
+from fxrec.metrics.auroc import flatten_batch
 
 
 def group_auc_sums(labels: torch.Tensor, predictions: torch.Tensor, indicators: torch.Tensor) -> torch.Tensor:
@@ -109,9 +101,9 @@ class Gauc(nn.Module):
         return self
 
     def _check(self, labels, predictions, indicators):
-        labels = _flatten(labels, "labels")
-        predictions = _flatten(predictions, "predictions")
-        indicators = _flatten(indicators, "indicators")
+        labels = flatten_batch(labels, "labels", "Gauc")
+        predictions = flatten_batch(predictions, "predictions", "Gauc")
+        indicators = flatten_batch(indicators, "indicators", "Gauc")
         if not (labels.shape == predictions.shape == indicators.shape):
             raise ValueError(
                 f"Gauc: labels {tuple(labels.shape)}, predictions {tuple(predictions.shape)} and indicators "

@@ -19,6 +19,7 @@ RecIS's ``use_nesterov``/``amsgrad`` are not (RecIS did not support them either)
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -66,8 +67,9 @@ class _SparseAdamBase(SparseOptimizer):
     def _slot_specs(self, table):
         return {"exp_avg": (table.dim, 0.0), "exp_avg_sq": (table.dim, 0.0)}
 
+    @abstractmethod
     def _decay(self, group) -> float:
-        raise NotImplementedError
+        """The factor ``p`` is multiplied by before the update (module docstring)."""
 
     def _update(self, table, state, slots, rows, grads, group):
         beta1, beta2 = (float(b) for b in group["betas"])

@@ -58,6 +58,7 @@ Decisions:
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -116,7 +117,7 @@ def _collect_tables(tables: Any, owner: str) -> dict[str, HashTable]:
     return out
 
 
-class SparseOptimizer(Optimizer):
+class SparseOptimizer(Optimizer, metaclass=ABCMeta):
     """Base class (module docstring). Subclasses define ``_slot_specs``, ``_update`` and, with
     per-table scalars beyond ``step``, ``_new_table_state``."""
 
@@ -146,14 +147,14 @@ class SparseOptimizer(Optimizer):
             state = self.table_state[name] = {key: value.to(device) for key, value in state.items()}
         return state
 
+    @abstractmethod
     def _slot_specs(self, table: HashTable) -> dict[str, tuple[int, float]]:
         """``{slot name: (width, initial value)}``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _update(self, table: HashTable, state: dict, slots: dict[str, Tensor], rows: Tensor, grads: Tensor,
                 group: dict[str, Any]) -> None:
         """Update ``rows`` of ``table`` (unique, each with a gradient) in place."""
-        raise NotImplementedError
 
     def _slots(self, table: HashTable) -> dict[str, Tensor]:
         return {name: table.slot(name, width, init) for name, (width, init) in self._slot_specs(table).items()}
