@@ -8,15 +8,17 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.orc as orc
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from examples.deepctr.data import generate_data
+from examples.deepctr.dataset import IOArgs, get_dataset
 from fxrec.io import OrcDataset, ParquetDataset
 from fxrec.ragged import RaggedTensor
 from test_io_support import (
@@ -362,75 +364,14 @@ def test_parquet_dataset_has_the_same_interface():
 
 
 # -- the seed tutorial ---------------------------------------------------------------------------------
-@dataclass
-class IOArgs:
-    data_paths: str
-    batch_size: int
-    thread_num: int
-    prefetch: int
-    drop_remainder: bool
-
-
-def get_dataset(io_args):
-    """The seed tutorial's get_dataset, verbatim but for ``recis`` -> ``fxrec``."""
-    import os
-
-    import torch
-
-    from fxrec.io.orc_dataset import OrcDataset
-
-    worker_idx = int(os.environ.get("RANK", 0))
-    worker_num = int(os.environ.get("WORLD_SIZE", 1))
-    dataset = OrcDataset(
-        io_args.batch_size,
-        worker_idx=worker_idx,
-        worker_num=worker_num,
-        read_threads_num=io_args.thread_num,
-        prefetch=io_args.prefetch,
-        is_compressed=False,
-        drop_remainder=io_args.drop_remainder,
-        transform_fn=[lambda x: x[0]],
-        dtype=torch.float32,
-        device="cuda",
-        save_interval=None,
-    )
-    data_paths = io_args.data_paths.split(",")
-    for path in data_paths:
-        dataset.add_path(path)
-    dataset.fixedlen_feature("label", [0.0])
-    dataset.fixedlen_feature("dense1", [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
-    dataset.fixedlen_feature("dense2", [0.0])
-    dataset.varlen_feature("sparse1")
-    dataset.varlen_feature("sparse2")
-    dataset.varlen_feature("sparse3")
-    dataset.varlen_feature("sparse4")
-    dataset.varlen_feature("sparse5", hash_type=None, trans_int8=True)
-    return dataset
-
-
-def tutorial_table(bs: int, max_seq: int, rng: np.random.Generator) -> pa.Table:
-    """The tutorial's generator (its column types and value ranges), smaller."""
-    ids = np.arange(bs, dtype=np.int64).reshape(bs, 1).tolist()
-    strs = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz0123456789"), 10)) for _ in range(50)]
-    return pa.Table.from_pydict(
-        {
-            "label": np.floor(rng.random((bs, 1)) + 0.5, dtype=np.float32).tolist(),
-            "dense1": rng.random((bs, 8)).tolist(),
-            "dense2": rng.random((bs, 1)).tolist(),
-            "sparse1": ids,
-            "sparse2": ids,
-            "sparse3": ids,
-            "sparse4": [rng.integers(0, 1000000, rng.integers(1, max_seq)).tolist() for _ in range(bs)],
-            "sparse5": [[strs[i] for i in rng.integers(0, 50, rng.integers(1, max_seq))] for _ in range(bs)],
-        }
-    )
+# The tutorial's own get_dataset / IOArgs and its data generator, as files: examples/deepctr/.
 
 
 def test_tutorial_get_dataset(tmp_path, monkeypatch):
-    table = tutorial_table(97, 300, np.random.default_rng(0))
-    write_files(tmp_path, [table] * 3, "orc")
+    paths = generate_data(str(tmp_path), rows=97, file_num=3, max_seq_len=300)
+    table = orc.read_table(paths[0])
     args = IOArgs(data_paths=str(tmp_path), batch_size=64, thread_num=2, prefetch=1, drop_remainder=True)
-    dataset = get_dataset(args)
+    dataset = get_dataset(args, device="cuda")  # the tutorial's device
     if HAS_CUDA:
         batches = read_all(dataset)
         assert batches[0]["sparse4"].values().is_cuda
