@@ -3,6 +3,8 @@
 All features of a multi call go through every step together, so the launch count does not
 depend on the number of features N:
 
+0. One non-blocking copy of the feature table from pinned memory; the zeroed status entries
+   (totals, bad-offsets flags) ride in the same buffer, so no zero-fill launch.
 1. ``_rows_kernel`` (2-D) / ``_slots_kernel`` (3-D): per row (per slot), the kept length and
    the source start of the kept items; bad offsets raise a per-feature flag.
 2. ``torch.cumsum`` over the kept lengths of every feature at once.
@@ -10,12 +12,13 @@ depend on the number of features N:
    before the feature) and its total.
 4. Host sync: ``status.tolist()`` reads every total and flag at once (the output sizes are
    data-dependent). This is the only sync.
-5. ``_segment_copy_kernel``: one launch copies the kept items of every values and weight
-   tensor, addressed through a table of data pointers. Items are copied as integer words (see
-   :func:`fxrec.ops.triton.dense.word_size`), so any dtype and trailing dims work, bit-exact.
+5. ``_segment_copy_kernel``: one launch (after a second non-blocking table copy) copies the kept
+   items of every values and weight tensor, addressed through a table of data pointers. Items
+   are copied as integer words (see :func:`fxrec.ops.triton.dense.word_size`), so any dtype and
+   trailing dims work, bit-exact.
 
-Per-feature tables travel to the device from pinned memory without blocking. Launchers work on
-CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors.
+Per call: 3 kernels, 2 table copies, 1 sync, whatever N is. Launchers work on CUDA tensors and,
+under ``TRITON_INTERPRET=1``, on CPU tensors.
 """
 
 from __future__ import annotations
@@ -155,12 +158,15 @@ def _segment_copy_kernel(jobs, seg_starts, BLOCK: tl.constexpr):
                         dst.to(tl.pointer_type(tl.int8)) + dst_word, n, BLOCK)
 
 
-def _table(rows: list[list[int]], device: torch.device) -> Tensor:
-    """A small int64 table on ``device``; CUDA gets it from pinned memory without blocking."""
-    table = torch.tensor(rows, dtype=torch.int64)
+def _table(rows: list[list[int]], device: torch.device, status_entries: int = 0) -> tuple[Tensor, Tensor]:
+    """A small int64 table on ``device`` and, after it in the same buffer, ``status_entries``
+    zeros for the kernels' totals and flags (no separate zero-fill launch). CUDA gets the buffer
+    from pinned memory without blocking. Returns (table, status) views."""
+    flat = [x for row in rows for x in row]
+    buffer = torch.tensor(flat + [0] * status_entries, dtype=torch.int64)
     if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table
+        buffer = buffer.pin_memory().to(device, non_blocking=True)
+    return buffer[: len(flat)], buffer[len(flat):]
 
 
 def _item_bytes(t: Tensor) -> int:
@@ -187,7 +193,8 @@ def _copy_segments(copies, seg_starts: Tensor, items_per_seg: int) -> None:
         return
     block = min(1024, max(128, triton.next_power_of_2(max(items_per_seg * max_row_words, 1))))
     grid = (max(job[0] for job in jobs), len(jobs))
-    _segment_copy_kernel[grid](_table(jobs, seg_starts.device), seg_starts, BLOCK=block, num_warps=max(1, block // 256))
+    table, _ = _table(jobs, seg_starts.device)
+    _segment_copy_kernel[grid](table, seg_starts, BLOCK=block, num_warps=max(1, block // 256))
 
 
 def _empty_weight(values: Tensor) -> Tensor:
@@ -216,18 +223,18 @@ def truncate_multi_triton(
     n_rows = [o.numel() - 1 for o in offsets]
     row_base = [sum(n_rows[:f]) for f in range(n_features)]
     out_offsets = [torch.empty(r + 1, dtype=torch.int64, device=device) for r in n_rows]
-    features = _table(
+    features, status = _table(  # status: [totals, bad flags]
         [
             [row_base[f], n_rows[f], offsets[f].data_ptr(), values[f].shape[0], seq_lens[f], int(keep_last[f]),
              out_offsets[f].data_ptr()]
             for f in range(n_features)
         ],
         device,
+        status_entries=2 * n_features,
     )
     total_rows = sum(n_rows)
     kept = torch.empty(total_rows, dtype=torch.int64, device=device)
     starts = torch.empty(total_rows, dtype=torch.int64, device=device)
-    status = torch.zeros(2 * n_features, dtype=torch.int64, device=device)  # [totals, bad flags]
     if total_rows > 0:
         grid = (triton.cdiv(max(n_rows), _ROWS_BLOCK), n_features)
         _rows_kernel[grid](features, kept, starts, status, n_features, BLOCK=_ROWS_BLOCK)
@@ -279,15 +286,14 @@ def truncate_3d_triton(
     n_slots = n_rows * seq_len
     slot_len = torch.empty(n_slots, dtype=torch.int64, device=device)
     starts = torch.empty(n_slots, dtype=torch.int64, device=device)
-    status = torch.zeros(2, dtype=torch.int64, device=device)  # [total, bad flag]
+    out_inner = torch.empty(n_slots + 1, dtype=torch.int64, device=device)
+    features, status = _table([[0, n_slots, 0, 0, 0, 0, out_inner.data_ptr()]], device, status_entries=2)
     if n_slots > 0:
         _slots_kernel[(triton.cdiv(n_slots, _ROWS_BLOCK),)](
             outer_offsets, inner_offsets, slot_len, starts, status, n_slots, inner_offsets.numel() - 1,
             values.shape[0], seq_len, int(keep_last), BLOCK=_ROWS_BLOCK,
         )
     cum = torch.cumsum(slot_len, 0)
-    out_inner = torch.empty(n_slots + 1, dtype=torch.int64, device=device)
-    features = _table([[0, n_slots, 0, 0, 0, 0, out_inner.data_ptr()]], device)
     _offsets_kernel[(triton.cdiv(n_slots + 1, _ROWS_BLOCK), 1)](features, cum, status, BLOCK=_ROWS_BLOCK)
     total, bad = status.tolist()  # the one host sync
     if bad:
