@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fxrec.ops.triton.mod import segment_table
+from fxrec.ops.triton.mod import device_table
 
 _HASH_CODES = {"farm": 0, "murmur": 1}
 _MURMUR = tl.constexpr(_HASH_CODES["murmur"])
@@ -373,7 +373,7 @@ def hash_bytes_multi_triton(values: list[Tensor], offsets: list[Tensor], hash_ty
         rows.append([v.data_ptr(), o.data_ptr(), out.data_ptr(), out.numel(), _HASH_CODES[t], n_programs])
         n_programs += triton.cdiv(out.numel(), _BLOCK_STRINGS)
     if n_programs:
-        table = segment_table(rows, values[0].device)  # no host sync (was a blocking copy)
+        table, _ = device_table(rows, values[0].device)  # non-blocking: a pageable .to() would sync
         with _device_of(values[0]):
             _hash_bytes_multi_kernel[(n_programs,)](
                 table, len(rows), F_POW2=_table_width(len(rows)), BLOCK=_BLOCK_STRINGS
@@ -399,7 +399,7 @@ def hash_int64_multi_triton(values: list[Tensor], hash_types: list[str]) -> list
         rows.append([v.data_ptr(), out.data_ptr(), v.numel(), _HASH_CODES[t], n_programs])
         n_programs += triton.cdiv(v.numel(), _BLOCK_IDS)
     if n_programs:
-        table = segment_table(rows, values[0].device)  # no host sync (was a blocking copy)
+        table, _ = device_table(rows, values[0].device)  # non-blocking: a pageable .to() would sync
         with _device_of(values[0]):
             _hash_int64_multi_kernel[(n_programs,)](
                 table, len(rows), F_POW2=_table_width(len(rows)), BLOCK=_BLOCK_IDS

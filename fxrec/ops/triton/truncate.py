@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fxrec.ops.triton.dense import word_size
+from fxrec.ops.triton.mod import device_table
 
 __all__ = ["truncate_triton", "truncate_multi_triton", "truncate_3d_triton"]
 
@@ -158,17 +159,6 @@ def _segment_copy_kernel(jobs, seg_starts, BLOCK: tl.constexpr):
                         dst.to(tl.pointer_type(tl.int8)) + dst_word, n, BLOCK)
 
 
-def _table(rows: list[list[int]], device: torch.device, status_entries: int = 0) -> tuple[Tensor, Tensor]:
-    """A small int64 table on ``device`` and, after it in the same buffer, ``status_entries``
-    zeros for the kernels' totals and flags (no separate zero-fill launch). CUDA gets the buffer
-    from pinned memory without blocking. Returns (table, status) views."""
-    flat = [x for row in rows for x in row]
-    buffer = torch.tensor(flat + [0] * status_entries, dtype=torch.int64)
-    if device.type == "cuda":
-        buffer = buffer.pin_memory().to(device, non_blocking=True)
-    return buffer[: len(flat)], buffer[len(flat):]
-
-
 def _item_bytes(t: Tensor) -> int:
     return math.prod(t.shape[1:]) * t.element_size()
 
@@ -193,7 +183,7 @@ def _copy_segments(copies, seg_starts: Tensor, items_per_seg: int) -> None:
         return
     block = min(1024, max(128, triton.next_power_of_2(max(items_per_seg * max_row_words, 1))))
     grid = (max(job[0] for job in jobs), len(jobs))
-    table, _ = _table(jobs, seg_starts.device)
+    table, _ = device_table(jobs, seg_starts.device)
     _segment_copy_kernel[grid](table, seg_starts, BLOCK=block, num_warps=max(1, block // 256))
 
 
@@ -223,7 +213,7 @@ def truncate_multi_triton(
     n_rows = [o.numel() - 1 for o in offsets]
     row_base = [sum(n_rows[:f]) for f in range(n_features)]
     out_offsets = [torch.empty(r + 1, dtype=torch.int64, device=device) for r in n_rows]
-    features, status = _table(  # status: [totals, bad flags]
+    features, status = device_table(  # status: [totals, bad flags]
         [
             [row_base[f], n_rows[f], offsets[f].data_ptr(), values[f].shape[0], seq_lens[f], int(keep_last[f]),
              out_offsets[f].data_ptr()]
@@ -287,7 +277,7 @@ def truncate_3d_triton(
     slot_len = torch.empty(n_slots, dtype=torch.int64, device=device)
     starts = torch.empty(n_slots, dtype=torch.int64, device=device)
     out_inner = torch.empty(n_slots + 1, dtype=torch.int64, device=device)
-    features, status = _table([[0, n_slots, 0, 0, 0, 0, out_inner.data_ptr()]], device, status_entries=2)
+    features, status = device_table([[0, n_slots, 0, 0, 0, 0, out_inner.data_ptr()]], device, status_entries=2)
     if n_slots > 0:
         _slots_kernel[(triton.cdiv(n_slots, _ROWS_BLOCK),)](
             outer_offsets, inner_offsets, slot_len, starts, status, n_slots, inner_offsets.numel() - 1,
