@@ -19,6 +19,7 @@ each CUDA launcher under Triton's interpreter on CPU tensors and counting what i
 | mod_multi                            | 1                        | 1            | 0     | same          |
 | bucketize_multi                      | 1                        | 1            | 0     | same          |
 | sequence_truncate_multi (any N)      | 3 (2 + cumsum)           | 2            | 1     | 5, 2 copies, 1 sync |
+| check_row_lengths (truncate=False)   | 2 (1 + zeros)            | 0            | 1     | 3 + 1 sync    |
 
 On a GPU ``bench/feature_ops.py`` reports the same counts from the profiler and CUDA's sync
 debug mode.
@@ -36,6 +37,7 @@ import fxrec.ops.triton.bucketize as triton_bucketize
 import fxrec.ops.triton.hash as triton_hash
 import fxrec.ops.triton.mod as triton_mod
 import fxrec.ops.triton.truncate as triton_truncate
+from fxrec.ops.check import check_row_lengths_with_triton
 from fxrec.ops.cross import feature_cross_with_triton
 
 pytestmark = pytest.mark.skipif(
@@ -129,6 +131,7 @@ def _calls(d):
         "sequence_truncate_multi": lambda: triton_truncate.truncate_multi_triton(
             [d["seq"], d["seq"], d["seq"]], [d["seq_offsets"]] * 3, [None, d["seq_weight"], None],
             [10, 10, 5], [False, True, False]),
+        "check_row_lengths": lambda: check_row_lengths_with_triton(d["seq_offsets"], 30, "feature 'seq'"),
     }
 
 
@@ -141,6 +144,7 @@ EXPECTED = {
     "mod_multi": (1, {}, 1, 0),
     "bucketize_multi": (1, {}, 1, 0),
     "sequence_truncate_multi": (2, {"cumsum": 1}, 2, 1),
+    "check_row_lengths": (1, {"zeros": 1}, 0, 1),
 }
 
 
