@@ -222,16 +222,18 @@ def feature_cross_with_triton(x_values, x_offsets, x_weight, y_values, y_offsets
     x, y, out_offsets, status = plan_short_rows_triton(
         x_values, x_offsets, x_weight, y_values, y_offsets, y_weight, weight_dtype
     )
+    x, y = _UniqueRows(*x), _UniqueRows(*y)
     total, x_bad, y_bad, x_long, y_long = status.tolist()  # the one host sync
     for side, values, bad in (("x", x_values, x_bad), ("y", y_values, y_bad)):
         if bad:
             raise _offsets_error(side, values)
     if x_long or y_long:
-        x = _UniqueRows(*x) if not x_long else _unique_rows(x_values, x_offsets, x_weight, weight_dtype)
-        y = _UniqueRows(*y) if not y_long else _unique_rows(y_values, y_offsets, y_weight, weight_dtype)
+        if x_long:
+            x = _unique_rows(x_values, x_offsets, x_weight, weight_dtype)
+        if y_long:
+            y = _unique_rows(y_values, y_offsets, y_weight, weight_dtype)
         out_offsets = torch.cat([x_offsets.new_zeros(1), torch.cumsum(x.count * y.count, 0)])
         total = int(out_offsets[-1])
-    x, y = _UniqueRows(*x), _UniqueRows(*y)
     ids, weight = cross_pairs_triton(
         out_offsets, total, x.ids, x.start, x.weight, y.ids, y.start, y.count, y.weight, weight_dtype
     )
