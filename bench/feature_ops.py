@@ -8,8 +8,10 @@ GPU (when present), for the seed tutorial's features at each batch size:
           and level
   torch   the same work through fxrec's plain-torch reference kernels on the GPU (the vectorized
           torch code that is also the CPU kernel): what it costs without Triton
-plus the bytes the stage must move at least and the bandwidth that implies. Then, on CPU,
-M items/s for each op on about 1M items.
+plus the bytes the stage must move at least and the bandwidth that implies, and the kernels,
+memory copies and host syncs of one ``passes`` call. Times are per call over calls run back to
+back with one synchronize at the end (what a training step pays). Then each op of ``multi`` on its
+own (ms, kernels, copies, syncs), and, on CPU, M items/s for each op on about 1M items.
 
     python -m bench.feature_ops [--batch-sizes 1024 4096] [--cpu-items 1000000]
 """
@@ -19,9 +21,11 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+import warnings
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
 from torch.utils._pytree import tree_leaves
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec)
@@ -33,7 +37,7 @@ from fxrec.ops.hash import hash_bytes_torch
 from fxrec.ops.mod import mod_torch
 from fxrec.ops.truncate import sequence_truncate_torch
 from fxrec.ragged import RaggedTensor
-from bench.timing import copy_bandwidth, median_ms
+from bench.timing import copy_bandwidth
 
 SEQ_LEN = 1000
 ops = torch.ops.fxrec
@@ -115,8 +119,39 @@ def min_bytes(batch: dict) -> int:
 
 
 def time_gpu(fn, reps: int = 50) -> float:
-    """Median milliseconds over ``reps`` calls (each call syncs: the ops' sizes are data-dependent)."""
-    return median_ms(fn, "cuda", reps=reps, warmup=5)
+    """Milliseconds per call of ``fn`` run ``reps`` times back to back with ONE synchronize at the
+    end: what a training step pays (host work, launches and the ops' own host syncs; GPU work
+    overlaps the host's next calls), not one synchronize per op."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def count_launches(fn) -> tuple[int, int, int]:
+    """(kernels, memory copies and fills, host syncs) of one call of ``fn``: kernels and copies as
+    the GPU ran them (profiler), syncs as CUDA's sync debug mode reports them."""
+    fn()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    copies = sum(e.name.startswith(("Memcpy", "Memset")) for e in device_events)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
+    return len(device_events) - copies, copies, syncs
 
 
 def check_same(a: dict, b: dict) -> None:
@@ -141,7 +176,7 @@ def bench_gpu(batch_sizes: list[int]) -> None:
     fused = FeatureEngine(get_feature_conf(seq_len=SEQ_LEN), passes=True).cuda()
     boundaries = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, device="cuda")
     rows = ["| B | ids in | engine ms | passes ms | multi ms | torch ms | passes vs engine | multi vs engine "
-            "| multi vs torch | floor ms | multi GB/s |",
+            "| multi vs torch | floor ms | passes kernels / copies / syncs |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in batch_sizes:
         batch = seed_batch(b, "cuda")
@@ -151,32 +186,36 @@ def bench_gpu(batch_sizes: list[int]) -> None:
         t_passes = time_gpu(lambda: fused(batch))
         t_multi = time_gpu(lambda: stage_multi(batch, boundaries))
         t_torch = time_gpu(lambda: stage_torch(batch, boundaries))
+        kernels, copies, syncs = count_launches(lambda: fused(batch))
         nbytes = min_bytes(batch)
         ids = batch["sparse4"].values().numel() + batch["sparse5"].offsets()[1].numel() - 1
         rows.append(
             f"| {b} | {ids / 1e6:.1f}M | {t_engine:.3f} | {t_passes:.3f} | {t_multi:.3f} | {t_torch:.3f} | "
             f"{t_engine / t_passes:.2f}x | {t_engine / t_multi:.2f}x | {t_torch / t_multi:.2f}x | "
-            f"{nbytes / bandwidth / 1e6:.3f} | "
-            f"{nbytes / t_multi / 1e6:.0f} |"
+            f"{nbytes / bandwidth / 1e6:.3f} | {kernels} / {copies} / {syncs} |"
         )
         breakdown(batch, boundaries)
     print("\n".join(rows))
 
 
 def breakdown(batch: dict, boundaries: torch.Tensor) -> None:
-    """Milliseconds of each step of ``stage_multi`` on its own (wall, with its host syncs)."""
+    """Each step of ``stage_multi`` on its own: ms per call (back to back, one synchronize), and
+    the kernels, copies and host syncs of one call."""
     s1, s2, s4, s5 = batch["sparse1"], batch["sparse2"], batch["sparse4"], batch["sparse5"]
     (hashed,) = ops.hash_bytes_multi([s5.values()], [s5.offsets()[1]], ["farm"])
     steps = {
         "bucketize": lambda: ops.bucketize(batch["dense2"], boundaries),
+        "hash_bytes": lambda: ops.hash_bytes(s5.values(), s5.offsets()[1], "farm"),
         "hash_bytes_multi": lambda: ops.hash_bytes_multi([s5.values()], [s5.offsets()[1]], ["farm"]),
         "feature_cross": lambda: ops.feature_cross(s1.values(), s1.offsets()[0], None, s2.values(), s2.offsets()[0], None),
         "mod_multi": lambda: ops.mod_multi([s4.values(), hashed], [10000, 10000]),
         "sequence_truncate_multi": lambda: ops.sequence_truncate_multi(
             [s4.values(), hashed], [s4.offsets()[0], s5.offsets()[0]], [None, None], [SEQ_LEN] * 2, [False] * 2),
     }
-    b = batch["dense2"].shape[0]
-    print(f"B={b}: " + ", ".join(f"{name} {time_gpu(fn, reps=20):.3f} ms" for name, fn in steps.items()))
+    print(f"\nB={batch['dense2'].shape[0]}, per op:\n\n| op | ms | kernels | copies | syncs |\n|---|---|---|---|---|")
+    for name, fn in steps.items():
+        kernels, copies, syncs = count_launches(fn)
+        print(f"| {name} | {time_gpu(fn, reps=20):.3f} | {kernels} | {copies} | {syncs} |")
 
 
 def time_cpu(fn, min_seconds: float = 0.5) -> float:

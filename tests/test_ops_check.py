@@ -7,10 +7,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxrec.ops.triton.check import max_row_length_triton
+from fxrec.ops.triton.check import copy_and_max_row_length_triton
 from raggedutil import offsets_of
 
 lengths_st = st.lists(st.integers(0, 3000), max_size=40)
+# Without CUDA the launcher runs under TRITON_INTERPRET=1 (set by conftest) on CPU tensors.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @given(lengths=lengths_st, max_len=st.integers(0, 3000))
@@ -25,9 +27,19 @@ def test_check_row_lengths_matches_python(lengths, max_len):
 
 
 @given(lengths=st.lists(st.integers(0, 50), max_size=20), start=st.integers(0, 5))
-def test_triton_max_row_length_matches_python(lengths, start):
-    offsets = offsets_of(lengths) + start
-    assert int(max_row_length_triton(offsets)) == max(lengths, default=0)
+def test_triton_copy_and_max_row_length_match_python(lengths, start):
+    offsets = (offsets_of(lengths) + start).to(TRITON_DEVICE)
+    copy, longest = copy_and_max_row_length_triton(offsets)
+    assert int(longest) == max(lengths, default=0)
+    assert torch.equal(copy, offsets) and copy.data_ptr() != offsets.data_ptr()
+
+
+def test_triton_copy_and_max_row_length_over_blocks():
+    lengths = [i % 7 for i in range(2500)]
+    lengths[2222] = 40
+    offsets = offsets_of(lengths).to(TRITON_DEVICE)
+    copy, longest = copy_and_max_row_length_triton(offsets)
+    assert int(longest) == 40 and torch.equal(copy, offsets)
 
 
 def test_opcheck():

@@ -252,6 +252,21 @@ def test_triton_path_rows_past_short_row_fall_back_to_sorts(long_side):
     assert_matches_oracle(x, y, tuple(t.cpu() for t in result))
 
 
+@pytest.mark.parametrize("side", ["x", "y"])
+@pytest.mark.parametrize("bad", [[0, 2, 1, 3], [-1, 0, 1, 3], [0, 1, 2, 4], [-2, 1, 2, 3], [4], [-1]])
+def test_triton_path_rejects_bad_offsets(side, bad):
+    # Decreasing, starting below 0, ending past values, a bad first entry beside good rows, and
+    # bad single entries of zero-row offsets: every one is reported through the one status read.
+    values = torch.tensor([1, 2, 3])
+    good = torch.tensor([0, 1, 2, 3][: len(bad)])
+    x_offsets, y_offsets = (torch.tensor(bad), good) if side == "x" else (good, torch.tensor(bad))
+    args = to_device((values, x_offsets, None, values, y_offsets, None), TRITON_DEVICE)
+    with pytest.raises(ValueError, match=f"{side}_offsets must be non-decreasing"):
+        feature_cross_with_triton(*args)
+    with pytest.raises(ValueError, match=f"{side}_offsets must be non-decreasing"):
+        cross(*to_device(args, "cpu"))
+
+
 def to_cuda(args):
     return to_device(args, "cuda")
 

@@ -257,6 +257,15 @@ def test_triton_hash_bytes_equals_cpu(hash_type):
     assert torch.equal(out.cpu(), expected)
 
 
+@pytest.mark.parametrize("hash_type", HASH_TYPES)
+def test_triton_hash_bytes_one_length_class_per_block(hash_type):
+    # Blocks whose strings all fall in one farmhash length class skip the other classes' code.
+    for string in TINY_STRINGS:
+        values, offsets = pack([string, string[::-1], bytes(len(string))])
+        out = hash_bytes_triton(values.to(TRITON_DEVICE), offsets.to(TRITON_DEVICE), hash_type)
+        assert torch.equal(out.cpu(), torch.ops.fxrec.hash_bytes(values, offsets, hash_type)), len(string)
+
+
 def test_triton_hash_bytes_multi_equals_cpu():
     feats = [pack(TINY_STRINGS[::2]), pack([]), pack(TINY_STRINGS[1::2], prefix=b"q"), pack([b"\xfe" * 9])]
     hash_types = ["farm", "murmur", "murmur", "farm"]

@@ -341,6 +341,22 @@ def test_truncate_multi_launcher_matches_cpu(cases):
     assert_outputs_equal(actual, single_calls(cases))
 
 
+def test_truncate_multi_launcher_totals_over_row_blocks_and_empty_features():
+    # A feature of more rows than one rows-kernel block (its total is summed over programs),
+    # beside a feature without rows and one whose rows are all empty: each needs its offsets.
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 4, (1100,), generator=gen)
+    many = (torch.randint(-99, 99, (int(lengths.sum()),), generator=gen),
+            torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]), None, 2, True)
+    no_rows = (torch.arange(3), torch.tensor([1]), make_weight(3, seed=1), 4, False)
+    empty_rows = (torch.arange(4), torch.tensor([2, 2, 2]), None, 1, False)
+    cases = [many, no_rows, empty_rows]
+    values, offsets, weights, seq_lens, keep_last = multi_args(cases)
+    actual = truncate_multi_triton(to(LAUNCHER_DEVICE, *values), to(LAUNCHER_DEVICE, *offsets),
+                                   to(LAUNCHER_DEVICE, *weights), seq_lens, keep_last)
+    assert_outputs_equal(actual, single_calls(cases))
+
+
 def test_truncate_launcher_rows_longer_than_a_block():
     offsets, values, weight = long_case(3, 1300, seed=11, dtype=torch.int16, trailing=(3,))
     for keep_last in (False, True):

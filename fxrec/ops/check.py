@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fxrec.ops.triton.check import max_row_length_triton
+from fxrec.ops.triton.check import copy_and_max_row_length_triton
 
 
 def _raise_if_too_long(longest: int, max_len: int, where: str) -> None:
@@ -33,10 +33,12 @@ def check_row_lengths(offsets: torch.Tensor, max_len: int, where: str) -> torch.
 
 
 @check_row_lengths.register_kernel("cuda")
-def _(offsets: torch.Tensor, max_len: int, where: str) -> torch.Tensor:
+def check_row_lengths_with_triton(offsets: torch.Tensor, max_len: int, where: str) -> torch.Tensor:
+    """The CUDA kernel (also runs on CPU tensors under ``TRITON_INTERPRET=1``)."""
     _validate(offsets, max_len)
-    _raise_if_too_long(int(max_row_length_triton(offsets)), max_len, where)
-    return offsets.clone()
+    copy, longest = copy_and_max_row_length_triton(offsets.contiguous())  # 2 launches
+    _raise_if_too_long(int(longest), max_len, where)  # the one host sync
+    return copy
 
 
 @check_row_lengths.register_fake

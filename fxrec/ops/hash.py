@@ -24,7 +24,8 @@ set, so the work stays within twice the total chunk count, not N times the longe
 are hashed in steps of ``_CPU_STEP`` strings so temporaries stay small. Measured (2-core sandbox, 1M
 strings, one thread): ~40 M strings/s at 10 bytes, ~5 M strings/s at 100 bytes.
 
-CUDA kernel: ``fxrec.ops.triton.hash`` (one lane per string), bit-identical to this one.
+CUDA kernel: ``fxrec.ops.triton.hash`` (one lane per string), bit-identical to this one: one
+launch per call (also for the ``_multi`` forms, plus one non-blocking table copy), no host sync.
 
 Validation: an unknown ``hash_type`` raises ValueError naming the accepted values, wrong dtypes
 raise TypeError, wrong ranks or mismatched lists raise ValueError. On CPU the offsets are also
@@ -443,9 +444,12 @@ def _check_int64_multi(values: list[Tensor], hash_types: list[str]) -> None:
 
 
 # infer_schema has no str[]: the list ops spell out their schemas.
+# The multi ops are cudagraph_unsafe: their kernels read a table copied from host memory that
+# lives only for the call.
 @torch.library.custom_op(
     "fxrec::hash_bytes_multi",
     mutates_args=(),
+    tags=(torch.Tag.cudagraph_unsafe,),
     schema="(Tensor[] values, Tensor[] offsets, str[] hash_types) -> Tensor[]",
 )
 def hash_bytes_multi(values: list[Tensor], offsets: list[Tensor], hash_types: list[str]) -> list[Tensor]:
@@ -467,7 +471,10 @@ def _(values: list[Tensor], offsets: list[Tensor], hash_types: list[str]) -> lis
 
 
 @torch.library.custom_op(
-    "fxrec::hash_int64_multi", mutates_args=(), schema="(Tensor[] values, str[] hash_types) -> Tensor[]"
+    "fxrec::hash_int64_multi",
+    mutates_args=(),
+    tags=(torch.Tag.cudagraph_unsafe,),
+    schema="(Tensor[] values, str[] hash_types) -> Tensor[]",
 )
 def hash_int64_multi(values: list[Tensor], hash_types: list[str]) -> list[Tensor]:
     """``[hash_int64(v, t) for v, t in zip(values, hash_types)]``; one launch on CUDA."""

@@ -11,7 +11,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from fxrec.ops.triton.mod import BLOCK, find_segment, first_blocks, segment_table
+from fxrec.ops.triton.mod import BLOCK, device_table, find_segment, first_blocks
 
 __all__ = ["VALUE_DTYPES", "bucketize_multi_triton", "bucketize_triton"]
 
@@ -105,7 +105,7 @@ def bucketize_multi_triton(values: list[Tensor], boundaries: list[Tensor]) -> li
     outs = [torch.empty(v.shape, dtype=torch.int64, device=v.device) for v in values]
     numels = [v.numel() for v in values]
     starts, total_blocks = first_blocks(numels)
-    table = segment_table(
+    table, _ = device_table(
         [
             starts,
             numels,

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from fxrec.ops.triton.hash import murmur_block, murmur_finish
 
-__all__ = ["cross_pairs_triton", "unique_short_rows_triton"]
+__all__ = ["STATUS", "SHORT_ROW", "cross_pairs_triton", "plan_short_rows_triton"]
 
 # MurmurHash64A's initial state for a 16-byte key and seed 0 (seed ^ len * m).
 _MURMUR_H0 = tl.constexpr((16 * 0xC6A4A7935BD1E995) % (1 << 64))
@@ -131,64 +131,120 @@ def cross_pairs_triton(
 # row's items in registers (no sort); longer rows take the sort-based torch path.
 SHORT_ROW = 64
 
+# Entries of the status block that follows the output offsets (see ``plan_short_rows_triton``).
+STATUS = ("total", "x_bad", "y_bad", "x_long", "y_long")
+
 
 @triton.jit
-def _unique_short_rows_kernel(
-    values_ptr,
-    num_values,
-    offsets_ptr,
-    weight_ptr,
-    uniq_ptr,
-    uniq_weight_ptr,
-    count_ptr,
-    long_ptr,
-    HAS_WEIGHT: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Row ``b``'s sorted unique ids (each with its first occurrence's weight) written to
-    ``uniq[offsets[b] - offsets[0] + rank]``; ``count[b]`` = their number. A row longer than
-    BLOCK sets ``long`` and counts 0 (the caller then redoes that side with sorts)."""
-    row = tl.program_id(0)
+def _unique_short_row(values_ptr, num_values, offsets_ptr, weight_ptr, uniq_ptr, uniq_weight_ptr, start_ptr,
+                      count_ptr, row, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """Row ``row``'s sorted unique ids (each with its first occurrence's weight) written to
+    ``uniq[offsets[row] - offsets[0] + rank]``, its start and number of unique ids to
+    ``start[row]`` and ``count[row]``. Returns (that number, row longer than BLOCK, offsets bad
+    at this row); a long or bad row counts 0."""
     base = tl.load(offsets_ptr)
     start = tl.load(offsets_ptr + row)
-    length = tl.load(offsets_ptr + row + 1) - start
+    end = tl.load(offsets_ptr + row + 1)
+    length = end - start
+    bad = (length < 0) | (start < 0) | (end > num_values)
+    too_long = length > BLOCK
     i = tl.arange(0, BLOCK)
-    # Malformed offsets are reported by the caller; until then no read may leave values.
-    # A row longer than BLOCK takes no item (a scalar mask would be broadcast; this is the same).
-    kept = tl.where(length <= BLOCK, length, 0)
-    valid = (i < kept) & (start + i >= 0) & (start + i < num_values)
+    # Until the caller reports bad offsets no read may leave values; a long row takes no item
+    # (a scalar mask would be broadcast; this is the same).
+    kept = tl.where(too_long | bad, 0, length)
+    valid = i < kept
     v = tl.load(values_ptr + start + i, mask=valid, other=0)
     earlier = i[None, :] < i[:, None]  # [i, j]: j comes before i
     earlier_equal = tl.sum(((v[:, None] == v[None, :]) & earlier & valid[None, :]).to(tl.int32), axis=1)
     first = valid & (earlier_equal == 0)
     # rank of a first occurrence = how many distinct ids of the row are smaller
     rank = tl.sum(((v[None, :] < v[:, None]) & first[None, :]).to(tl.int32), axis=1)
+    # Clamped: with a bad offsets[0], a good row's slot could leave the buffer (then reported).
     slot = tl.minimum(tl.maximum(start - base + rank, 0), num_values)
     tl.store(uniq_ptr + slot, v, mask=first)
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + start + i, mask=first, other=0)
         tl.store(uniq_weight_ptr + slot, w.to(uniq_weight_ptr.dtype.element_ty), mask=first)
-    tl.store(count_ptr + row, tl.sum(first.to(tl.int64), axis=0))
-    tl.atomic_max(long_ptr, (length > BLOCK).to(tl.int32))
+    count = tl.sum(first.to(tl.int64), axis=0)
+    tl.store(start_ptr + row, start - base)
+    tl.store(count_ptr + row, count)
+    return count, too_long, bad
 
 
-def unique_short_rows_triton(values, offsets, weight, weight_dtype):
-    """Per-row sorted unique ids without sorting, for rows of at most ``SHORT_ROW`` items.
+@triton.jit
+def _plan_short_rows_kernel(
+    x_values_ptr, x_num_values, x_offsets_ptr, x_weight_ptr, x_uniq_ptr, x_uniq_weight_ptr, x_start_ptr, x_count_ptr,
+    y_values_ptr, y_num_values, y_offsets_ptr, y_weight_ptr, y_uniq_ptr, y_uniq_weight_ptr, y_start_ptr, y_count_ptr,
+    pairs_ptr, status_ptr, num_rows,
+    HAS_X_WEIGHT: tl.constexpr, HAS_Y_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program ``b`` de-duplicates row ``b`` of x and of y and writes its pair count
+    |uniq x_b| * |uniq y_b| to ``pairs[b]``; flags (bad offsets, rows longer than BLOCK) go to the
+    zero-initialized ``status[1:5]`` (x_bad, y_bad, x_long, y_long)."""
+    row = tl.program_id(0)
+    if row < num_rows:
+        x_count, x_long, x_bad = _unique_short_row(
+            x_values_ptr, x_num_values, x_offsets_ptr, x_weight_ptr, x_uniq_ptr, x_uniq_weight_ptr, x_start_ptr,
+            x_count_ptr, row, HAS_X_WEIGHT, BLOCK)
+        y_count, y_long, y_bad = _unique_short_row(
+            y_values_ptr, y_num_values, y_offsets_ptr, y_weight_ptr, y_uniq_ptr, y_uniq_weight_ptr, y_start_ptr,
+            y_count_ptr, row, HAS_Y_WEIGHT, BLOCK)
+        tl.store(pairs_ptr + row, x_count * y_count)
+        # Plain stores of 1 (every writer writes the same value): no atomics needed.
+        if x_bad:
+            tl.store(status_ptr + 1, 1)
+        if y_bad:
+            tl.store(status_ptr + 2, 1)
+        if x_long:
+            tl.store(status_ptr + 3, 1)
+        if y_long:
+            tl.store(status_ptr + 4, 1)
+    else:  # no rows: the offsets' one entry must still lie within values
+        x_base = tl.load(x_offsets_ptr)
+        y_base = tl.load(y_offsets_ptr)
+        if (x_base < 0) | (x_base > x_num_values):
+            tl.store(status_ptr + 1, 1)
+        if (y_base < 0) | (y_base > y_num_values):
+            tl.store(status_ptr + 2, 1)
 
-    Returns ``(uniq_ids, uniq_weight or None, start, count, has_long)``: row ``b``'s unique ids
-    at ``uniq_ids[start[b] : start[b] + count[b]]`` with ``start[b] = offsets[b] - offsets[0]``;
-    ``has_long`` is a 0-d int32 tensor, non-zero if some row is longer than ``SHORT_ROW`` (its
-    count is then 0 and the result must not be used). No host sync.
+
+def plan_short_rows_triton(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight, weight_dtype):
+    """Both sides' per-row sorted unique ids and the output offsets, in three launches, no host sync.
+
+    Returns ``(x, y, out_offsets, status)``. ``x`` is ``(uniq, uniq_weight, start, count)``: row
+    ``b``'s unique x ids at ``uniq[start[b] : start[b] + count[b]]`` with ``start[b] =
+    x_offsets[b] - x_offsets[0]``, their weights (of ``weight_dtype``, or None) in the same
+    layout; ``y`` likewise. ``out_offsets`` (``[B + 1]``, from 0) holds the cumulative pair
+    counts; ``status`` (int64 ``[5]``, entries named by ``STATUS``) the output length and the
+    flags. ``out_offsets`` and ``status`` are adjacent views of one buffer (``status[0]`` is
+    ``out_offsets[-1]``), so one read brings the length and the flags to the host. Results are
+    valid only where every flag is 0 (a long row counts 0 unique ids).
     """
-    n, num_rows = values.shape[0], offsets.shape[0] - 1
-    uniq = values.new_zeros(n + 1)
-    uniq_weight = None if weight is None else torch.zeros(n + 1, dtype=weight_dtype, device=values.device)
-    count = torch.zeros(num_rows, dtype=torch.int64, device=values.device)
-    has_long = torch.zeros((), dtype=torch.int32, device=values.device)
-    if num_rows:
-        _unique_short_rows_kernel[(num_rows,)](
-            values, n, offsets, uniq if weight is None else weight, uniq, uniq if uniq_weight is None else uniq_weight,
-            count, has_long, HAS_WEIGHT=weight is not None, BLOCK=SHORT_ROW, num_warps=4,
+    device = x_values.device
+    num_rows = x_offsets.shape[0] - 1
+
+    def side(values, weight):
+        n = values.shape[0]
+        return (
+            torch.empty(n + 1, dtype=torch.int64, device=device),
+            None if weight is None else torch.empty(n + 1, dtype=weight_dtype, device=device),
+            torch.empty(num_rows, dtype=torch.int64, device=device),
+            torch.empty(num_rows, dtype=torch.int64, device=device),
         )
-    start = offsets[:-1] - offsets[:1]
-    return uniq, uniq_weight, start, count, has_long
+
+    x, y = side(x_values, x_weight), side(y_values, y_weight)
+    pairs = torch.empty(num_rows, dtype=torch.int64, device=device)
+    # [out_offsets (B + 1) | flags (4)]: the zeros are out_offsets[0] and the cleared flags.
+    buffer = torch.zeros(num_rows + len(STATUS), dtype=torch.int64, device=device)
+    out_offsets, status = buffer[: num_rows + 1], buffer[num_rows:]
+    # An absent weight still needs a pointer argument; the constexpr flags keep it unread.
+    _plan_short_rows_kernel[(max(num_rows, 1),)](
+        x_values, x_values.shape[0], x_offsets, x_values if x_weight is None else x_weight, *x[:1],
+        x[0] if x[1] is None else x[1], *x[2:],
+        y_values, y_values.shape[0], y_offsets, y_values if y_weight is None else y_weight, *y[:1],
+        y[0] if y[1] is None else y[1], *y[2:],
+        pairs, status, num_rows,
+        HAS_X_WEIGHT=x_weight is not None, HAS_Y_WEIGHT=y_weight is not None, BLOCK=SHORT_ROW, num_warps=4,
+    )
+    torch.cumsum(pairs, 0, out=out_offsets[1:])
+    return x, y, out_offsets, status

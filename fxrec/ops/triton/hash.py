@@ -3,14 +3,16 @@ and MurmurHash64A (seed 0), bit-identical to the CPU kernels in ``fxrec.ops.hash
 
 String kernels run one lane per string, ``BLOCK`` strings per program, in uint64 arithmetic. Bytes
 are loaded one by one (masked to the string) and assembled into little-endian words, so no load is
-misaligned or outside a string. Every lane evaluates the formula of each farmhash length class
-with loads masked to the lanes of that class, then keeps its own class's result; loops over
+misaligned or outside a string. A block evaluates the formula of each farmhash length class that
+some lane of it has (loads masked to that class's lanes; each lane keeps its own class's result),
+so a block of 10-byte strings runs the 8-16 byte formula only; loops over
 64-byte chunks (farm, > 64 bytes) and 8-byte blocks (murmur) run up to the longest string of the
 program, masked per lane.
 
-The ``_multi`` launchers hash F features in ONE launch: a device table holds, per feature, the
-data pointers of its inputs and output, its size, its hash type and its first program id; each
-program finds its feature by counting the first-program ids <= its own.
+The ``_multi`` launchers hash F features in ONE launch: a device table (copied from pinned memory
+without blocking the host) holds, per feature, the data pointers of its inputs and output, its
+size, its hash type and its first program id; each program finds its feature by counting the
+first-program ids <= its own.
 
 Launchers take validated arguments (``fxrec.ops.hash`` checks them) and work on CUDA tensors, or
 on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -22,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fxrec.ops.triton.mod import device_table
 
 _HASH_CODES = {"farm": 0, "murmur": 1}
 _MURMUR = tl.constexpr(_HASH_CODES["murmur"])
@@ -170,52 +174,63 @@ def _farm_len65plus(base, s, n, live):
 
 
 @triton.jit
+def _any(cond):
+    """Whether ``cond`` holds on some lane: a block-uniform branch condition."""
+    return tl.max(cond.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _farm_strings(base, s, n, mask):
     nu = n.to(tl.uint64)
     mul = _K2 + nu * 2
+    # Every lane would evaluate every length class (lanes of a block run in lockstep): a class
+    # that no lane of the block has is skipped, so blocks of short strings skip the long paths.
+    h = tl.zeros(n.shape, tl.uint64) + _K2  # 0 bytes (and masked-off lanes)
 
-    # 1..3 bytes
     m = mask & (n >= 1) & (n <= 3)
-    yy = _byte(base, s, m) + (_byte(base, s + (n >> 1), m) << 8)
-    zz = nu + (_byte(base, s + n - 1, m) << 2)
-    h1 = _shift_mix((yy * _K2) ^ (zz * _K0)) * _K2
+    if _any(m):
+        yy = _byte(base, s, m) + (_byte(base, s + (n >> 1), m) << 8)
+        zz = nu + (_byte(base, s + n - 1, m) << 2)
+        h = tl.where(m, _shift_mix((yy * _K2) ^ (zz * _K0)) * _K2, h)
 
-    # 4..7 bytes
     m = mask & (n >= 4) & (n <= 7)
-    h4 = _hash_len16(nu + (_fetch(base, s, m, 4) << 3), _fetch(base, s + n - 4, m, 4), mul)
+    if _any(m):
+        h4 = _hash_len16(nu + (_fetch(base, s, m, 4) << 3), _fetch(base, s + n - 4, m, 4), mul)
+        h = tl.where(m, h4, h)
 
     # 8..64 bytes share their first two and last two words
     m = mask & (n >= 8) & (n <= 64)
-    first = _fetch(base, s, m, 8)
-    last = _fetch(base, s + n - 8, m, 8)
-    h8 = _farm_words_len8to16(first, last, nu)
+    if _any(m):
+        first = _fetch(base, s, m, 8)
+        last = _fetch(base, s + n - 8, m, 8)
+        h = tl.where(m & (n <= 16), _farm_words_len8to16(first, last, nu), h)
 
-    m = mask & (n >= 17) & (n <= 64)
-    second = _fetch(base, s + 8, m, 8)
-    last2 = _fetch(base, s + n - 16, m, 8)
-    a = first * _K1
-    c = last * mul
-    d = last2 * _K2
-    h17 = _hash_len16(_rotr(a + second, 43) + _rotr(c, 30) + d, a + _rotr(second + _K2, 18) + c, mul)
+        m = mask & (n >= 17) & (n <= 64)
+        if _any(m):
+            second = _fetch(base, s + 8, m, 8)
+            last2 = _fetch(base, s + n - 16, m, 8)
+            a = first * _K1
+            c = last * mul
+            d = last2 * _K2
+            h17 = _hash_len16(_rotr(a + second, 43) + _rotr(c, 30) + d, a + _rotr(second + _K2, 18) + c, mul)
+            h = tl.where(m & (n <= 32), h17, h)
 
-    m = mask & (n >= 33) & (n <= 64)
-    a = first * _K2
-    yv = _rotr(a + second, 43) + _rotr(c, 30) + d
-    zv = _hash_len16(yv, a + _rotr(second + _K2, 18) + c, mul)
-    e = _fetch(base, s + 16, m, 8) * mul
-    f = _fetch(base, s + 24, m, 8)
-    g = (yv + _fetch(base, s + n - 32, m, 8)) * mul
-    hh = (zv + _fetch(base, s + n - 24, m, 8)) * mul
-    h33 = _hash_len16(_rotr(e + f, 43) + _rotr(g, 30) + hh, e + _rotr(f + a, 18) + g, mul)
+            m = mask & (n >= 33) & (n <= 64)
+            if _any(m):
+                a = first * _K2
+                yv = _rotr(a + second, 43) + _rotr(c, 30) + d
+                zv = _hash_len16(yv, a + _rotr(second + _K2, 18) + c, mul)
+                e = _fetch(base, s + 16, m, 8) * mul
+                f = _fetch(base, s + 24, m, 8)
+                g = (yv + _fetch(base, s + n - 32, m, 8)) * mul
+                hh = (zv + _fetch(base, s + n - 24, m, 8)) * mul
+                h33 = _hash_len16(_rotr(e + f, 43) + _rotr(g, 30) + hh, e + _rotr(f + a, 18) + g, mul)
+                h = tl.where(m, h33, h)
 
-    h65 = _farm_len65plus(base, s, n, mask & (n > 64))
-
-    h = tl.where(n > 64, h65, h33)
-    h = tl.where(n <= 32, h17, h)
-    h = tl.where(n <= 16, h8, h)
-    h = tl.where(n <= 7, h4, h)
-    h = tl.where(n <= 3, h1, h)
-    return tl.where(n == 0, tl.zeros(h.shape, tl.uint64) + _K2, h)
+    m = mask & (n > 64)
+    if _any(m):
+        h = tl.where(m, _farm_len65plus(base, s, n, m), h)
+    return h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +373,7 @@ def hash_bytes_multi_triton(values: list[Tensor], offsets: list[Tensor], hash_ty
         rows.append([v.data_ptr(), o.data_ptr(), out.data_ptr(), out.numel(), _HASH_CODES[t], n_programs])
         n_programs += triton.cdiv(out.numel(), _BLOCK_STRINGS)
     if n_programs:
-        table = torch.tensor(rows, dtype=torch.int64).to(values[0].device)
+        table, _ = device_table(rows, values[0].device)  # non-blocking: a pageable .to() would sync
         with _device_of(values[0]):
             _hash_bytes_multi_kernel[(n_programs,)](
                 table, len(rows), F_POW2=_table_width(len(rows)), BLOCK=_BLOCK_STRINGS
@@ -384,7 +399,7 @@ def hash_int64_multi_triton(values: list[Tensor], hash_types: list[str]) -> list
         rows.append([v.data_ptr(), out.data_ptr(), v.numel(), _HASH_CODES[t], n_programs])
         n_programs += triton.cdiv(v.numel(), _BLOCK_IDS)
     if n_programs:
-        table = torch.tensor(rows, dtype=torch.int64).to(values[0].device)
+        table, _ = device_table(rows, values[0].device)  # non-blocking: a pageable .to() would sync
         with _device_of(values[0]):
             _hash_int64_multi_kernel[(n_programs,)](
                 table, len(rows), F_POW2=_table_width(len(rows)), BLOCK=_BLOCK_IDS

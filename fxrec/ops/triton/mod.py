@@ -1,7 +1,7 @@
 """Triton kernels for ``fxrec::mod`` / ``fxrec::mod_multi``: ``int64(uint64(x) % uint64(m))``.
 
 Launchers take CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (how CI checks the
-kernel logic without a GPU). ``segment_table`` builds the per-feature table that the multi-feature
+kernel logic without a GPU). ``device_table`` builds the per-feature table that the multi-feature
 kernels (here and in ``bucketize.py``) read to serve N tensors with one launch.
 """
 
@@ -11,7 +11,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-__all__ = ["BLOCK", "find_segment", "first_blocks", "mod_multi_triton", "mod_triton", "segment_table"]
+__all__ = ["BLOCK", "device_table", "find_segment", "first_blocks", "mod_multi_triton", "mod_triton"]
 
 # Elements per program. Each program of a multi-feature kernel serves one feature, so a feature
 # costs at most one partly empty block.
@@ -80,16 +80,20 @@ def mod_triton(values: Tensor, mod_value: int) -> Tensor:
     return out
 
 
-def segment_table(rows: list[list[int]], device: torch.device) -> Tensor:
-    """An int64 ``[len(rows), N]`` table on ``device``: per-feature launch parameters.
+def device_table(rows: list[list[int]], device: torch.device, status_entries: int = 0) -> tuple[Tensor, Tensor]:
+    """``rows`` (int64, row-major) in a flat buffer on ``device``, followed by ``status_entries``
+    zeros where kernels write totals and flags (so they need no zero-fill launch of their own).
+    Returns (table, status) views of the buffer.
 
-    Copied from pinned memory without blocking the host. The copy reads host memory that lives
-    only for this call, which is why the multi-feature ops are tagged ``cudagraph_unsafe``.
+    Built in pinned memory and copied without blocking the host. The copy reads host memory that
+    lives only for this call, which is why the multi-feature ops are tagged ``cudagraph_unsafe``.
     """
-    host = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+    flat = [x for row in rows for x in row]
+    cuda = device.type == "cuda"
+    buffer = torch.tensor(flat + [0] * status_entries, dtype=torch.int64, pin_memory=cuda)
+    if cuda:
+        buffer = buffer.to(device, non_blocking=True)
+    return buffer[: len(flat)], buffer[len(flat):]
 
 
 def first_blocks(numels: list[int]) -> tuple[list[int], int]:
@@ -115,7 +119,7 @@ def mod_multi_triton(values: list[Tensor], mod_values: list[int]) -> list[Tensor
     outs = [torch.empty_like(v) for v in values]
     numels = [v.numel() for v in values]
     starts, total_blocks = first_blocks(numels)
-    table = segment_table(
+    table, _ = device_table(
         [starts, numels, [v.data_ptr() for v in values], [o.data_ptr() for o in outs], list(mod_values)],
         values[0].device,
     )

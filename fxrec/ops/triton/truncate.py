@@ -3,19 +3,22 @@
 All features of a multi call go through every step together, so the launch count does not
 depend on the number of features N:
 
+0. One non-blocking copy of the feature table from pinned memory; the zeroed status entries
+   (totals, bad-offsets flags) ride in the same buffer, so no zero-fill launch.
 1. ``_rows_kernel`` (2-D) / ``_slots_kernel`` (3-D): per row (per slot), the kept length and
-   the source start of the kept items; bad offsets raise a per-feature flag.
-2. ``torch.cumsum`` over the kept lengths of every feature at once.
-3. ``_offsets_kernel``: each feature's output offsets (from 0; the cumsum minus its value
-   before the feature) and its total.
-4. Host sync: ``status.tolist()`` reads every total and flag at once (the output sizes are
+   the source start of the kept items; each feature's total (atomic add) and bad-offsets flag.
+2. ``torch.cumsum`` over the kept lengths of every feature at once (queued before the sync).
+3. Host sync: ``status.tolist()`` reads every total and flag at once (the output sizes are
    data-dependent). This is the only sync.
-5. ``_segment_copy_kernel``: one launch copies the kept items of every values and weight
-   tensor, addressed through a table of data pointers. Items are copied as integer words (see
-   :func:`fxrec.ops.triton.dense.word_size`), so any dtype and trailing dims work, bit-exact.
+4. ``_segment_copy_kernel``: one launch (after a second non-blocking table copy) copies the kept
+   items of every values and weight tensor, addressed through a table of data pointers, and
+   writes each feature's output offsets (the cumsum minus its value before the feature). Items
+   are copied as integer words (see :func:`fxrec.ops.triton.dense.word_size`), so any dtype and
+   trailing dims work, bit-exact.
 
-Per-feature tables travel to the device from pinned memory without blocking. Launchers work on
-CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors.
+Per 2-D call: 3 kernels, 2 table copies, 1 sync, whatever N is (3-D: a zero-fill instead of the
+first table copy). Launchers work on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU
+tensors.
 """
 
 from __future__ import annotations
@@ -28,25 +31,25 @@ import triton.language as tl
 from torch import Tensor
 
 from fxrec.ops.triton.dense import word_size
+from fxrec.ops.triton.mod import device_table
 
 __all__ = ["truncate_triton", "truncate_multi_triton", "truncate_3d_triton"]
 
 _ROWS_BLOCK = 1024
 
-# Feature table columns (int64): read by _rows_kernel and _offsets_kernel.
+# Feature table columns (int64): read by _rows_kernel.
 _F_ROW_BASE = tl.constexpr(0)  # first row of the feature in the concatenated per-row arrays
 _F_N_ROWS = tl.constexpr(1)
 _F_OFFSETS = tl.constexpr(2)  # address of the input offsets
 _F_N_VALUES = tl.constexpr(3)
 _F_SEQ_LEN = tl.constexpr(4)
 _F_KEEP_LAST = tl.constexpr(5)
-_F_OUT_OFFSETS = tl.constexpr(6)  # address of the output offsets
-_F_COLS = tl.constexpr(7)
+_F_COLS = tl.constexpr(6)
 
 # Copy-job table columns (int64): read by _segment_copy_kernel. One job per output tensor.
 _J_N_SEGS = tl.constexpr(0)
-_J_SEG_BASE = tl.constexpr(1)  # first segment of the job in the per-segment source starts
-_J_DST_OFFSETS = tl.constexpr(2)  # address of the output offsets (segment boundaries, in items)
+_J_SEG_BASE = tl.constexpr(1)  # first segment of the job in the per-segment arrays (starts, cumsum)
+_J_OUT_OFFSETS = tl.constexpr(2)  # address of the output offsets the job writes, 0 for none
 _J_SRC = tl.constexpr(3)  # address of the source tensor
 _J_DST = tl.constexpr(4)  # address of the output tensor
 _J_ROW_WORDS = tl.constexpr(5)  # words per item
@@ -73,6 +76,7 @@ def _rows_kernel(features, kept_out, start_out, status, n_features, BLOCK: tl.co
     start = tl.where(keep_last != 0, end - kept, begin)
     tl.store(kept_out + row_base + row, kept, mask=mask)
     tl.store(start_out + row_base + row, start, mask=mask)
+    tl.atomic_add(status + tl.program_id(1), tl.sum(kept, 0))
     tl.atomic_max(status + n_features + tl.program_id(1), tl.max(bad.to(tl.int64), 0))
 
 
@@ -96,26 +100,11 @@ def _slots_kernel(
     begin = tl.load(inner + first + s, mask=valid, other=0)
     end = tl.load(inner + first + s + 1, mask=valid, other=0)
     bad = row_bad | (valid & ((end < begin) | (begin < 0) | (end > n_values)))
-    tl.store(kept_out + slot, tl.where(valid & ~bad, end - begin, 0), mask=in_range)
+    slot_len = tl.where(valid & ~bad, end - begin, 0)
+    tl.store(kept_out + slot, slot_len, mask=in_range)
     tl.store(start_out + slot, begin, mask=in_range)
+    tl.atomic_add(status, tl.sum(slot_len, 0))
     tl.atomic_max(status + 1, tl.max(bad.to(tl.int64), 0))
-
-
-@triton.jit
-def _offsets_kernel(features, cum, status, BLOCK: tl.constexpr):
-    # Output offsets of a feature from the global inclusive cumsum of kept lengths.
-    feature = features + tl.program_id(1) * _F_COLS
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    row_base = tl.load(feature + _F_ROW_BASE)
-    n_rows = tl.load(feature + _F_N_ROWS)
-    out = tl.load(feature + _F_OUT_OFFSETS).to(tl.pointer_type(tl.int64))
-    mask = i <= n_rows
-    first_row = row_base + i * 0
-    before = tl.load(cum + first_row - 1, mask=mask & (first_row > 0), other=0)
-    inclusive = tl.load(cum + row_base + i - 1, mask=mask & (i > 0), other=0)
-    value = tl.where(i > 0, inclusive - before, 0)
-    tl.store(out + i, value, mask=mask)
-    tl.store(status + tl.program_id(1) + i * 0, value, mask=mask & (i == n_rows))
 
 
 @triton.jit
@@ -126,20 +115,31 @@ def _copy_words(src, dst, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _segment_copy_kernel(jobs, seg_starts, BLOCK: tl.constexpr):
+def _segment_copy_kernel(jobs, seg_starts, cum, BLOCK: tl.constexpr):
     # Program (s, j) copies segment s of job j: items [start, start + len) of the source to
-    # [dst_offsets[s], dst_offsets[s + 1]) of the output.
+    # [begin, end) of the output, and writes end to the job's output offsets (if any). The job's
+    # segments are entries [base, base + n_segs) of the per-segment arrays: ``seg_starts`` and
+    # ``cum``, the inclusive cumsum of every segment length, so begin / end are cum[base + s - 1]
+    # / cum[base + s] minus cum[base - 1] (0 before the first segment).
     seg = tl.program_id(0).to(tl.int64)
     job = jobs + tl.program_id(1) * _J_COLS
-    if seg < tl.load(job + _J_N_SEGS):
-        dst_offsets = tl.load(job + _J_DST_OFFSETS).to(tl.pointer_type(tl.int64))
+    n_segs = tl.load(job + _J_N_SEGS)
+    base = tl.load(job + _J_SEG_BASE)
+    out_offsets = tl.load(job + _J_OUT_OFFSETS)
+    if seg < n_segs:
+        before = tl.load(cum + base - 1, mask=base > 0, other=0)
+        dst_begin = tl.load(cum + base + seg - 1, mask=base + seg > 0, other=0) - before
+        dst_end = tl.load(cum + base + seg) - before
+        if out_offsets != 0:
+            tl.store(out_offsets.to(tl.pointer_type(tl.int64)) + seg + 1, dst_end)
+            if seg == 0:
+                tl.store(out_offsets.to(tl.pointer_type(tl.int64)), 0)
         row_words = tl.load(job + _J_ROW_WORDS)
         word_bytes = tl.load(job + _J_WORD_BYTES)
         src = tl.load(job + _J_SRC)
         dst = tl.load(job + _J_DST)
-        dst_begin = tl.load(dst_offsets + seg)
-        n = (tl.load(dst_offsets + seg + 1) - dst_begin) * row_words
-        src_word = tl.load(seg_starts + tl.load(job + _J_SEG_BASE) + seg) * row_words
+        n = (dst_end - dst_begin) * row_words
+        src_word = tl.load(seg_starts + base + seg) * row_words
         dst_word = dst_begin * row_words
         if word_bytes == 8:
             _copy_words(src.to(tl.pointer_type(tl.int64)) + src_word,
@@ -153,41 +153,38 @@ def _segment_copy_kernel(jobs, seg_starts, BLOCK: tl.constexpr):
         else:
             _copy_words(src.to(tl.pointer_type(tl.int8)) + src_word,
                         dst.to(tl.pointer_type(tl.int8)) + dst_word, n, BLOCK)
-
-
-def _table(rows: list[list[int]], device: torch.device) -> Tensor:
-    """A small int64 table on ``device``; CUDA gets it from pinned memory without blocking."""
-    table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table
+    elif (seg == 0) & (out_offsets != 0):  # no segments: the output offsets are [0]
+        tl.store(out_offsets.to(tl.pointer_type(tl.int64)), 0)
 
 
 def _item_bytes(t: Tensor) -> int:
     return math.prod(t.shape[1:]) * t.element_size()
 
 
-def _copy_segments(copies, seg_starts: Tensor, items_per_seg: int) -> None:
+def _copy_segments(copies, seg_starts: Tensor, cum: Tensor, items_per_seg: int) -> None:
     """One launch of ``_segment_copy_kernel``.
 
-    ``copies``: (n_segs, seg_base, dst_offsets, src, dst) per output tensor; ``dst_offsets``
-    (int64, n_segs + 1) holds the output boundaries of the segments, ``seg_starts[seg_base + s]``
-    the source item where segment s starts. ``items_per_seg`` (a typical segment length) sizes
-    the block; longer segments loop.
+    ``copies``: (n_segs, seg_base, out_offsets or None, src, dst) per output tensor; segment s
+    starts at source item ``seg_starts[seg_base + s]`` and its length is the step of ``cum``
+    (inclusive cumsum of every segment length) at ``seg_base + s``; ``out_offsets`` (int64,
+    n_segs + 1), when given, receives the output boundaries of the segments. ``items_per_seg``
+    (a typical segment length) sizes the block; longer segments loop.
     """
     jobs, max_row_words = [], 1
-    for n_segs, seg_base, dst_offsets, src, dst in copies:
-        if dst.numel() == 0:  # nothing to copy (no items, or empty items)
+    for n_segs, seg_base, out_offsets, src, dst in copies:
+        if dst.numel() == 0 and out_offsets is None:  # nothing to copy (no items, or empty items)
             continue
         row_bytes = _item_bytes(src)
         word = word_size(row_bytes, src, dst)
         max_row_words = max(max_row_words, row_bytes // word)
-        jobs.append([n_segs, seg_base, dst_offsets.data_ptr(), src.data_ptr(), dst.data_ptr(), row_bytes // word, word])
+        out_offsets_address = 0 if out_offsets is None else out_offsets.data_ptr()
+        jobs.append([n_segs, seg_base, out_offsets_address, src.data_ptr(), dst.data_ptr(), row_bytes // word, word])
     if not jobs:
         return
     block = min(1024, max(128, triton.next_power_of_2(max(items_per_seg * max_row_words, 1))))
-    grid = (max(job[0] for job in jobs), len(jobs))
-    _segment_copy_kernel[grid](_table(jobs, seg_starts.device), seg_starts, BLOCK=block, num_warps=max(1, block // 256))
+    grid = (max(1, max(job[0] for job in jobs)), len(jobs))
+    table, _ = device_table(jobs, seg_starts.device)
+    _segment_copy_kernel[grid](table, seg_starts, cum, BLOCK=block, num_warps=max(1, block // 256))
 
 
 def _empty_weight(values: Tensor) -> Tensor:
@@ -216,23 +213,21 @@ def truncate_multi_triton(
     n_rows = [o.numel() - 1 for o in offsets]
     row_base = [sum(n_rows[:f]) for f in range(n_features)]
     out_offsets = [torch.empty(r + 1, dtype=torch.int64, device=device) for r in n_rows]
-    features = _table(
+    features, status = device_table(  # status: [totals, bad flags]
         [
-            [row_base[f], n_rows[f], offsets[f].data_ptr(), values[f].shape[0], seq_lens[f], int(keep_last[f]),
-             out_offsets[f].data_ptr()]
+            [row_base[f], n_rows[f], offsets[f].data_ptr(), values[f].shape[0], seq_lens[f], int(keep_last[f])]
             for f in range(n_features)
         ],
         device,
+        status_entries=2 * n_features,
     )
     total_rows = sum(n_rows)
     kept = torch.empty(total_rows, dtype=torch.int64, device=device)
     starts = torch.empty(total_rows, dtype=torch.int64, device=device)
-    status = torch.zeros(2 * n_features, dtype=torch.int64, device=device)  # [totals, bad flags]
     if total_rows > 0:
         grid = (triton.cdiv(max(n_rows), _ROWS_BLOCK), n_features)
         _rows_kernel[grid](features, kept, starts, status, n_features, BLOCK=_ROWS_BLOCK)
-    cum = torch.cumsum(kept, 0)
-    _offsets_kernel[(triton.cdiv(max(n_rows) + 1, _ROWS_BLOCK), n_features)](features, cum, status, BLOCK=_ROWS_BLOCK)
+    cum = torch.cumsum(kept, 0)  # queued before the sync: it runs while the host waits
     status = status.tolist()  # the one host sync
     totals, bad = status[:n_features], status[n_features:]
     for f in range(n_features):
@@ -248,8 +243,8 @@ def truncate_multi_triton(
     for f in range(n_features):
         copies.append((n_rows[f], row_base[f], out_offsets[f], values[f], out_values[f]))
         if weights[f] is not None:
-            copies.append((n_rows[f], row_base[f], out_offsets[f], weights[f], out_weights[f]))
-    _copy_segments(copies, starts, max(min(s, t) for s, t in zip(seq_lens, totals)))
+            copies.append((n_rows[f], row_base[f], None, weights[f], out_weights[f]))
+    _copy_segments(copies, starts, cum, max(min(s, t) for s, t in zip(seq_lens, totals)))
     return out_values, out_offsets, out_weights
 
 
@@ -285,10 +280,7 @@ def truncate_3d_triton(
             outer_offsets, inner_offsets, slot_len, starts, status, n_slots, inner_offsets.numel() - 1,
             values.shape[0], seq_len, int(keep_last), BLOCK=_ROWS_BLOCK,
         )
-    cum = torch.cumsum(slot_len, 0)
-    out_inner = torch.empty(n_slots + 1, dtype=torch.int64, device=device)
-    features = _table([[0, n_slots, 0, 0, 0, 0, out_inner.data_ptr()]], device)
-    _offsets_kernel[(triton.cdiv(n_slots + 1, _ROWS_BLOCK), 1)](features, cum, status, BLOCK=_ROWS_BLOCK)
+    cum = torch.cumsum(slot_len, 0)  # queued before the sync: it runs while the host waits
     total, bad = status.tolist()  # the one host sync
     if bad:
         raise ValueError(
@@ -297,9 +289,10 @@ def truncate_3d_triton(
         )
     out_values = values.new_empty((total, *values.shape[1:]))
     out_weight = _empty_weight(values) if weight is None else weight.new_empty((total, *weight.shape[1:]))
+    out_inner = torch.empty(n_slots + 1, dtype=torch.int64, device=device)
     copies = [(n_slots, 0, out_inner, values, out_values)]
     if weight is not None:
-        copies.append((n_slots, 0, out_inner, weight, out_weight))
-    _copy_segments(copies, starts, triton.cdiv(total, max(n_slots, 1)))
+        copies.append((n_slots, 0, None, weight, out_weight))
+    _copy_segments(copies, starts, cum, triton.cdiv(total, max(n_slots, 1)))
     out_outer = torch.arange(n_rows + 1, dtype=torch.int64, device=device) * seq_len
     return out_values, out_outer, out_inner, out_weight
