@@ -1,0 +1,32 @@
+"""One rank of tests/test_sharded.py's multi-process runs: ``python tests/sharded_worker.py OUT
+STORE DEVICE`` with RANK / WORLD_SIZE set. Trains every ``sharded_util.CONFIGS`` model sharded for
+``STEPS`` steps, then one more, with eviction; writes ``OUT/rank<r>.json``: per config the global
+losses and this rank's snapshot, plus the ids it owns per table."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from tests.sharded_util import CONFIGS, STEPS, build, rank_batch, snapshot, train_step  # noqa: E402
+
+out, store, device = sys.argv[1], sys.argv[2], sys.argv[3]
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+if device == "cuda":
+    torch.cuda.set_device(rank)
+    device = f"cuda:{rank}"
+dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method="file://" + store,
+                        rank=rank, world_size=world)
+results = {}
+for config in CONFIGS:
+    model, dense, sparse = build(config, device=device)
+    losses = [train_step(model, dense, sparse, [rank_batch(s, rank, world, device)]) for s in range(STEPS)]
+    results["/".join(config)] = {"losses": losses, "snapshot": snapshot(model)}
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(results, f)
+dist.barrier()  # no rank tears the group down while another still uses it
+dist.destroy_process_group()
