@@ -45,7 +45,7 @@ class ShardModel(nn.Module):
     """Features "a" and "b" share table "t"; "c" reads table "r" (ReadOnly when ``read_only``)."""
 
     def __init__(self, combiner: str, grad_reduce_by: str, filter_hook: FilterHook | None = None,
-                 read_only: bool = False, device: str = "cpu", passes: bool = False):
+                 read_only: bool = False, device: str = "cpu", passes: bool = False, b_trainable: bool = True):
         super().__init__()
         torch.manual_seed(0)
         init = TruncNormalInitializer(mean=0, std=0.1)
@@ -54,7 +54,7 @@ class ShardModel(nn.Module):
                       combiner=combiner, combiner_kwargs=kwargs)
         self.embedding = EmbeddingEngine({
             "a": EmbeddingOption(shared_name="t", filter_hook=filter_hook, **common),
-            "b": EmbeddingOption(shared_name="t", filter_hook=filter_hook, **common),
+            "b": EmbeddingOption(shared_name="t", filter_hook=filter_hook, trainable=b_trainable, **common),
             "c": EmbeddingOption(shared_name="r", admit_hook=AdmitHook("ReadOnly") if read_only else None, **common),
         }, passes=passes)
         width = (TILE if combiner == "tile" else 1) * DIM
@@ -109,12 +109,17 @@ def _average_dense_grads(model: nn.Module) -> None:
         p.grad /= world
 
 
-def train_step(model, dense, sparse, batches: list[dict]) -> float:
-    """One step on this process's batch (sharded: ``batches`` holds one) or on every rank's (the
-    reference); returns the mean over ranks of the ranks' losses."""
-    loss = torch.stack([model(b) for b in batches]).mean()
-    loss.backward()
-    total = loss.detach().clone()
+def train_step(model, dense, sparse, batches: list[dict], micro: int = 1) -> float:
+    """One step on this process's batches (sharded: ``micro`` batches, a gradient-accumulation
+    group) or on every rank's (the reference: ``micro`` batches per rank, rank-major); the loss of
+    each micro-batch is scaled by 1/micro, as the Trainer does. Returns the mean over ranks (and
+    micro-batches) of the losses."""
+    ranks = len(batches) // micro
+    total = 0.0
+    for m in range(micro):
+        loss = torch.stack([model(batches[r * micro + m]) for r in range(ranks)]).mean() / micro
+        loss.backward()
+        total = total + loss.detach()
     if is_distributed():
         _average_dense_grads(model)
         dist.all_reduce(total)
@@ -172,3 +177,57 @@ def reference(config: tuple, world: int, steps: int = STEPS, **model_kwargs) -> 
     losses = [train_step(model, dense, sparse, [rank_batch(s, r, world) for r in range(world)])
               for s in range(steps)]
     return losses, snapshot(model)
+
+
+# -- the other scenarios: (name, config, model kwargs, steps, micro-batches per step) -----------------
+# eviction: table "t" forgets ids unseen for 2 table steps (evict_stale after every step);
+# read-only: table "r" takes no new ids after step 2; accumulation: 2 micro-batches a step;
+# passes: one merged lookup per table, with "b" not trainable.
+EXTRAS = [
+    ("evict", ("sum", "worker", "adamwtf"), {"filter_hook": FilterHook("GlobalStepFilter", {"filter_step": 2})}, 4, 1),
+    ("read_only", ("mean", "id", "sgd"), {}, 4, 1),
+    ("accumulate", ("tile", "id", "adamwtf"), {}, 3, 2),
+    ("passes", ("sum", "id", "adamwtf"), {"passes": True, "b_trainable": False}, 3, 1),
+]
+EVAL_STEPS = (7, 8)  # batches evaluated after training: mostly unseen ids
+
+
+def run_extra(name: str, config: tuple, model_kwargs: dict, steps: int, micro: int, rank: int | None, world: int,
+              device: str = "cpu") -> dict:
+    """One ``EXTRAS`` scenario, sharded (``rank``) or as the reference (``rank`` None): losses,
+    the table snapshot after training, then eval-mode outputs on ``EVAL_STEPS``' batches (the
+    reference's: every rank's, rank-major) and the table snapshot after them (eval inserts
+    nothing)."""
+    model, dense, sparse = build(config, device=device, **model_kwargs)
+    ranks = range(world) if rank is None else [rank]
+    losses = []
+    for s in range(steps):
+        if name == "read_only" and s == 2:
+            model.embedding.tables["r"].admit_hook = AdmitHook("ReadOnly")
+        batches = [rank_batch(100 * m + s, r, world, device) for r in ranks for m in range(micro)]
+        losses.append(train_step(model, dense, sparse, batches, micro))
+        if name == "evict":
+            model.embedding.tables["t"].evict_stale()
+    trained = snapshot(model)
+    model.eval()
+    with torch.no_grad():
+        outputs = [model.embedding(rank_batch(s, r, world, device))[f].cpu().tolist()
+                   for s in EVAL_STEPS for r in ranks for f in ("a", "b", "c")]
+    return {"losses": losses, "trained": trained, "outputs": outputs, "after_eval": snapshot(model)}
+
+
+ROW_CAP = 40
+CAP_IDS = 60
+
+
+def cap_batch(step: int, rank: int, world: int, device: str = "cpu") -> dict:
+    """Step ``step`` of the row-cap run: feature "a" reads ids ``CAP_IDS`` ids in all (30 a
+    step, the ranks splitting them), "b" and "c" one id a row."""
+    ids = torch.arange(step * CAP_IDS // 2, (step + 1) * CAP_IDS // 2, dtype=torch.int64) * 65536
+    mine = ids[rank::world]
+    rows = mine.numel()
+    one = torch.arange(rows + 1, dtype=torch.int64)
+    batch = {"a": RaggedTensor(mine, one), "b": RaggedTensor(torch.zeros(rows, dtype=torch.int64), one),
+             "c": RaggedTensor(torch.ones(rows, dtype=torch.int64), one),
+             "label": (torch.arange(rows) % 2).to(torch.float32)}
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,7 +1,8 @@
 """One rank of tests/test_sharded.py's multi-process runs: ``python tests/sharded_worker.py OUT
 STORE DEVICE`` with RANK / WORLD_SIZE set. Trains every ``sharded_util.CONFIGS`` model sharded for
-``STEPS`` steps, then one more, with eviction; writes ``OUT/rank<r>.json``: per config the global
-losses and this rank's snapshot, plus the ids it owns per table."""
+``STEPS`` steps, then the ``EXTRAS`` scenarios (eviction, read-only, gradient accumulation,
+merged lookups, eval mode), then a table over the row cap; writes ``OUT/rank<r>.json``: per
+scenario the global losses and this rank's snapshots."""
 
 import json
 import os
@@ -12,7 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tests.sharded_util import CONFIGS, STEPS, build, rank_batch, snapshot, train_step  # noqa: E402
+from fxrec.nn.modules.hashtable import MAX_ROWS_ENV  # noqa: E402
+from tests.sharded_util import (  # noqa: E402
+    CONFIGS, EXTRAS, ROW_CAP, STEPS, build, cap_batch, rank_batch, run_extra, snapshot, train_step)
 
 out, store, device = sys.argv[1], sys.argv[2], sys.argv[3]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -26,6 +29,15 @@ for config in CONFIGS:
     model, dense, sparse = build(config, device=device)
     losses = [train_step(model, dense, sparse, [rank_batch(s, rank, world, device)]) for s in range(STEPS)]
     results["/".join(config)] = {"losses": losses, "snapshot": snapshot(model)}
+for name, config, kwargs, steps, micro in EXTRAS:
+    results[name] = run_extra(name, config, kwargs, steps, micro, rank, world, device)
+# the row cap: table "t" holds CAP_IDS ids in all, more than one rank may, fewer than each owns
+os.environ[MAX_ROWS_ENV] = str(ROW_CAP)
+model, dense, sparse = build(CONFIGS[0], device=device)
+for s in range(2):
+    train_step(model, dense, sparse, [cap_batch(s, rank, world, device)])
+results["cap"] = snapshot(model)
+del os.environ[MAX_ROWS_ENV]
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(results, f)
 dist.barrier()  # no rank tears the group down while another still uses it

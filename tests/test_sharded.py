@@ -13,7 +13,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxrec.distributed.sharded import NUM_SLICES, mix64, owner_of, slice_of, slice_range
-from tests.sharded_util import CONFIGS, assert_close_snapshots, merge_shards, reference
+from fxrec.nn.modules.hashtable import MAX_ROWS_ENV
+from tests.sharded_util import (
+    CAP_IDS,
+    CONFIGS,
+    EVAL_STEPS,
+    EXTRAS,
+    ROW_CAP,
+    assert_close_snapshots,
+    build,
+    cap_batch,
+    merge_shards,
+    rank_batch,
+    reference,
+    run_extra,
+    train_step,
+)
 from tests.trainer_util import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,12 +79,30 @@ def test_bad_world_size():
         owner_of(torch.zeros(1, dtype=torch.int32), 2)
 
 
-def _run_sharded(tmp_path, world: int, device: str = "cpu") -> list[dict]:
-    out = tmp_path / f"w{world}"
+def _run_sharded(directory, world: int, device: str = "cpu") -> list[dict]:
+    out = directory / f"w{world}"
     out.mkdir()
-    run_ranks(WORKER, world, str(tmp_path), [str(out), str(tmp_path / f"store{world}"), device],
+    run_ranks(WORKER, world, str(directory), [str(out), str(directory / f"store{world}"), device],
               cuda=device == "cuda")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """The worker's results at world sizes 2 and 3 (gloo), computed once for the module's tests."""
+    runs = {}
+
+    def get(world: int) -> list[dict]:
+        if world not in runs:
+            runs[world] = _run_sharded(tmp_path_factory.mktemp(f"sharded{world}"), world)
+        return runs[world]
+    return get
+
+
+def _check_owned(snap: dict, rank: int, world: int, what: str) -> None:
+    for name in ("t", "r"):
+        ids = torch.tensor(snap[name]["ids"], dtype=torch.int64)
+        assert (owner_of(ids, world) == rank).all(), (what, name, rank)
 
 
 def _check_against_reference(ranks: list[dict], world: int) -> None:
@@ -80,18 +113,72 @@ def _check_against_reference(ranks: list[dict], world: int) -> None:
             torch.testing.assert_close(torch.tensor(r[key]["losses"]), torch.tensor(losses), atol=1e-5, rtol=1e-5)
         snaps = [r[key]["snapshot"] for r in ranks]
         for r, snap in enumerate(snaps):  # each rank holds exactly the ids it owns
-            for name in ("t", "r"):
-                ids = torch.tensor(snap[name]["ids"], dtype=torch.int64)
-                assert (owner_of(ids, world) == r).all(), (key, name, r)
+            _check_owned(snap, r, world, key)
         assert_close_snapshots(merge_shards(snaps), want)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_training_equals_one_process(tmp_path, world):
+def test_sharded_training_equals_one_process(sharded_runs, world):
     """Every combiner with both grad_reduce_by values, SparseAdamWTF and SGD: after 5 steps the
     losses, the dense weights and every table row and slot (the union of the ranks' shards) equal
     one process's within 1e-5."""
-    _check_against_reference(_run_sharded(tmp_path, world), world)
+    _check_against_reference(sharded_runs(world), world)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("extra", EXTRAS, ids=[e[0] for e in EXTRAS])
+def test_sharded_eviction_read_only_accumulation_passes_and_eval(sharded_runs, world, extra):
+    """Eviction on the owners, a table turned ReadOnly mid-run, 2-micro-batch gradient
+    accumulation, merged lookups (passes=True, one feature not trainable): losses and every shard
+    equal one process's; then eval mode (mostly unseen ids: zero rows) gives one process's
+    outputs and inserts nothing."""
+    name, config, kwargs, steps, micro = extra
+    ranks = [r[name] for r in sharded_runs(world)]
+    want = run_extra(name, config, kwargs, steps, micro, None, world)
+    for r, got in enumerate(ranks):
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), atol=1e-5, rtol=1e-5)
+        _check_owned(got["trained"], r, world, name)
+        assert got["after_eval"] == got["trained"]  # eval inserts nothing, updates nothing
+    assert_close_snapshots(merge_shards([g["trained"] for g in ranks]), want["trained"])
+    per_step = len(want["outputs"]) // len(EVAL_STEPS) // world  # outputs per (step, rank): a, b, c
+    for r, got in enumerate(ranks):
+        for i, s in enumerate(EVAL_STEPS):
+            expected = want["outputs"][(i * world + r) * per_step: (i * world + r + 1) * per_step]
+            mine = got["outputs"][i * per_step: (i + 1) * per_step]
+            for a, b in zip(mine, expected):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+    if name == "evict":  # it did evict: fewer ids than a run without eviction keeps
+        assert len(want["trained"]["t"]["ids"]) < len(run_extra("read_only", config, {}, steps, 1, None, world)
+                                                      ["trained"]["t"]["ids"])
+    if name == "read_only":  # no id first seen after step 2 got into "r"
+        early = {i for s in range(2) for r in range(world) for i in rank_batch(s, r, world)["c"].values().tolist()}
+        assert set(want["trained"]["r"]["ids"]) == early
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_row_cap_trains_sharded(sharded_runs, world):
+    """A table of CAP_IDS ids, more than one rank's ROW_CAP, trains sharded: each rank holds only
+    the ids it owns, all of them together."""
+    snaps = [r["cap"] for r in sharded_runs(world)]
+    for r, snap in enumerate(snaps):
+        _check_owned(snap, r, world, "cap")
+        assert len(snap["t"]["ids"]) <= ROW_CAP
+    assert len(merge_shards(snaps)["t"]["ids"]) == CAP_IDS
+
+
+def test_row_cap_fails_unsharded_naming_the_table(monkeypatch):
+    monkeypatch.setenv(MAX_ROWS_ENV, str(ROW_CAP))
+    model, dense, sparse = build(CONFIGS[0])
+    train_step(model, dense, sparse, [cap_batch(0, 0, 1)])  # 30 ids: under the cap
+    with pytest.raises(ValueError, match=f"HashTable 't': {CAP_IDS} ids exceed this rank's cap of {ROW_CAP}"):
+        train_step(model, dense, sparse, [cap_batch(1, 0, 1)])
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_row_cap_env_must_be_a_positive_int(monkeypatch, value):
+    monkeypatch.setenv(MAX_ROWS_ENV, value)
+    with pytest.raises(ValueError, match=MAX_ROWS_ENV):
+        build(CONFIGS[0])
 
 
 @pytest.mark.gpu
