@@ -231,3 +231,6 @@ def cap_batch(step: int, rank: int, world: int, device: str = "cpu") -> dict:
              "c": RaggedTensor(torch.ones(rows, dtype=torch.int64), one),
              "label": (torch.arange(rows) % 2).to(torch.float32)}
     return {k: v.to(device) for k, v in batch.items()}
+
+# ids of the traffic count: duplicates, negatives, structured ids
+TRAFFIC_IDS = torch.tensor([[5, 5, -3, 1 << 16], [7 << 16, 0, 5, -(2**63)]], dtype=torch.int64)

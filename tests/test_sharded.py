@@ -12,14 +12,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fxrec.framework.checkpoint import CheckpointManager
 from fxrec.distributed.sharded import NUM_SLICES, mix64, owner_of, slice_of, slice_range
 from fxrec.nn.modules.hashtable import MAX_ROWS_ENV
 from tests.sharded_util import (
     CAP_IDS,
     CONFIGS,
+    DIM,
     EVAL_STEPS,
     EXTRAS,
     ROW_CAP,
+    TRAFFIC_IDS,
     assert_close_snapshots,
     build,
     cap_batch,
@@ -179,6 +182,67 @@ def test_row_cap_env_must_be_a_positive_int(monkeypatch, value):
     monkeypatch.setenv(MAX_ROWS_ENV, value)
     with pytest.raises(ValueError, match=MAX_ROWS_ENV):
         build(CONFIGS[0])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_traffic_counts_the_bytes_sent_to_other_ranks(sharded_runs, world):
+    """One lookup of TRAFFIC_IDS (HashTable.forward, eval mode) on every rank: each rank sends
+    the distinct ids other ranks own (8 bytes each) and gets their rows back, so it sends the rows
+    of its own ids the others asked for (DIM float32 each); the sizes exchange is 8 bytes per
+    other rank. Every rank asked for the same ids."""
+    uniq = torch.unique(TRAFFIC_IDS)
+    owners = owner_of(uniq, world)
+    for r, rank in enumerate(sharded_runs(world)):
+        got = rank["traffic"]
+        assert got["ids"] == 8 * int((owners != r).sum())
+        assert got["rows"] == 4 * DIM * int((owners == r).sum()) * (world - 1)
+        assert got["sizes"] == 8 * (world - 1) and got["grads"] == 0
+
+
+_FAILING_SAVE = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+import fxrec.framework.checkpoint as checkpoint
+from tests.trainer_util import make_batches, make_trainer
+
+out, store = sys.argv[1], sys.argv[2]
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+trainer = make_trainer(out, make_batches(4, 4, seed=rank), train_steps=1)
+trainer.train()  # ckpt_1, both shards
+
+
+def fail(event, path):
+    if rank == 1 and event == "file_written" and path.name.startswith("sparse.shard1"):
+        raise OSError("disk full")
+
+
+checkpoint._test_hook = fail
+trainer.args.train_steps = 2
+try:
+    trainer.train()  # step 2 trains; its checkpoint fails on rank 1
+except (OSError, RuntimeError) as e:
+    print("raised:", type(e).__name__, e)
+    assert ("disk full" in str(e)) and (rank == 1 or "rank 1 failed to write its shard" in str(e))
+else:
+    raise AssertionError("the save did not fail")
+dist.destroy_process_group()
+"""
+
+
+def test_a_rank_failing_to_write_its_shard_fails_the_save_everywhere(tmp_path):
+    """Rank 1 fails to write its shard of ckpt_2: every rank raises (rank 0 naming rank 1), the
+    temp dir is gone and ckpt_1 stays the latest, loadable, checkpoint."""
+    script = tmp_path / "failing_save.py"
+    script.write_text(_FAILING_SAVE.format(repo=REPO))
+    out = tmp_path / "out"
+    run_ranks(str(script), 2, str(tmp_path), [str(out), str(tmp_path / "store")])
+    manager = CheckpointManager(out)
+    assert manager.latest_step() == 1 and manager.list_steps() == [1]
+    assert sorted(os.listdir(out)) == ["checkpoint", "ckpt_1"]  # no temp dir left
+    assert {"sparse.shard0", "sparse.shard1"} <= set(manager.part_names(1))
+    manager.load(1)  # every file verifies
 
 
 @pytest.mark.gpu
