@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from fxrec.framework.checkpoint import CheckpointManager
 from fxrec.distributed.sharded import NUM_SLICES, mix64, owner_of, slice_of, slice_range
-from fxrec.nn.modules.hashtable import MAX_ROWS_ENV
+from fxrec.nn.modules.hashtable import MAX_ROWS_ENV, HashTable
 from tests.sharded_util import (
     CAP_IDS,
     CONFIGS,
@@ -250,3 +250,30 @@ def test_sharded_training_equals_one_process_on_two_gpus(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     _check_against_reference(_run_sharded(tmp_path, 2, "cuda"), 2)
+
+
+@given(st.lists(st.lists(st.sampled_from([0, 1, -1, 65536, -(2**63), 2**63 - 1, 7, 7 << 16]), max_size=8),
+                max_size=4))
+def test_take_id_grads_sums_per_id_over_lookups(lookups):
+    """Sharded lookups record gradients by id (HashTable.grad_anchor(..., ids=...)):
+    take_id_grads gives each id once with its gradient summed over every lookup and its
+    occurrences counted, unreduced — against a dict oracle. Lookups of no id and anchors without
+    a gradient add nothing."""
+    table = HashTable(DIM, name="t")
+    want_sum: dict[int, torch.Tensor] = {}
+    want_count: dict[int, float] = {}
+    for i, ids in enumerate(lookups):
+        uniq, counts = torch.unique(torch.tensor(ids, dtype=torch.int64), return_counts=True)
+        anchor = table.grad_anchor(torch.arange(uniq.numel()), counts, ids=uniq)
+        if i == 1:
+            continue  # this anchor gets no gradient
+        grad = torch.arange(uniq.numel() * DIM, dtype=torch.float32).reshape(-1, DIM) + i
+        (anchor * grad).sum().backward()
+        for j, k in enumerate(uniq.tolist()):
+            want_sum[k] = want_sum.get(k, 0) + grad[j]
+            want_count[k] = want_count.get(k, 0) + float(counts[j])
+    ids, sums, counts = table.take_id_grads()
+    assert ids.tolist() == sorted(want_sum)
+    for k, s, c in zip(ids.tolist(), sums, counts.tolist()):
+        assert torch.equal(s, want_sum[k]) and c == want_count[k]
+    assert table.take_id_grads()[0].numel() == 0  # taken: nothing pending
