@@ -146,7 +146,7 @@ def snapshot(model: nn.Module) -> dict:
     return out
 
 
-def merge_shards(snaps: list[dict]) -> dict:
+def union_of_shards(snaps: list[dict]) -> dict:
     """The ranks' table snapshots as one (ids in order): what one process's tables would hold."""
     out = {"dense": snaps[0]["dense"]}
     for name in snaps[0]:

@@ -26,7 +26,7 @@ from tests.sharded_util import (
     assert_close_snapshots,
     build,
     cap_batch,
-    merge_shards,
+    union_of_shards,
     rank_batch,
     reference,
     run_extra,
@@ -117,7 +117,7 @@ def _check_against_reference(ranks: list[dict], world: int) -> None:
         snaps = [r[key]["snapshot"] for r in ranks]
         for r, snap in enumerate(snaps):  # each rank holds exactly the ids it owns
             _check_owned(snap, r, world, key)
-        assert_close_snapshots(merge_shards(snaps), want)
+        assert_close_snapshots(union_of_shards(snaps), want)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -142,7 +142,7 @@ def test_sharded_eviction_read_only_accumulation_passes_and_eval(sharded_runs, w
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), atol=1e-5, rtol=1e-5)
         _check_owned(got["trained"], r, world, name)
         assert got["after_eval"] == got["trained"]  # eval inserts nothing, updates nothing
-    assert_close_snapshots(merge_shards([g["trained"] for g in ranks]), want["trained"])
+    assert_close_snapshots(union_of_shards([g["trained"] for g in ranks]), want["trained"])
     per_step = len(want["outputs"]) // len(EVAL_STEPS) // world  # outputs per (step, rank): a, b, c
     for r, got in enumerate(ranks):
         for i, s in enumerate(EVAL_STEPS):
@@ -166,7 +166,7 @@ def test_row_cap_trains_sharded(sharded_runs, world):
     for r, snap in enumerate(snaps):
         _check_owned(snap, r, world, "cap")
         assert len(snap["t"]["ids"]) <= ROW_CAP
-    assert len(merge_shards(snaps)["t"]["ids"]) == CAP_IDS
+    assert len(union_of_shards(snaps)["t"]["ids"]) == CAP_IDS
 
 
 def test_row_cap_fails_unsharded_naming_the_table(monkeypatch):

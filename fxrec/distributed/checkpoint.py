@@ -16,8 +16,8 @@ entries, writes the dense parts and commits (``finish_save``): the crc32c index 
 file, and the checkpoint becomes visible only complete, as with one writer. A failure on any rank
 removes the temp dir and raises on every rank.
 
-Loading at world size W' (``load_shards``): the saved world size is the number of
-``sparse.shard<k>`` parts. Owners are slices in contiguous ranges
+Loading at world size W' (``shards_to_read``, then ``merge_shards``; ``load_shards`` does both):
+the saved world size is the number of ``sparse.shard<k>`` parts. Owners are slices in contiguous ranges
 (``fxrec.distributed.sharded``), so rank ``r`` reads only the old shards whose slice ranges
 overlap its own, and keeps the ids it owns under W'. Per-id tensors (first dimension = the number
 of ids) are concatenated; everything else (table step, optimizer scalars, param groups) is the
@@ -38,7 +38,8 @@ from fxrec.distributed.env import is_distributed
 from fxrec.distributed.sharded import owner_of, slice_range
 from fxrec.framework.checkpoint import CheckpointManager
 
-__all__ = ["SHARDED_PARTS", "is_shard_part", "load_shards", "save_sharded", "shard_part"]
+__all__ = ["SHARDED_PARTS", "is_shard_part", "load_shards", "merge_shards", "save_sharded", "shard_part",
+           "shards_to_read"]
 
 SHARDED_PARTS = ("sparse", "sparse_optimizer")
 _SHARD_RE = re.compile(r"(sparse|sparse_optimizer)\.shard(0|[1-9][0-9]*)")
@@ -130,31 +131,43 @@ def _merge(entries: list[dict], rank: int, world: int, what: str) -> dict:
     return out
 
 
-def load_shards(manager: CheckpointManager, step: int, rank: int, world: int, kinds: tuple[str, ...] = SHARDED_PARTS,
-                map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """``{kind: state}`` of checkpoint ``step`` for ``rank`` of ``world`` (module docstring):
-    ``"sparse"``: ``{table: HashTable state}``; ``"sparse_optimizer"``: the sparse optimizer's
-    ``state_dict`` (None when the checkpoint has none). Reads only the overlapping shards."""
-    names = manager.part_names(step)
-    saved_world = sum(1 for n in names if n.startswith("sparse.shard") and is_shard_part(n))
-    if [n for n in names if n.startswith("sparse.shard")] != [shard_part("sparse", s) for s in range(saved_world)]:
-        raise ValueError(f"checkpoint {step} of {manager.output_dir}: its table shards are not sparse.shard0.."
-                         f"sparse.shard{saved_world - 1}: {[n for n in names if n.startswith('sparse.shard')]}")
+def shards_to_read(names: list[str], rank: int, world: int, kinds: tuple[str, ...] = SHARDED_PARTS) -> list[str]:
+    """Of a checkpoint's part ``names``, the shard parts of ``kinds`` that ``rank`` of ``world``
+    must read: those of the saved ranks whose slice ranges overlap its own (module docstring)."""
+    tables = [n for n in names if n.startswith("sparse.shard")]
+    saved_world = len(tables)
+    if tables != [shard_part("sparse", s) for s in range(saved_world)]:
+        raise ValueError(f"a checkpoint's table shards must be sparse.shard0..sparse.shard<W-1>, got {tables}")
     lo, hi = slice_range(rank, world)
-    wanted = [s for s in range(saved_world) if slice_range(s, saved_world)[0] < hi and lo < slice_range(s, saved_world)[1]]
-    parts = manager.load(step, parts=[shard_part(k, s) for k in kinds for s in wanted if shard_part(k, s) in names],
-                         map_location=map_location)
+    overlapping = [s for s in range(saved_world)
+                   if slice_range(s, saved_world)[0] < hi and lo < slice_range(s, saved_world)[1]]
+    return [shard_part(k, s) for k in kinds for s in overlapping if shard_part(k, s) in names]
+
+
+def merge_shards(parts: dict[str, Any], rank: int, world: int, kinds: tuple[str, ...] = SHARDED_PARTS,
+                 what: str = "checkpoint") -> dict[str, Any]:
+    """``{kind: state}`` for ``rank`` of ``world`` from the loaded shard ``parts``
+    (``shards_to_read``'s): ``"sparse"``: ``{table: HashTable state}``; ``"sparse_optimizer"``:
+    the sparse optimizer's ``state_dict``; None for a kind without shards."""
     out: dict[str, Any] = {}
     for kind in kinds:
-        shards = [parts[shard_part(kind, s)] for s in wanted if shard_part(kind, s) in parts]
-        what = f"checkpoint {step} of {manager.output_dir}: {kind}"
+        shards = [state for name, state in parts.items() if name.startswith(kind + ".shard") and is_shard_part(name)]
+        where = f"{what}: {kind}"
         if not shards:
             out[kind] = None
         elif kind == "sparse":
-            out[kind] = {table: _merge([sh[table] for sh in shards], rank, world, f"{what} table {table!r}")
+            out[kind] = {table: _merge([sh[table] for sh in shards], rank, world, f"{where} table {table!r}")
                          for table in shards[0]}
         else:
-            state = {table: _merge([sh["state"][table] for sh in shards], rank, world, f"{what} table {table!r}")
+            state = {table: _merge([sh["state"][table] for sh in shards], rank, world, f"{where} table {table!r}")
                      for table in shards[0]["state"]}
             out[kind] = {"state": state, "param_groups": shards[0]["param_groups"]}
     return out
+
+
+def load_shards(manager: CheckpointManager, step: int, rank: int, world: int, kinds: tuple[str, ...] = SHARDED_PARTS,
+                map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``merge_shards`` of checkpoint ``step``'s shards that ``rank`` of ``world`` must read."""
+    parts = manager.load(step, parts=shards_to_read(manager.part_names(step), rank, world, kinds),
+                         map_location=map_location)
+    return merge_shards(parts, rank, world, kinds, f"checkpoint {step} of {manager.output_dir}")

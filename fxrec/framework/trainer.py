@@ -93,7 +93,8 @@ from torch import Tensor, nn
 from fxrec.distributed.env import all_true, collective_device, default_device, init_distributed, is_distributed
 from fxrec.distributed.env import rank as _rank
 from fxrec.distributed.env import world_size as _world_size
-from fxrec.distributed.checkpoint import is_shard_part, load_shards, save_sharded, shard_part
+from fxrec.distributed.checkpoint import (is_shard_part, load_shards, merge_shards, save_sharded, shard_part,
+                                          shards_to_read)
 from fxrec.framework.checkpoint import CheckpointManager
 from fxrec.framework.hooks import Hook, LoggerHook
 from fxrec.framework.metrics import clear_metrics, get_log_metrics
@@ -718,9 +719,11 @@ class Trainer:
         (module docstring: resume)."""
         manager = self.checkpoint_manager
         step = manager.latest_step() if step is None else step
-        parts = manager.load(step, parts=[p for p in manager.part_names(step) if not is_shard_part(p)],
+        names = manager.part_names(step)
+        dense = [p for p in names if not is_shard_part(p)]
+        parts = manager.load(step, parts=dense + shards_to_read(names, self.rank, self.world_size),
                              map_location=self.device)
-        parts.update(load_shards(manager, step, self.rank, self.world_size, map_location=self.device))
+        parts.update(merge_shards(parts, self.rank, self.world_size))
         what = f"resuming from {manager.output_dir}/ckpt_{parts['trainer']['global_step']}"
         self._load_dense(parts["model"], [], True, what)
         sparse = parts["sparse"] or {}
