@@ -31,7 +31,7 @@ anchor (``grad_anchor``) is recorded by id instead of by row (``HashTable.grad_a
 ids=uniq)``): after ``backward()`` its ``[U, dim]`` gradient is per id.
 
 Backward, at the sparse optimizer's step (``reduce_grads_to_owners``, a collective over every
-table, called before the update): each rank sums its pending gradients per id over its
+table, called before the update; its docstring says which messages): each rank sums its pending gradients per id over its
 occurrences (``HashTable.take_id_grads``: all micro-batches of a gradient-accumulation group,
 all lookups of the table), sends (id, gradient sum, occurrence count) to the owner, and the owner
 reduces over all ranks (SPEC §4.5): ``"worker"``: ``sum / W`` (DDP's mean over ranks of dense
@@ -184,17 +184,20 @@ def grad_anchor(table: HashTable, uniq: Tensor, rows: Tensor, counts: Tensor) ->
     return table.grad_anchor(rows, counts, ids=uniq)
 
 
-@torch.no_grad()
-def _owner_grads(table: HashTable) -> tuple[Tensor, Tensor]:
-    world = dist.get_world_size()
-    ids, sums, counts = table.take_id_grads()
-    order, send_splits, recv_splits = _route(ids)
-    got_ids = _all_to_all(ids[order], send_splits, recv_splits, "grads")
-    payload = torch.cat([sums, counts[:, None]], 1)[order]
-    got = _all_to_all(payload, send_splits, recv_splits, "grads")
-    owned, inverse = torch.unique(got_ids, return_inverse=True)
+def _as_int32(t: Tensor) -> Tensor:
+    """``[R, k]`` int32 words of a ``[R]`` int64 / float32 or ``[R, d]`` float32 tensor's bits."""
+    return (t[:, None] if t.dim() == 1 else t).contiguous().view(torch.int32)
+
+
+def _owner_grads(table: HashTable, got: Tensor, world: int) -> tuple[Tensor, Tensor]:
+    """``(rows, grads)`` of this rank's table from the received ``[R, 2 + dim + 1]`` int32 words
+    (id, gradient sum, count per row; several rows per id when several ranks sent it), reduced
+    per ``grad_reduce_by`` (module docstring)."""
+    ids = got[:, :2].contiguous().view(torch.int64).reshape(-1)
+    sums_counts = got[:, 2:].contiguous().view(torch.float32)
+    owned, inverse = torch.unique(ids, return_inverse=True)
     merged = torch.zeros(owned.shape[0], table.dim + 1, dtype=torch.float32, device=got.device)
-    merged.index_add_(0, inverse, got)
+    merged.index_add_(0, inverse, sums_counts)
     grads = merged[:, :-1] / world
     if table.grad_reduce_by == "id":
         grads /= merged[:, -1:].clamp_min(1.0)
@@ -203,8 +206,31 @@ def _owner_grads(table: HashTable) -> tuple[Tensor, Tensor]:
     return rows[held], grads[held]
 
 
+@torch.no_grad()
 def reduce_grads_to_owners(tables: list[HashTable]) -> list[tuple[Tensor, Tensor]]:
     """Per table, ``(rows [R], grads [R, dim])`` of THIS rank's table: every rank's pending
     gradients of the ids it owns, reduced per ``grad_reduce_by`` (module docstring); clears the
-    pending gradients. A collective: every rank calls it with the same tables in the same order."""
-    return [_owner_grads(table) for table in tables]
+    pending gradients. A collective: every rank calls it with the same tables in the same order.
+
+    Messages, all tables together: ONE all-to-all of the ``[W, T]`` per-table row counts (one host
+    sync for the split sizes), then one all-to-all per table of its rows, each row's id, gradient
+    sum and count as int32 words (bit copies: one message instead of an id message and a float
+    message, and no float ever reinterprets an id)."""
+    if not tables:
+        return []
+    world = dist.get_world_size()
+    taken = [table.take_id_grads() for table in tables]
+    owners = [owner_of(ids, world) for ids, _, _ in taken]
+    device = taken[0][0].device
+    counts = torch.stack([torch.bincount(o, minlength=world).to(device) for o in owners])  # [T, W]
+    per_rank = counts.T.contiguous().reshape(-1)  # rank-major: what goes to rank r, table by table
+    got_counts = _all_to_all(per_rank, [len(tables)] * world, [len(tables)] * world, "sizes")
+    send = counts.T.tolist()  # [W][T]
+    recv = got_counts.reshape(world, len(tables)).tolist()
+    out = []
+    for t, (table, (ids, sums, occurrences), own) in enumerate(zip(tables, taken, owners)):
+        order = torch.argsort(own, stable=True)
+        payload = torch.cat([_as_int32(ids), _as_int32(sums), _as_int32(occurrences)], 1)[order]
+        got = _all_to_all(payload, [row[t] for row in send], [row[t] for row in recv], "grads")
+        out.append(_owner_grads(table, got, world))
+    return out
