@@ -1,5 +1,5 @@
 """The Trainer (SPEC §7, §7.1): steps, epochs, accumulation, hooks, logs, checkpoints, resume,
-warm start, evaluation, eviction, errors, crash safety, and replicated tables across processes."""
+warm start, evaluation, eviction, errors, crash safety, and sharded tables across processes."""
 
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ from fxrec.framework.trainer import Trainer, TrainingArguments
 from fxrec.nn.hashtable_hook import FilterHook
 from fxrec.nn.modules.hashtable import filter_out_sparse_param
 from fxrec.optim import SparseSGD
+from fxrec.distributed.sharded import owner_of
 from tests.trainer_util import (
     ToyModel,
     assert_matches_checkpoint,
     assert_same,
     concat_batches,
     dense_snapshot,
+    load_parts,
     make_batches,
     make_trainer,
     orc_dataset,
@@ -319,9 +321,10 @@ def test_checkpoints_written_and_pruned(tmp_path):
     manager = CheckpointManager(tmp_path)
     assert manager.list_steps() == [4, 5] and manager.latest_step() == 5
     parts = manager.load()
-    assert set(parts) == {"model", "sparse", "dense_optimizer", "lr_scheduler", "sparse_optimizer", "trainer", "io"}
+    assert set(parts) == {"model", "sparse.shard0", "dense_optimizer", "lr_scheduler", "sparse_optimizer.shard0",
+                          "trainer", "io"}
     assert not any(k.startswith("embedding.tables") for k in parts["model"])
-    assert set(parts["sparse"]) == {"ids", "tags"} and parts["trainer"]["global_step"] == 5
+    assert set(parts["sparse.shard0"]) == {"ids", "tags"} and parts["trainer"]["global_step"] == 5
     assert parts["io"] == [None]  # a list of batches has no IO state
     assert "auc.tp" in parts["model"]  # metric counters are dense state
 
@@ -487,7 +490,7 @@ def test_sigkill_mid_save_resumes_from_the_previous_checkpoint(tmp_path):
     assert_same(table_snapshot(resumed.model), table_snapshot(full.model))
 
 
-# -- several processes: replicated tables ----------------------------------------------------------
+# -- several processes: sharded tables ------------------------------------------------------------
 
 _WORKER = """
 import json, os, sys
@@ -521,17 +524,34 @@ dist.destroy_process_group()
 """
 
 
-def test_two_processes_keep_replicas_identical_and_match_one_process(tmp_path):
+def _merged_tables(ranks: list[dict], world: int) -> dict:
+    """The ranks' table shards as one table per name (ids ascending), each rank holding exactly
+    the ids it owns."""
+    out = {}
+    for name in ranks[0]["tables"]:
+        pairs = []
+        for r, rank in enumerate(ranks):
+            ids = rank["tables"][name]["ids"]
+            assert (owner_of(torch.tensor(ids, dtype=torch.int64), world) == r).all(), (name, r)
+            pairs += zip(ids, rank["tables"][name]["embedding"])
+        pairs.sort()
+        out[name] = {"ids": [i for i, _ in pairs], "embedding": [e for _, e in pairs]}
+    return out
+
+
+def test_two_processes_shard_tables_and_match_one_process(tmp_path):
     """gloo, 2 ranks: rank 0 has 3 batches a pass, rank 1 has 2 (it runs out first: both stop the
-    pass together). Dense weights and replicated tables are bit-identical across ranks and equal
-    (to float tolerance) one process training on each step's two batches concatenated."""
+    pass together). Dense weights are bit-identical across ranks; each rank's tables hold the ids
+    it owns; dense weights and the union of the shards equal (to float tolerance) one process
+    training on each step's two batches concatenated."""
     out = str(tmp_path)
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(repo=REPO, out=out))
     run_ranks(str(script), 2, out)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
-    assert r0 == r1  # bit-identical replicas (JSON floats are exact reprs)
-    assert r0["step"] == 10 and r0["epoch"] == 4  # 5 passes of 2 steps; the 5th not ended
+    assert r0["dense"] == r1["dense"]  # bit-identical (JSON floats are exact reprs)
+    assert r0["step"] == r1["step"] == 10 and r0["epoch"] == r1["epoch"] == 4  # 5 passes of 2 steps
+    tables = _merged_tables([r0, r1], 2)
 
     # one process: the same steps on the two ranks' batches concatenated
     batches = make_batches(6, 4, seed=11)
@@ -550,8 +570,8 @@ def test_two_processes_keep_replicas_identical_and_match_one_process(tmp_path):
     for k, v in dense.items():
         torch.testing.assert_close(torch.tensor(r0["dense"][k]), v, atol=1e-5, rtol=1e-5)
     for name, t in table_snapshot(ref).items():
-        assert r0["tables"][name]["ids"] == t["ids"].tolist()
-        torch.testing.assert_close(torch.tensor(r0["tables"][name]["embedding"]), t["embedding"], atol=1e-5, rtol=1e-5)
+        assert tables[name]["ids"] == t["ids"].tolist()
+        torch.testing.assert_close(torch.tensor(tables[name]["embedding"]), t["embedding"], atol=1e-5, rtol=1e-5)
 
 
 # -- reshard: save at world size 2, load at 1 and at 3 ----------------------------------------------
@@ -560,19 +580,18 @@ _RESHARD = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch.distributed as dist
-from fxrec.framework.checkpoint import CheckpointManager
-from tests.trainer_util import assert_matches_checkpoint, make_batches, make_trainer, table_snapshot
+from tests.trainer_util import assert_matches_checkpoint, load_parts, make_batches, make_trainer, table_snapshot
 
 out, store, saved = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
 batches = make_batches(6, 4, seed=11)[rank::world]
-if world == 2:  # train: {steps} steps, rank 0 saves ckpt_{steps} at the end
+if world == 2:  # train: {steps} steps, every rank saves its shard of ckpt_{steps} at the end
     make_trainer(out, batches, seed=rank, train_steps={steps}).train()
-else:  # resume at another world size: every rank holds every id and slot of the checkpoint
+else:  # resume at another world size: every rank holds the ids it owns now, with every slot
     trainer = make_trainer(out, batches, seed=100 + rank, train_steps=saved)
     trainer.train()  # restores, runs no step
-    assert_matches_checkpoint(trainer, CheckpointManager(out).load(saved))
+    assert_matches_checkpoint(trainer, load_parts(out, saved, rank, world))
     trainer.args.train_steps = saved + 1
     trainer.train()  # one more step at this world size (and its checkpoint)
     snap = table_snapshot(trainer.model)
@@ -585,11 +604,11 @@ dist.destroy_process_group()
 
 
 def test_reshard_save_at_two_load_at_one_and_three(tmp_path):
-    """2 gloo ranks train 4 steps (each its own batches) and rank 0 saves; the checkpoint holds the
-    ids of both ranks' batches. Loaded in one process (this one) and in 3 processes, every rank's
-    tables (ids, embedding, last_seen, step, optimizer moments), the sparse optimizer's per-table
-    state, the dense state and the step equal the checkpoint exactly; one more step then runs,
-    and the 3 replicas stay identical."""
+    """2 gloo ranks train 4 steps (each its own batches) and each saves its shard; together the
+    shards hold the ids of both ranks' batches, each id once. Loaded in one process (this one)
+    and in 3 processes, every rank's tables (ids, embedding, last_seen, step, optimizer moments),
+    the sparse optimizer's per-table state, the dense state and the step equal the checkpoint's
+    (the ids the rank owns) exactly; one more step then runs at the new world size."""
     steps = 4
     script = tmp_path / "reshard.py"
     script.write_text(_RESHARD.format(repo=REPO, steps=steps))
@@ -597,11 +616,12 @@ def test_reshard_save_at_two_load_at_one_and_three(tmp_path):
     out2.mkdir()
     run_ranks(str(script), 2, str(tmp_path), [str(out2), str(tmp_path / "store2"), "0"])
     assert CheckpointManager(out2).list_steps() == [steps]
-    parts = CheckpointManager(out2).load(steps)
+    assert {"sparse.shard0", "sparse.shard1"} <= set(CheckpointManager(out2).part_names(steps))
+    parts = load_parts(out2, steps)
     batches = make_batches(6, 4, seed=11)  # 3 a rank: 4 steps read all 6
     for name, feature in (("ids", "ids"), ("tags", "tags")):
         seen = torch.unique(torch.cat([b[feature].values() for b in batches]))
-        assert torch.equal(torch.sort(parts["sparse"][name]["ids"]).values, seen)  # rank 1's ids too
+        assert torch.equal(torch.sort(parts["sparse"][name]["ids"]).values, seen)  # both shards, each id once
     for world in (1, 3):
         shutil.copytree(out2, tmp_path / f"w{world}")
     # world 1: a Trainer in this process (no process group)
@@ -615,5 +635,9 @@ def test_reshard_save_at_two_load_at_one_and_three(tmp_path):
     out3 = tmp_path / "w3"
     run_ranks(str(script), 3, str(tmp_path), [str(out3), str(tmp_path / "store3"), str(steps)])
     ranks = [json.loads((out3 / f"rank{r}.json").read_text()) for r in range(3)]
-    assert ranks[0] == ranks[1] == ranks[2] and ranks[0]["step"] == steps + 1
+    assert all(r["step"] == steps + 1 for r in ranks)
+    for name in ("ids", "tags"):  # the 3 shards are disjoint, each its owner's
+        for r, rank in enumerate(ranks):
+            assert (owner_of(torch.tensor(rank["tables"][name]["ids"], dtype=torch.int64), 3) == r).all()
     assert CheckpointManager(out3).list_steps() == [steps, steps + 1]
+    assert {f"sparse.shard{r}" for r in range(3)} <= set(CheckpointManager(out3).part_names(steps + 1))

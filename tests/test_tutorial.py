@@ -60,6 +60,7 @@ import torch
 
 from fxrec.framework.checkpoint import CheckpointManager
 from fxrec.framework.metrics import clear_metrics
+from tests.trainer_util import load_parts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A verbatim copy of the tutorial the project follows, kept with the tests so that every checkout
@@ -161,9 +162,9 @@ def test_tutorial_code_runs(tmp_path, monkeypatch, device):
     assert all(0.0 <= r["metrics"]["auc"] <= 1.0 for r in records) and records[-1]["metrics"]["auc"] > 0.9
     manager = CheckpointManager(tmp_path / "ckpt")
     assert manager.latest_step() == 100
-    parts = manager.load(parts=["sparse", "trainer"])
+    parts = manager.load(parts=["sparse.shard0", "trainer"])
     assert parts["trainer"]["global_step"] == 100
-    assert set(parts["sparse"]) == {"sparse1", "sparse2", "sparse3", "sparse4", "sparse5", "sparse1_x_sparse2"}
+    assert set(parts["sparse.shard0"]) == {"sparse1", "sparse2", "sparse3", "sparse4", "sparse5", "sparse1_x_sparse2"}
 
 
 def test_tutorial_code_under_torchrun(tmp_path):
@@ -184,10 +185,11 @@ def test_tutorial_code_under_torchrun(tmp_path):
     assert all(0.0 <= r["metrics"]["auc"] <= 1.0 for r in records)
     manager = CheckpointManager(tmp_path / "ckpt")
     assert manager.list_steps() == [30]
-    parts = manager.load(parts=["sparse", "trainer", "io"])
-    assert parts["trainer"]["global_step"] == 30 and parts["trainer"]["world_size"] == 2
+    parts = manager.load(parts=["sparse.shard0", "sparse.shard1", "trainer", "io"])
+    assert parts["trainer"]["world_size"] == 2 and parts["trainer"]["global_step"] == 30
     assert [s["worker_idx"] for s in parts["io"]] == [0, 1]
-    assert set(parts["sparse"]) == {"sparse1", "sparse2", "sparse3", "sparse4", "sparse5", "sparse1_x_sparse2"}
+    tables = {"sparse1", "sparse2", "sparse3", "sparse4", "sparse5", "sparse1_x_sparse2"}
+    assert set(parts["sparse.shard0"]) == set(parts["sparse.shard1"]) == tables
 
 
 def test_example_under_torchrun(tmp_path):
@@ -204,8 +206,10 @@ def test_example_under_torchrun(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = [json.loads((out / f"tables_rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["step"] == ranks[1]["step"] == 8  # both ranks ran the same steps and ended together
-    assert ranks[0]["tables"] == ranks[1]["tables"]  # replicated tables identical (ids, rows, slots)
-    assert ranks[0]["tables"]["sparse4"]["ids"] > 0
+    merged = load_parts(out)["sparse"]  # every rank's shard, at world size 1
+    for name, table in merged.items():  # sharded: the ranks' disjoint shards add up to the checkpoint's ids
+        assert ranks[0]["tables"][name]["ids"] + ranks[1]["tables"][name]["ids"] == table["ids"].numel()
+    assert ranks[0]["tables"]["sparse4"]["ids"] > 0 and ranks[1]["tables"]["sparse4"]["ids"] > 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # rank 0 writes it
     losses = [r["loss"] for r in records]
     assert [r["step"] for r in records] == [2, 4, 6, 8] and all(math.isfinite(x) for x in losses)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxrec.distributed.checkpoint import is_shard_part, load_shards
+from fxrec.framework.checkpoint import CheckpointManager
 from fxrec.framework.metrics import add_metric
 from fxrec.framework.trainer import Trainer, TrainingArguments, _dense_state_dict
 from fxrec.io.orc_dataset import OrcDataset
@@ -184,8 +186,19 @@ def by_id(entry: dict) -> dict:
             for k, v in entry.items()}
 
 
+def load_parts(directory, step: int | None = None, rank: int = 0, world: int = 1) -> dict:
+    """Checkpoint ``step`` of ``directory`` as one rank of ``world`` sees it: the dense parts, and
+    ``"sparse"`` / ``"sparse_optimizer"``: the table shards merged to the ids ``rank`` owns (at
+    world 1: every id)."""
+    manager = CheckpointManager(directory)
+    step = manager.latest_step() if step is None else step
+    parts = manager.load(step, parts=[p for p in manager.part_names(step) if not is_shard_part(p)])
+    parts.update(load_shards(manager, step, rank, world))
+    return parts
+
+
 def assert_matches_checkpoint(trainer: Trainer, parts: dict) -> None:
-    """The trainer's state equals a checkpoint's parts exactly: every table's ids and every slot
+    """The trainer's state equals a checkpoint's parts (``load_parts``) exactly: every table's ids and every slot
     (embedding, last_seen, optimizer moments, the table step), compared in id order; the sparse
     optimizer's per-table state (ids, slots, step, b1p, b2p) and param group; the dense state; the
     global step."""
@@ -201,12 +214,15 @@ def assert_matches_checkpoint(trainer: Trainer, parts: dict) -> None:
     assert trainer.state.global_step == parts["trainer"]["global_step"]
 
 
-def run_ranks(script: str, world: int, log_dir: str, args: list[str] = (), timeout: float = 300) -> None:
+def run_ranks(script: str, world: int, log_dir: str, args: list[str] = (), timeout: float = 300,
+              cuda: bool = False) -> None:
     """Run ``python script *args`` as ``world`` ranks (RANK, WORLD_SIZE, LOCAL_RANK set; CPU, one
-    thread each) and assert every rank exits 0 (else the failing rank's log tail). When one rank
-    fails, the others are killed (they would wait for it forever). Logs: ``log_dir/<script
-    name>.rank<r>.log``."""
-    env = dict(os.environ, WORLD_SIZE=str(world), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    thread each; ``cuda``: the GPUs stay visible) and assert every rank exits 0 (else the failing
+    rank's log tail). When one rank fails, the others are killed (they would wait for it
+    forever). Logs: ``log_dir/<script name>.rank<r>.log``."""
+    env = dict(os.environ, WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     stem = os.path.splitext(os.path.basename(script))[0]
     paths = [os.path.join(log_dir, f"{stem}.rank{r}.log") for r in range(world)]
     logs = [open(path, "w") for path in paths]

@@ -18,8 +18,8 @@ What differs from the tutorial, and why:
 - Checkpoints go to ``--output-dir`` (``./ckpt/``); a second run resumes from the latest one
   (and, having reached ``--steps`` already, stops at once: raise ``--steps`` to train on).
   After training each rank writes ``<output-dir>/tables_rank<r>.json``: per table, the number of
-  ids and a checksum of its (id, row) pairs in id order — equal on every rank, since the tables
-  are replicated.
+  ids and a checksum of its (id, row) pairs in id order — of the rank's shard: under torchrun the
+  tables are row-wise sharded (``fxrec.distributed.sharded``), each rank holding the ids it owns.
 """
 
 from __future__ import annotations

@@ -2,19 +2,22 @@
 
 ``env``: the process group from torchrun's environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``),
 the device of a rank, and small collectives the Trainer needs (``all_true``).
-``replicated``: keeping REPLICATED sparse tables identical on every rank (``sync_replicated_grads``,
-called by the sparse optimizers' ``step``). Row-wise sharded tables (SPEC §8) replace it later.
+``sharded``: row-wise sharded tables (SPEC §8): each id's owner rank, lookups and row gradients
+over all-to-all. ``checkpoint``: each rank saves its shard; loading reshards to any world size.
 """
 
 from fxrec.distributed.env import all_true, default_device, init_distributed, is_distributed, rank, world_size
-from fxrec.distributed.replicated import sync_replicated_grads
+from fxrec.distributed.sharded import owner_of, reduce_grads_to_owners, reset_traffic, traffic
 
 __all__ = [
     "all_true",
     "default_device",
     "init_distributed",
     "is_distributed",
+    "owner_of",
     "rank",
-    "sync_replicated_grads",
+    "reduce_grads_to_owners",
+    "reset_traffic",
+    "traffic",
     "world_size",
 ]

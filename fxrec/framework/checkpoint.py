@@ -54,10 +54,13 @@ lowest steps are removed until ``max_to_keep`` remain, never the one just writte
 checkpoint with a higher step, from an abandoned run, outlives older ones). ``max_to_keep``
 ``None`` or ``0`` keeps every checkpoint.
 
-Several ranks: ``save`` is for one writer (rank 0). The Trainer gathers what other ranks hold
-(e.g. every rank's IO state, ``"io_rank<r>"`` parts) and rank 0 saves all parts; any number of
-processes may ``load`` at the same time (loading never writes). Two processes saving into one
-``output_dir`` at once is unsupported (each removes the other's temp dirs).
+Several ranks: ``save`` is for one writer. Its steps are public for several writers of one
+checkpoint (``fxrec.distributed.checkpoint``: each rank writes its table shard): ONE process
+calls ``begin_save`` (clean-up, temp dir), every writer ``write_part``s its own parts into that
+temp dir (a file system all of them see) and hands its index entries to the one, which calls
+``finish_save`` (index, rename, pointer): the checkpoint still becomes visible only complete.
+Any number of processes may ``load`` at the same time (loading never writes). Two saves into one
+``output_dir`` at once are unsupported (each removes the other's temp dirs).
 """
 
 from __future__ import annotations
@@ -308,6 +311,12 @@ def _check_step(step: Any) -> int:
     return step
 
 
+def _check_part_name(name: Any) -> None:
+    if not isinstance(name, str) or not _PART_RE.fullmatch(name):
+        raise ValueError(f"checkpoint part name {name!r}: use letters, digits, '_', '.', '-' "
+                         "(not first: '.', '-')")
+
+
 def _index_crc(index: dict) -> str:
     body = {k: v for k, v in index.items() if k != "index_crc32c"}
     return f"{google_crc32c.value(json.dumps(body, sort_keys=True).encode()):08x}"
@@ -342,34 +351,60 @@ class CheckpointManager:
         """Write ``parts`` ({part name: nested state}) as checkpoint ``step`` (module docstring:
         the protocol), make it the latest, prune; returns its directory ``ckpt_<step>``. Part
         names are file names: letters, digits, ``_``, ``.``, ``-``, not starting with ``.``/``-``.
-        One writer only (rank 0)."""
-        step = _check_step(step)
+        One writer only (rank 0). ``begin_save`` / ``write_part`` / ``finish_save`` are its
+        steps, for several writers (``fxrec.distributed.checkpoint``)."""
         if not isinstance(parts, dict):
             raise TypeError(f"checkpoint parts must be a dict of part name -> state, got {type(parts).__name__}")
         for name in parts:
-            if not isinstance(name, str) or not _PART_RE.fullmatch(name):
-                raise ValueError(f"checkpoint part name {name!r}: use letters, digits, '_', '.', '-' "
-                                 "(not first: '.', '-')")
+            _check_part_name(name)
+        tmp = self.begin_save(step)
+        try:
+            files = {}
+            for name, state in parts.items():
+                files.update(self.write_part(tmp, name, state))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.finish_save(step, tmp, list(parts), files)
+
+    def begin_save(self, step: int) -> pathlib.Path:
+        """Protocol step 1: create ``output_dir`` if needed, clean up after crashed saves, create
+        and return the temp dir ``.ckpt_<step>.tmp-<pid>`` that ``write_part`` writes into."""
+        step = _check_step(step)
         if not self.output_dir.is_dir():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _fsync_dir(self.output_dir.parent)
         self._clean_up()
-        final = self._ckpt_dir(step)
         tmp = self.output_dir / f".ckpt_{step}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        return tmp
+
+    def write_part(self, tmp: pathlib.Path, name: str, state: Any) -> dict[str, dict]:
+        """Write part ``name`` into the temp dir ``tmp`` (fsynced); returns its index entry
+        ``{filename: {"crc32c", "bytes"}}``. Any process may write parts of one save (each its
+        own names)."""
+        _check_part_name(name)
+        packer = _Packer()
+        tree = packer.encode(state, [])
+        path = pathlib.Path(tmp) / (name + PART_SUFFIX)
+        metadata = {_FORMAT_KEY: FORMAT, _TREE_KEY: json.dumps(tree, allow_nan=False)}
+        safetensors.torch.save_file(packer.tensors, path, metadata=metadata)
+        del packer
+        crc, size = _crc32c_of_file(path, fsync=True)
+        _hook("file_written", path)
+        return {path.name: {"crc32c": crc, "bytes": size}}
+
+    def finish_save(self, step: int, tmp: pathlib.Path, parts: list[str], files: dict[str, dict]) -> pathlib.Path:
+        """Protocol steps 2 (the index) to 6: ``tmp`` holds every part of ``parts``, whose files
+        ``files`` describes (``write_part``'s entries); returns ``ckpt_<step>``. On an error the
+        temp dir is removed and the previous checkpoint stays the latest."""
+        step = _check_step(step)
+        final = self._ckpt_dir(step)
         old = None
         try:
-            tmp.mkdir()
-            files = {}
-            for name, state in parts.items():
-                packer = _Packer()
-                tree = packer.encode(state, [])
-                path = tmp / (name + PART_SUFFIX)
-                metadata = {_FORMAT_KEY: FORMAT, _TREE_KEY: json.dumps(tree, allow_nan=False)}
-                safetensors.torch.save_file(packer.tensors, path, metadata=metadata)
-                del packer
-                crc, size = _crc32c_of_file(path, fsync=True)
-                files[path.name] = {"crc32c": crc, "bytes": size}
-                _hook("file_written", path)
+            missing = [p for p in parts if p + PART_SUFFIX not in files]
+            if missing:
+                raise ValueError(f"checkpoint {step}: parts {missing} were not written")
             index = {"format": FORMAT, "step": step, "parts": list(parts), "files": files}
             index["index_crc32c"] = _index_crc(index)
             with open(tmp / INDEX_NAME, "w") as f:
@@ -502,6 +537,23 @@ class CheckpointManager:
             raise ValueError(f"checkpoint {ckpt}: {path} is corrupt (fails its checks)")
         return index
 
+    def _find(self, step: int | None) -> tuple[pathlib.Path, dict]:
+        """(directory, checked index) of checkpoint ``step`` (None: the latest, per the pointer file)."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.output_dir} (no '{POINTER_NAME}' pointer file)")
+        step = _check_step(step)
+        ckpt = self._existing_dir(step)
+        if ckpt is None:
+            raise FileNotFoundError(f"checkpoint {self._ckpt_dir(step)} does not exist "
+                                    f"(steps in {self.output_dir}: {self.list_steps()})")
+        return ckpt, self._read_index(ckpt, step)
+
+    def part_names(self, step: int | None = None) -> list[str]:
+        """The parts of checkpoint ``step`` (None: the latest), in saved order, from its index."""
+        return list(self._find(step)[1]["parts"])
+
     def load(self, step: int | None = None, parts: Iterable[str] | None = None,
              map_location: str | torch.device = "cpu") -> dict[str, Any]:
         """Checkpoint ``step`` (None: the latest, per the pointer file) as {part name: state}:
@@ -509,17 +561,8 @@ class CheckpointManager:
         file of the checkpoint (size and crc32c against ``index.json``) before decoding any: a
         mismatch, a missing file or a corrupt index is a ``ValueError`` naming the file. No
         checkpoint: ``FileNotFoundError``; an unknown part: ``KeyError``."""
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint in {self.output_dir} (no '{POINTER_NAME}' pointer file)")
-        step = _check_step(step)
         device = torch.device(map_location)
-        ckpt = self._existing_dir(step)
-        if ckpt is None:
-            raise FileNotFoundError(f"checkpoint {self._ckpt_dir(step)} does not exist "
-                                    f"(steps in {self.output_dir}: {self.list_steps()})")
-        index = self._read_index(ckpt, step)
+        ckpt, index = self._find(step)
         wanted = list(index["parts"]) if parts is None else list(parts)
         unknown = [p for p in wanted if p not in index["parts"]]
         if unknown:

@@ -304,7 +304,8 @@ class HashTableFilterHook(Hook):
     """Every ``filter_interval`` steps, evicts stale ids from every table of the model
     (``HashTable.evict_stale``: what each table's ``FilterHook("GlobalStepFilter", ...)`` names;
     tables without a filter hook are left alone). RecIS's ``HashTableFilterHook``. Runs on every
-    rank (replicated tables evict the same ids everywhere: their ``last_seen`` agree).
+    rank: with sharded tables each rank evicts from its shard, whose ``last_seen`` its owner
+    lookups keep (``fxrec.distributed.sharded``).
     ``self.evicted`` counts the ids evicted so far, per table."""
 
     def __init__(self, filter_interval: int = 100) -> None:

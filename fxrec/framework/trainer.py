@@ -27,16 +27,19 @@ Decisions (RecIS's bugs fixed as SPEC §7 decides; the rest written down here):
   dropped) and every fxrec dataset moves to the start of its next epoch.
 - Checkpoints (``fxrec.framework.checkpoint.CheckpointManager``, SPEC §7.1): every ``save_steps``
   steps (``None``: no periodic saves) and once at the end of ``train()`` (unless that step is
-  saved already). Rank 0 writes; the others send it what only they hold (IO state, RNG state).
+  saved already). Rank 0 writes the dense parts; the others send it what only they hold (IO state,
+  RNG state); every rank writes its table shard itself (``fxrec.distributed.checkpoint``).
   Parts: ``model`` (the dense ``state_dict``: everything but the tables, incl. metric counters),
-  ``sparse`` (``{table name: HashTable.state_dict()}``: ids, embedding, last_seen, step and the
-  optimizer slots), ``dense_optimizer``, ``lr_scheduler``, ``sparse_optimizer`` (those given),
+  ``sparse.shard<r>`` (rank r's ``{table name: HashTable.state_dict()}``: the ids it owns,
+  embedding, last_seen, step and the optimizer slots), ``sparse_optimizer.shard<r>`` (rank r's
+  sparse optimizer state), ``dense_optimizer``, ``lr_scheduler`` (those given),
   ``trainer`` (global_step, epoch, world_size, every rank's torch RNG state) and ``io`` (every
   rank's ``dataset.dump_io_state()``, rank order; ``None`` for datasets without IO state).
 - ``train()`` resumes from the latest checkpoint in ``output_dir`` when there is one: model,
   tables, optimizers, scheduler, step, epoch, RNG, and this rank's IO state, so the run goes on
-  exactly (bit for bit) as an uninterrupted one. Tables are replicated (not sharded yet), so at
-  any world size every rank loads every id. The IO state is per rank and tied to the sharding of
+  exactly (bit for bit) as an uninterrupted one. Tables are row-wise sharded: at any world size
+  every rank loads the ids it owns now, reading only the saved shards that can hold them
+  (``fxrec.distributed.checkpoint.load_shards``). The IO state is per rank and tied to the sharding of
   files over ``worker_num`` ranks: at a different world size it cannot be resumed row-exactly,
   so every rank restarts the epoch the checkpoint was in, from its first row, with a warning
   (rows read before the checkpoint in that epoch are read again). RNG states are restored only
@@ -50,8 +53,8 @@ Decisions (RecIS's bugs fixed as SPEC §7 decides; the rest written down here):
   wrapped in ``DistributedDataParallel`` (``broadcast_buffers=False``, spelled
   ``forward_sync_buffers=False`` on torch >= 2.13; the tables' buffers are excluded from DDP
   altogether: they are not parameters and are never broadcast). Sparse tables
-  are replicated and kept identical by the sparse optimizer, which merges every rank's row
-  gradients each step (``fxrec.distributed.replicated``).
+  are row-wise sharded: each id lives on one owner rank; lookups fetch rows from the owners and
+  the sparse optimizer's step sends row gradients to them (``fxrec.distributed.sharded``).
 - ``evaluate(eval_steps)``: ``model.eval()`` (tables do not insert) under ``torch.no_grad()``, over
   ``eval_steps`` batches (``None``: ``args.eval_steps``; ``None`` again: the whole eval dataset).
   Metric modules of the model (``fxrec.metrics.AUROC``/``Gauc``) are reset for the evaluation and
@@ -90,6 +93,8 @@ from torch import Tensor, nn
 from fxrec.distributed.env import all_true, collective_device, default_device, init_distributed, is_distributed
 from fxrec.distributed.env import rank as _rank
 from fxrec.distributed.env import world_size as _world_size
+from fxrec.distributed.checkpoint import (is_shard_part, load_shards, merge_shards, save_sharded, shard_part,
+                                          shards_to_read)
 from fxrec.framework.checkpoint import CheckpointManager
 from fxrec.framework.hooks import Hook, LoggerHook
 from fxrec.framework.metrics import clear_metrics, get_log_metrics
@@ -658,23 +663,18 @@ class Trainer:
         return out
 
     def checkpoint_parts(self) -> dict[str, Any]:
-        """The state a checkpoint holds (module docstring), as rank 0 saves it. A collective."""
+        """The dense state a checkpoint holds (module docstring), as rank 0 saves it. A collective."""
         io_state = self.train_dataset.dump_io_state() if hasattr(self.train_dataset, "dump_io_state") else None
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state()
         io_states = self._gather(io_state)
         rng_states = self._gather(rng)
-        parts: dict[str, Any] = {
-            "model": _dense_state_dict(self.model),
-            "sparse": {name: table.state_dict() for name, table in self.tables.items()},
-        }
+        parts: dict[str, Any] = {"model": _dense_state_dict(self.model)}
         if self.dense_optimizer is not None:
             parts["dense_optimizer"] = self.dense_optimizer.state_dict()
         if self.lr_scheduler is not None:
             parts["lr_scheduler"] = self.lr_scheduler.state_dict()
-        if self.sparse_optimizer is not None:
-            parts["sparse_optimizer"] = self.sparse_optimizer.state_dict()
         parts["trainer"] = {
             "global_step": self.state.global_step,
             "epoch": self.state.epoch,
@@ -685,20 +685,18 @@ class Trainer:
         parts["io"] = io_states
         return parts
 
+    def shard_parts(self) -> dict[str, Any]:
+        """This rank's table shard as checkpoint parts (``fxrec.distributed.checkpoint``)."""
+        shard = {shard_part("sparse", self.rank): {name: table.state_dict() for name, table in self.tables.items()}}
+        if self.sparse_optimizer is not None:
+            shard[shard_part("sparse_optimizer", self.rank)] = self.sparse_optimizer.state_dict()
+        return shard
+
     def save_checkpoint(self) -> pathlib.Path | None:
-        """Write checkpoint ``ckpt_<global_step>`` (rank 0 writes; every rank must call it)."""
+        """Write checkpoint ``ckpt_<global_step>`` (rank 0 writes the dense parts, every rank its
+        table shard; every rank must call it)."""
         parts = self.checkpoint_parts()
-        path, ok = None, True
-        error: BaseException | None = None
-        if self.rank == 0:
-            try:
-                path = self.checkpoint_manager.save(self.state.global_step, parts)
-            except BaseException as e:  # tell the other ranks before raising
-                ok, error = False, e
-        if not all_true(ok, self.device):
-            if error is not None:
-                raise error
-            raise RuntimeError(f"Trainer: rank 0 failed to save checkpoint {self.state.global_step}")
+        path = save_sharded(self.checkpoint_manager, self.state.global_step, parts, self.shard_parts())
         self._last_saved_step = self.state.global_step
         if path is not None:
             logger.info(f"saved checkpoint {path}")
@@ -720,10 +718,15 @@ class Trainer:
         """Restore everything from checkpoint ``step`` (None: the latest) of ``output_dir``
         (module docstring: resume)."""
         manager = self.checkpoint_manager
-        parts = manager.load(step, map_location=self.device)
+        step = manager.latest_step() if step is None else step
+        names = manager.part_names(step)
+        dense = [p for p in names if not is_shard_part(p)]
+        parts = manager.load(step, parts=dense + shards_to_read(names, self.rank, self.world_size),
+                             map_location=self.device)
+        parts.update(merge_shards(parts, self.rank, self.world_size))
         what = f"resuming from {manager.output_dir}/ckpt_{parts['trainer']['global_step']}"
         self._load_dense(parts["model"], [], True, what)
-        sparse = parts.get("sparse", {})
+        sparse = parts["sparse"] or {}
         unknown = sorted(set(sparse) - set(self.tables))
         missing = sorted(set(self.tables) - set(sparse))
         if unknown or missing:
@@ -734,7 +737,7 @@ class Trainer:
                              ("sparse_optimizer", self.sparse_optimizer)):
             if target is None:
                 continue
-            if part not in parts:
+            if parts.get(part) is None:
                 raise ValueError(f"{what}: the checkpoint has no {part} state")
             target.load_state_dict(parts[part])
         trainer = parts["trainer"]
@@ -775,11 +778,11 @@ class Trainer:
     def warm_start(self, path: str | os.PathLike) -> None:
         """Load dense weights and table rows from a checkpoint (``model_bank``; module docstring)."""
         manager, step = _resolve_model_bank(path)
-        parts = manager.load(step, parts=["model", "sparse"], map_location=self.device)
+        parts = manager.load(step, parts=["model"], map_location=self.device)
         what = f"warm start from {os.fspath(path)}"
         skip = [name for name, m in self.model.named_modules() if m in _metric_modules(self.model)]
         self._load_dense(parts["model"], skip, False, what)
-        sparse = parts["sparse"]
+        sparse = load_shards(manager, step, self.rank, self.world_size, ("sparse",), self.device)["sparse"] or {}
         for name in sorted(set(sparse) - set(self.tables)):
             logger.warning_rank0(f"{what}: the checkpoint's table {name!r} is not in the model; skipped")
         for name, table in self.tables.items():

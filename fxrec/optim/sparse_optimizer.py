@@ -22,11 +22,11 @@ Decisions:
   every occurrence of the k micro-batches, so it is an average as it stands. (This is for loops
   that backpropagate the unscaled loss. ``fxrec.framework.Trainer`` scales the loss by 1/k, which
   averages dense and sparse gradients alike, "id" tables included, and sets this to 1.)
-- Several processes (a process group of more than one rank): tables are REPLICATED, and
-  ``step`` merges every rank's row gradients before updating
-  (``fxrec.distributed.replicated.sync_replicated_grads``: the union of the ranks' ids, inserted
-  where new, gradients summed in rank order), so every rank applies the same update and the
-  replicas stay identical. Every rank must call ``step`` together (it is a collective).
+- Several processes (a process group of more than one rank): tables are row-wise SHARDED, and
+  ``step`` first sends every rank's row gradients to the ids' owners
+  (``fxrec.distributed.sharded.reduce_grads_to_owners``: reduced over all ranks per
+  ``grad_reduce_by``); each rank then updates the rows it owns. Every rank must call ``step``
+  together (it is a collective). ``state_dict`` holds this rank's shard (its ids).
 - Per-table state (``table_state[name]``: ``step``, and Adam's running products ``b1p``/``b2p``):
   TENSORS on the table's device (0-d int64 ``step``; float64 ``b1p``/``b2p`` of shape ``[1]``),
   updated in place (``step.add_(1)``, ``b1p.mul_(beta1)``): a compiled step neither guards on
@@ -67,7 +67,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fxrec.distributed.env import is_distributed
-from fxrec.distributed.replicated import sync_replicated_grads
+from fxrec.distributed.sharded import reduce_grads_to_owners
 from fxrec.nn.modules.hashtable import HashTable
 from fxrec.ops.table import table_items
 
@@ -185,9 +185,8 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        if is_distributed():  # replicated tables: every rank applies every rank's rows
-            taken = [(table, *table.take_grads(return_counts=True)) for table in self.tables.values()]
-            merged = sync_replicated_grads(taken)
+        if is_distributed():  # sharded tables: every rank's gradients of the ids this rank owns
+            merged = reduce_grads_to_owners(list(self.tables.values()))
         else:
             merged = [table.take_grads() for table in self.tables.values()]
         for (name, table), (rows, grads) in zip(self.tables.items(), merged):

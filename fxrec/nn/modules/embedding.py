@@ -14,7 +14,10 @@ passes (SPEC §6, ``fxrec.passes``) rewrite — ``lookup_merge`` merges the look
    (``_feature_ids`` adds the check that the ids are on the table's device.)
 2. ``_lookup_unique``: ``torch.unique`` -> ``HashTable.lookup`` (find-or-insert, no autograd)
    -> the table's ``embedding`` after the insert, ``rows [U]`` of the distinct ids, each item's
-   ``inverse [N]`` into them, and (trainable, training mode, grad enabled) ``HashTable.grad_anchor(rows, counts)``: a zero ``[U, dim]`` leaf
+   ``inverse [N]`` into them (in a process group of several ranks the table is row-wise sharded:
+   ``fxrec.distributed.sharded.lookup_rows`` fetches the ``[U, dim]`` rows from their owner
+   ranks, which then stand for ``embedding``, with rows ``arange(U)``), and (trainable, training
+   mode, grad enabled) ``HashTable.grad_anchor(rows, counts)``: a zero ``[U, dim]`` leaf
    (stride 0, no memory) that requires grad, whose gradient the sparse optimizer takes
    (``take_grads``); otherwise None. No ``[U, dim]`` gather, no ``[capacity, dim]`` gradient.
 3. ``table_combine`` (weights through ``_weight_of``): ``torch.ops.fxrec.table_combine(embedding,
@@ -60,6 +63,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from fxrec.distributed import sharded
 from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
 from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, ConstantInitializer, Initializer
 from fxrec.nn.modules.hashtable import GRAD_REDUCE_BY, HashTable
@@ -256,9 +260,9 @@ def _lookup_unique(table: HashTable, values: Tensor, trainable: bool) -> tuple[T
     the anchor their gradients reach the table through, and each item's distinct id. Mutates the
     table (inserts, ``last_seen``, a pending gradient): one opaque graph node."""
     uniq, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
-    rows = table.lookup(uniq)
-    anchor = table.grad_anchor(rows, counts) if trainable else None
-    return table.embedding, rows, anchor, inverse
+    embedding, rows = sharded.lookup_rows(table, uniq)
+    anchor = sharded.grad_anchor(table, uniq, rows, counts) if trainable else None
+    return embedding, rows, anchor, inverse
 
 
 def _lookup_unique_merged(table: HashTable, values: list[Tensor], trainable: tuple[bool, ...]) -> tuple:
@@ -270,19 +274,18 @@ def _lookup_unique_merged(table: HashTable, values: list[Tensor], trainable: tup
     ones ``rows[used]`` and the inverse remapped into it."""
     sizes = [v.shape[0] for v in values]
     uniq, inverse, counts = torch.unique(torch.cat(values), return_inverse=True, return_counts=True)
-    rows = table.lookup(uniq)
-    embedding = table.embedding
+    embedding, rows = sharded.lookup_rows(table, uniq)
     inverses = torch.split(inverse, sizes)
     if not any(trainable):
         return tuple((embedding, rows, None, inv) for inv in inverses)
     if all(trainable):
-        anchor = table.grad_anchor(rows, counts)
+        anchor = sharded.grad_anchor(table, uniq, rows, counts)
         return tuple((embedding, rows, anchor, inv) for inv in inverses)
     mask = torch.cat([inverse.new_full((n,), t, dtype=torch.bool) for n, t in zip(sizes, trainable)])
     trained_counts = torch.bincount(inverse[mask], minlength=uniq.shape[0])
     used = trained_counts > 0
     trained_rows = rows[used]
-    anchor = table.grad_anchor(trained_rows, trained_counts[used])
+    anchor = sharded.grad_anchor(table, uniq[used], trained_rows, trained_counts[used])
     if anchor is None:
         return tuple((embedding, rows, None, inv) for inv in inverses)
     remap = torch.cumsum(used, 0) - 1

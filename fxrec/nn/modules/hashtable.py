@@ -23,7 +23,8 @@ Lookups:
   no gradient. This is the only way gradients reach a table.
 - ``forward(ids) -> [*ids.shape, dim]``: the embeddings of ``ids`` (duplicates looked up once):
   ``table_combine`` with one item per output row (the ``tile`` combiner, ``tile_len=1``: a copy),
-  so it trains through the same anchor.
+  so it trains through the same anchor. In a process group of several ranks it is a sharded
+  lookup (``fxrec.distributed.sharded``: a collective).
 - ``gather(rows) -> [*rows.shape, dim]``: the rows' embeddings, zeros for -1, a plain read
   without gradient (``fxrec::gather_rows``).
 
@@ -38,6 +39,11 @@ looked up in the last ``N`` steps (the table's ``step`` counts sparse-optimizer 
 ``slot.<name> [n, width]`` per optimizer slot, rows in ascending row order (row numbers are not
 state: loading rebuilds the index and may place ids elsewhere).
 
+Row cap: ``FXREC_MAX_ROWS_PER_RANK`` (an int, read when the table is built) caps how many ids one
+process's table may hold (a stand-in for one device's memory): an insert or a load beyond it is a
+``ValueError`` naming the table. Sharded over W ranks (``fxrec.distributed.sharded``), each rank
+holds only the ids it owns, so a table of more rows than the cap trains when spread.
+
 Host syncs: the table counts its ids on the device (``count``, a 0-d int64 buffer); an eager
 training lookup reads it to keep the load bound (``reserve``) — one sync per lookup. Under
 ``torch.compile`` the lookup does not reserve (growth replaces buffers, which a graph cannot): the
@@ -47,25 +53,37 @@ caller reserves room for a step's ids before the compiled step, and the lookup s
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from fxrec.distributed import sharded
 from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
 from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, ConstantInitializer, Initializer
 from fxrec.ops.table import FILLED, new_index
 
-__all__ = ["GRAD_REDUCE_BY", "HashTable", "filter_out_sparse_param"]
+__all__ = ["GRAD_REDUCE_BY", "MAX_ROWS_ENV", "HashTable", "filter_out_sparse_param"]
 
 GRAD_REDUCE_BY = ("worker", "id")
 _MIN_CAPACITY = 16
+MAX_ROWS_ENV = "FXREC_MAX_ROWS_PER_RANK"
 
 
 def _seed_of(name: str) -> int:
     """A stable int64 seed from a table name (the same on every process and run)."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _max_rows_per_rank() -> int | None:
+    """``FXREC_MAX_ROWS_PER_RANK`` as an int >= 1, or None when unset (module docstring: row cap)."""
+    value = os.environ.get(MAX_ROWS_ENV, "")
+    if value == "":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"environment variable {MAX_ROWS_ENV} must be an int >= 1, got {value!r}")
+    return int(value)
 
 
 def _capacity_for(n: int) -> int:
@@ -81,6 +99,7 @@ class _PendingGrad:
     rows: Tensor  # int64 [U]
     anchor: Tensor  # [U, dim] zeros (stride 0), a leaf that requires grad; .grad [U, dim] after backward
     counts: Tensor  # float32 [U]
+    ids: Tensor | None = None  # int64 [U] for a sharded lookup, whose rows are not this table's (take_id_grads)
 
 
 class HashTable(nn.Module):
@@ -138,6 +157,7 @@ class HashTable(nn.Module):
         self.filter_hook = filter_hook
         self.admit_hook = admit_hook
         self.seed = _seed_of(name) if seed is None else int(seed)
+        self.max_rows = _max_rows_per_rank()
         self._slot_init: dict[str, float] = {}
         self._pending: list[_PendingGrad] = []
         capacity = _capacity_for(block_size // 2)
@@ -205,6 +225,13 @@ class HashTable(nn.Module):
         if ids.device != self.keys.device:
             raise ValueError(f"HashTable {self.name!r}: ids are on {ids.device}, the table on {self.keys.device}")
 
+    def _check_row_cap(self, n: int) -> None:
+        if self.max_rows is not None and n > self.max_rows:
+            raise ValueError(
+                f"HashTable {self.name!r}: {n} ids exceed this rank's cap of {self.max_rows} rows "
+                f"({MAX_ROWS_ENV}); shard the table over more ranks"
+            )
+
     def reserve(self, n: int) -> None:
         """Grow, if needed, so that ``n`` more ids fit at load <= 1/2 (a host sync)."""
         size = len(self)
@@ -231,6 +258,8 @@ class HashTable(nn.Module):
         rows, inserted = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, flat)
         new_rows = rows[inserted]
         self.count += new_rows.shape[0]
+        if self.max_rows is not None:
+            self._check_row_cap(int(self.count))
         self.embedding[new_rows] = self.initializer.init_rows(
             flat[inserted], self.dim, self.seed, self.block_size, self.dtype
         )
@@ -245,11 +274,14 @@ class HashTable(nn.Module):
         flat = rows.reshape(-1)
         return torch.ops.fxrec.gather_rows(self.embedding, flat).reshape(*rows.shape, self.dim)
 
-    def grad_anchor(self, rows: Tensor, counts: Tensor | None = None) -> Tensor | None:
+    def grad_anchor(self, rows: Tensor, counts: Tensor | None = None, ids: Tensor | None = None) -> Tensor | None:
         """The anchor of ``fxrec::table_combine`` for unique ``rows [U]`` (module docstring): in
         training mode with grad enabled a zero ``[U, dim]`` leaf (stride 0) that requires grad,
         recorded with ``rows`` so that ``take_grads`` finds its gradient; else None. ``counts
-        [U]`` (default 1 each): how often each row occurs in the batch, for ``grad_reduce_by="id"``."""
+        [U]`` (default 1 each): how often each row occurs in the batch, for ``grad_reduce_by="id"``.
+        ``ids [U]``: a sharded lookup (``fxrec.distributed.sharded``), whose rows index the rows
+        fetched from the owners, not this table: the gradient is recorded by id, for
+        ``take_id_grads``."""
         if not (self.training and torch.is_grad_enabled()):
             return None
         if rows.dim() != 1:
@@ -259,34 +291,34 @@ class HashTable(nn.Module):
         # A new list, not an append: under torch.compile an anchor put into the list object that
         # existed before the graph would escape it ("requires_grad_() intermediate leaked as
         # output"); a list made in the graph and dropped by take_grads / clear_grads does not.
-        self._pending = [*self._pending, _PendingGrad(rows, anchor, counts.reshape(-1).to(torch.float32))]
+        self._pending = [*self._pending, _PendingGrad(rows, anchor, counts.reshape(-1).to(torch.float32), ids)]
         return anchor
 
     def forward(self, ids: Tensor) -> Tensor:
         """The embeddings ``[*ids.shape, dim]`` of ``ids`` (module docstring)."""
+        self._check_ids(ids)
         uniq, inverse, counts = torch.unique(ids.reshape(-1), return_inverse=True, return_counts=True)
-        rows = self.lookup(uniq)
-        anchor = self.grad_anchor(rows, counts)
+        embedding, rows = sharded.lookup_rows(self, uniq)
+        anchor = sharded.grad_anchor(self, uniq, rows, counts)
         n = inverse.shape[0]
         one_each = torch.arange(n + 1, dtype=torch.int64, device=inverse.device)
-        emb = torch.ops.fxrec.table_combine(self.embedding, rows, anchor, inverse, one_each, None, "tile", 1)
+        emb = torch.ops.fxrec.table_combine(embedding, rows, anchor, inverse, one_each, None, "tile", 1)
         return emb.reshape(*ids.shape, self.dim)
 
     # -- gradients ------------------------------------------------------------------------------------
 
-    def take_grads(self, return_counts: bool = False) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    def take_grads(self) -> tuple[Tensor, Tensor]:
         """``(rows [R], grads [R, dim])`` of every row the pending lookups touched, each row once,
-        gradients reduced per ``grad_reduce_by``; clears the pending lookups. Rows whose anchor got
-        no gradient (unused by the loss) and rows -1 are left out. With ``return_counts``, also each
-        row's number of occurrences (float32 ``[R]``), which merging ``"id"`` means across ranks
-        needs (``fxrec.distributed.replicated``)."""
-        pending = [p for p in self._pending if p.anchor.grad is not None]
+        gradients reduced per ``grad_reduce_by`` (one process: ``"worker"`` divides by WORLD_SIZE
+        = 1); clears the pending lookups. Rows whose anchor got no gradient (unused by the loss)
+        and rows -1 are left out. Only lookups recorded by row (unsharded): sharded ones are
+        ``take_id_grads``'."""
+        pending = [p for p in self._pending if p.anchor.grad is not None and p.ids is None]
         self._pending = []
         device = self.keys.device
         if not pending:
-            empty = (torch.empty(0, dtype=torch.int64, device=device),
-                     torch.empty(0, self.dim, dtype=torch.float32, device=device))
-            return (*empty, torch.empty(0, dtype=torch.float32, device=device)) if return_counts else empty
+            return (torch.empty(0, dtype=torch.int64, device=device),
+                    torch.empty(0, self.dim, dtype=torch.float32, device=device))
         rows = torch.cat([p.rows for p in pending])
         grads = torch.cat([p.anchor.grad for p in pending]).to(torch.float32)
         counts = torch.cat([p.counts for p in pending])
@@ -294,15 +326,30 @@ class HashTable(nn.Module):
         unique_rows, inverse = torch.unique(rows[keep], return_inverse=True)
         summed = torch.zeros(unique_rows.numel(), self.dim, dtype=torch.float32, device=device)
         summed.index_add_(0, inverse, grads[keep])
-        occurrences = None
-        if self.grad_reduce_by == "id" or return_counts:
+        if self.grad_reduce_by == "id":
             occurrences = torch.zeros(unique_rows.numel(), dtype=torch.float32, device=device)
             occurrences.index_add_(0, inverse, counts[keep])
-        if self.grad_reduce_by == "id":
             summed /= occurrences.clamp_min(1.0)[:, None]
-        elif dist.is_available() and dist.is_initialized():
-            summed /= dist.get_world_size()
-        return (unique_rows, summed, occurrences) if return_counts else (unique_rows, summed)
+        return unique_rows, summed
+
+    def take_id_grads(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids [R], sums [R, dim], counts [R])`` of the pending lookups recorded by id (sharded
+        lookups), each id once: its float32 gradient summed over its occurrences, NOT reduced
+        (the owner reduces over every rank's sums, ``fxrec.distributed.sharded``), and its number
+        of occurrences; clears the pending lookups. Anchors that got no gradient are left out."""
+        pending = [p for p in self._pending if p.anchor.grad is not None and p.ids is not None]
+        self._pending = []
+        device = self.keys.device
+        if not pending:
+            return (torch.empty(0, dtype=torch.int64, device=device),
+                    torch.empty(0, self.dim, dtype=torch.float32, device=device),
+                    torch.empty(0, dtype=torch.float32, device=device))
+        ids, inverse = torch.unique(torch.cat([p.ids for p in pending]), return_inverse=True)
+        sums = torch.zeros(ids.numel(), self.dim, dtype=torch.float32, device=device)
+        sums.index_add_(0, inverse, torch.cat([p.anchor.grad for p in pending]).to(torch.float32))
+        counts = torch.zeros(ids.numel(), dtype=torch.float32, device=device)
+        counts.index_add_(0, inverse, torch.cat([p.counts for p in pending]))
+        return ids, sums, counts
 
     @torch.no_grad()
     def scale_grads(self, factor: float) -> None:
@@ -354,7 +401,8 @@ class HashTable(nn.Module):
         self.keys, self.state = keys, state
         self.count = torch.tensor(old_rows.numel(), dtype=torch.int64, device=keys.device)
         for p in self._pending:
-            p.rows = remap[p.rows]
+            if p.ids is None:  # sharded lookups' rows are not this table's
+                p.rows = remap[p.rows]
 
     # -- state_dict -----------------------------------------------------------------------------------
 
@@ -378,6 +426,7 @@ class HashTable(nn.Module):
         ids = state_dict[prefix + "ids"].to(self.keys.device)
         embedding = state_dict[prefix + "embedding"]
         n = ids.numel()
+        self._check_row_cap(n)
         if ids.dtype != torch.int64 or ids.dim() != 1:
             error_msgs.append(f"HashTable {self.name!r}: {prefix}ids must be 1-D int64, got {ids.dtype} {tuple(ids.shape)}")
             return
