@@ -161,7 +161,8 @@ def fxrec_variant(kind: str, device: str, seq_len: int):
 def torch_variant(kind: str, device: str, seq_len: int):
     torch.manual_seed(0)
     model = TorchCTR(seq_len).to(device)
-    forward = torch.compile(model) if kind == "compiled" else model
+    # static shapes, one graph per B (as a user with fixed-size batches gets them)
+    forward = torch.compile(model, dynamic=False) if kind == "compiled" else model
     return model, forward, torch.optim.AdamW(model.parameters(), lr=LR), None
 
 

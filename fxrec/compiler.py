@@ -34,6 +34,10 @@ The ``add_metric`` registry is emptied before each compiled forward (as the ``Tr
 before every forward): Dynamo guards on the keys of that global dict, so a registry that held
 the last step's metrics on one call and nothing on another would recompile the graph.
 
+Only tables looked up through an ``EmbeddingEngine`` of the model are prepared so: a
+``HashTable`` called directly in a compiled forward gets no room reserved and makes its gradient
+leaf inside the graph (a graph break on torch 2.11 and 2.13).
+
 Eval mode (``model.eval()``) runs the eager model: lookups do not insert, no gradient flows, and
 evaluation is rare enough not to need a second compiled graph.
 
