@@ -18,7 +18,8 @@ Before each call, outside the graph and without reading anything back from the d
   gradient leaf ``[bound, dim]`` per lookup (``HashTable.grad_sinks``, dim 0 unbacked; Dynamo
   cannot create a leaf inside the graph on torch 2.11, nor let one outlive it on 2.13). A
   lookup finding more distinct ids than its bound fails a runtime assert instead of writing out
-  of bounds.
+  of bounds. The leaf's gradient is ``[bound, dim]`` (rows past the lookup's ``U`` distinct ids
+  are zero): bounded by the step's ids, never by the table's capacity.
   ``reserve`` reads a table's id count (a sync) only when the table's host-side upper bound of
   that count (``_RoomKeeper``) says it might be too full; otherwise a step syncs nothing.
 
@@ -28,7 +29,8 @@ call: Dynamo reads it while it traces; nothing global is left set):
 truncation: outputs whose size depends on the data), and ``force_nn_module_property_static_shapes``
 False: the gradient leaves are table attributes whose size changes every step, and a table's
 buffers change size when it grows (module tensors would otherwise be specialized, one recompile
-each).
+each; a growing table now costs one recompile, after which its capacity is a dynamic size).
+Parameters keep static shapes (``force_parameter_static_shapes`` is left alone).
 
 The ``add_metric`` registry is emptied before each compiled forward (as the ``Trainer`` does
 before every forward): Dynamo guards on the keys of that global dict, so a registry that held
