@@ -27,10 +27,12 @@ Dynamo config, set only while a ``CompiledModel`` runs (``torch._dynamo.config.p
 call: Dynamo reads it while it traces; nothing global is left set):
 ``capture_dynamic_output_shape_ops`` and ``capture_scalar_outputs`` True (unique ids, inserts,
 truncation: outputs whose size depends on the data), and ``force_nn_module_property_static_shapes``
-False: the gradient leaves are table attributes whose size changes every step, and a table's
-buffers change size when it grows (module tensors would otherwise be specialized, one recompile
-each; a growing table now costs one recompile, after which its capacity is a dynamic size).
-Parameters keep static shapes (``force_parameter_static_shapes`` is left alone).
+and ``force_parameter_static_shapes`` False: the gradient leaves are table attributes whose size
+changes every step, and a table's row buffers change size when it grows; Dynamo would otherwise
+specialize every module tensor's shape (one recompile per growth). The row buffers' capacity is
+marked dynamic (``maybe_mark_dynamic``) before each call, so growth costs no recompile; other
+module tensors (parameters, metric counters) never change shape and keep static shapes by
+Dynamo's default (``assume_static_by_default``).
 
 The ``add_metric`` registry is emptied before each compiled forward (as the ``Trainer`` does
 before every forward): Dynamo guards on the keys of that global dict, so a registry that held
@@ -70,7 +72,7 @@ from fxrec.utils.dynamic import mark_dynamic_batch
 __all__ = ["CompiledModel", "compile", "id_bounds"]
 
 DYNAMO_CONFIG = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True,
-                 "force_nn_module_property_static_shapes": False}
+                 "force_nn_module_property_static_shapes": False, "force_parameter_static_shapes": False}
 
 
 def _rows(batch: dict) -> int | None:
@@ -193,6 +195,9 @@ class CompiledModel:
             if keeper is None:
                 keeper = self._keepers[table] = _RoomKeeper(table)
             keeper.reserve(bound)
+            for buffer in table.buffers(recurse=False):  # the row buffers' capacity: a dynamic size
+                if buffer.dim() > 0 and buffer.shape[0] == table.capacity:
+                    torch._dynamo.maybe_mark_dynamic(buffer, 0)
             if grad:
                 lookups = sum(o.shared_name == table.name for e in self.module.modules()
                               if isinstance(e, EmbeddingEngine) for o in e.options.values())

@@ -16,6 +16,7 @@ import random
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch._dynamo.utils import counters
 
@@ -24,8 +25,11 @@ from examples.deepctr.model import DeepCTR
 from fxrec.compiler import DYNAMO_CONFIG, id_bounds
 from fxrec.framework.metrics import clear_metrics, get_log_metrics
 from fxrec.nn.modules.hashtable import filter_out_sparse_param
-from fxrec.optim import SparseAdamWTF
+from fxrec.nn.initializers import UniformInitializer
+from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
+from fxrec.optim import SparseAdamWTF, SparseSGD
 from fxrec.ragged import RaggedTensor
+from raggedutil import ragged_ids
 from test_features_compile import random_batch
 from tests.trainer_util import ToyModel, assert_same, dense_snapshot, make_batches, make_trainer, run_ranks, table_snapshot
 
@@ -148,6 +152,45 @@ def test_tables_reserved_outside_the_graph_and_grad_sinks_released(runs):
     for table in filter_out_sparse_param(runs["model"]).values():
         assert table.grad_sinks == [] and table._pending == []
         assert 2 * len(table) <= table.capacity
+
+
+class OneTable(torch.nn.Module):
+    """A table that starts at capacity 16 (block_size 16) and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = EmbeddingEngine({"a": EmbeddingOption(embedding_dim=4, shared_name="a", block_size=16,
+                                                         initializer=UniformInitializer(-0.5, 0.5))})
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(self.lin(self.emb(batch)["a"]), batch["label"])
+
+
+def test_table_growth_inside_a_compiled_run_needs_no_recompile():
+    """Each step brings new ids, the table grows 5 times (capacity 32 -> 1024) between compiled
+    calls: one graph, and the same tables and weights as eager."""
+    batches = [{"a": ragged_ids([[i * 1000 + j for j in range(5 + 7 * i)], [i]]), "label": torch.ones(2, 1)}
+               for i in range(8)]
+    results = []
+    torch._dynamo.reset()
+    counters.clear()
+    for compiled in (False, True):
+        model = OneTable()
+        forward = fxrec.compile(model) if compiled else model
+        opt = SparseSGD(filter_out_sparse_param(model), lr=0.1)
+        capacities = []
+        for batch in batches:
+            forward(batch).backward()
+            opt.step()
+            opt.zero_grad()
+            capacities.append(model.emb.tables["a"].capacity)
+        results.append((table_snapshot(model), capacities))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert len(set(results[1][1])) >= 5  # it grew
+    assert_same(results[1][0], results[0][0], exact=False, atol=1e-7)
+    torch._dynamo.reset()
 
 
 def test_id_bounds_from_shapes_and_feature_configs():
