@@ -138,7 +138,8 @@ def _padded(values: np.ndarray, offsets: np.ndarray, length: int) -> torch.Tenso
 
 def torch_batch(raw: dict, seq_len: int, device: str) -> dict:
     """A raw (CPU) batch as a plain-PyTorch user's loader delivers it (TorchCTR's docstring)."""
-    hashed = FeatureEngine([Feature("h").add_op(SelectField("sparse5")).add_op(Hash("farm"))])({"sparse5": raw["sparse5"]})["h"]
+    hash_strings = FeatureEngine([Feature("h").add_op(SelectField("sparse5")).add_op(Hash("farm"))]).to(device)
+    hashed = hash_strings({"sparse5": raw["sparse5"].to(device)})["h"].cpu()  # on the device: seconds on a CPU
     out = {k: raw[k] for k in ("label", "dense1", "dense2")}
     for name in ("sparse1", "sparse2", "sparse3"):  # one id per row
         out[name] = raw[name].values()
