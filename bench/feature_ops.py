@@ -43,8 +43,9 @@ SEQ_LEN = 1000
 ops = torch.ops.fxrec
 
 
-def seed_batch(b: int, device: str, seed: int = 0) -> dict:
-    """Data shaped like the tutorial's generator: sequences of 1..1999 ids / 10-byte strings."""
+def seed_batch(b: int, device: str, seed: int = 0, max_seq_len: int = 2000) -> dict:
+    """Data shaped like the tutorial's generator: sequences of 1..max_seq_len-1 (1999) ids /
+    10-byte strings."""
     rng = np.random.default_rng(seed)
 
     def offsets(lengths):
@@ -53,10 +54,10 @@ def seed_batch(b: int, device: str, seed: int = 0) -> dict:
     def single_ids():
         return RaggedTensor(torch.arange(b, dtype=torch.int64), torch.arange(b + 1, dtype=torch.int64))
 
-    seq_lengths = rng.integers(1, 2000, b)
+    seq_lengths = rng.integers(1, max_seq_len, b)
     seq = RaggedTensor(torch.from_numpy(rng.integers(0, 1_000_000, seq_lengths.sum())), offsets(seq_lengths))
     pool = rng.integers(ord("0"), ord("z"), (1000, 10)).astype(np.int8)
-    str_counts = rng.integers(1, 2000, b)
+    str_counts = rng.integers(1, max_seq_len, b)
     picks = rng.integers(0, 1000, str_counts.sum())
     strings = RaggedTensor(
         torch.from_numpy(pool[picks].reshape(-1)),

@@ -15,3 +15,4 @@ python3 -m bench.feature_ops 2>&1 | tee "$out/feature_ops.log"
 python3 -m bench.hashtable 2>&1 | tee "$out/hashtable.log"
 python3 -m bench.embedding 2>&1 | tee "$out/embedding.log"
 python3 bench/io.py --threads 1,2,4,8 --repeat 3 2>&1 | tee "$out/io.log" | tail -12
+python3 -m bench.e2e_step --sync-debug 2>&1 | tee "$out/e2e_step.log" | tail -16

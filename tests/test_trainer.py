@@ -112,8 +112,6 @@ def test_training_arguments_defaults():
 
 def test_errors(tmp_path):
     model = ToyModel()
-    with pytest.raises(NotImplementedError, match="compiler"):
-        Trainer(model, TrainingArguments(output_dir=str(tmp_path), compile=True), [])
     with pytest.raises(TypeError):
         Trainer(model, TrainingArguments(output_dir=str(tmp_path)), [], hooks=[object()])
     with pytest.raises(TypeError):

@@ -219,11 +219,14 @@ def test_example_under_torchrun(tmp_path):
     assert parts["trainer"]["world_size"] == 2
 
 
-@pytest.mark.parametrize("argv", [["--compile"]])
-def test_example_compile_flag_says_not_yet(tmp_path, argv, monkeypatch):
+@pytest.mark.slow
+def test_example_trains_compiled_with_passes(tmp_path, monkeypatch):
+    """``--compile --passes``: the example trains (the forward and backward compiled, the engines'
+    passes on: the compiled graph holds the passes' ops) and its tables hold ids."""
     from examples.deepctr import train
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(NotImplementedError, match="compiler"):
-        train.main(argv + ["--steps", "1", "--batch-size", "8", "--seq-len", "4", "--rows", "16", "--files", "1",
-                           "--max-seq-len", "8"])
+    train.main(["--compile", "--passes", "--steps", "3", "--batch-size", "8", "--seq-len", "4", "--rows", "16",
+                "--files", "1", "--max-seq-len", "8", "--log-steps", "1"])
+    ranks = json.loads((tmp_path / "ckpt" / "tables_rank0.json").read_text())
+    assert ranks["step"] == 3 and all(t["ids"] > 0 for t in ranks["tables"].values())

@@ -4,7 +4,13 @@ Two parameters the tutorial hardcodes are arguments here, with the tutorial's va
 defaults: the device of the embedding tables (the tutorial's ``torch.device("cuda")``) and the
 sequence length of ``sparse4``/``sparse5`` (``seq_len``: the truncation AND the tile length,
 1000 in the tutorial; the dense model's input width follows it: ``8 + 8 + 8 + 16 + 8 +
-2 * 16 * seq_len + 16``).
+2 * 16 * seq_len + 16``). ``passes`` (default False, as the tutorial) is the engines' ``passes``
+argument: fxrec's graph passes on both engines.
+
+One change to the tutorial's code: ``squeeze(-1)`` where it wrote ``squeeze()`` (logits and labels
+``[B, 1]`` -> ``[B]``). ``squeeze()`` also drops the batch dimension when B = 1, so it depends on
+the batch size, and a graph compiled for every batch size (``fxrec.compile``) cannot trace its
+backward (``SqueezeBackward0`` must know whether B == 1). The loss is the same either way.
 """
 
 import torch
@@ -21,10 +27,10 @@ __all__ = ["DeepCTR", "DenseModel", "SparseModel"]
 
 
 class SparseModel(nn.Module):
-    def __init__(self, device=torch.device("cuda"), seq_len: int = 1000):
+    def __init__(self, device=torch.device("cuda"), seq_len: int = 1000, passes: bool = False):
         super().__init__()
-        self.feature_engine = FeatureEngine(feature_list=get_feature_conf(seq_len))
-        self.embedding_engine = EmbeddingEngine(get_embedding_conf(device, tile_len=seq_len))
+        self.feature_engine = FeatureEngine(feature_list=get_feature_conf(seq_len), passes=passes)
+        self.embedding_engine = EmbeddingEngine(get_embedding_conf(device, tile_len=seq_len), passes=passes)
 
     def forward(self, samples: dict):
         samples = self.feature_engine(samples)
@@ -50,9 +56,9 @@ class DenseModel(nn.Module):
 
 
 class DeepCTR(nn.Module):
-    def __init__(self, device=torch.device("cuda"), seq_len: int = 1000):
+    def __init__(self, device=torch.device("cuda"), seq_len: int = 1000, passes: bool = False):
         super().__init__()
-        self.sparse_arch = SparseModel(device, seq_len)
+        self.sparse_arch = SparseModel(device, seq_len, passes)
         self.dense_arch = DenseModel(seq_len)
         self.auc_metric = AUROC(num_thresholds=200, dist_sync_on_step=True)
         self.loss = nn.BCELoss()
@@ -74,9 +80,9 @@ class DeepCTR(nn.Module):
         )
         logits = self.dense_arch(dense_input)
 
-        loss = self.loss(logits.squeeze(), labels.squeeze())
+        loss = self.loss(logits.squeeze(-1), labels.squeeze(-1))
 
-        self.auc_metric.update(logits.squeeze(), labels.squeeze())
+        self.auc_metric.update(logits.squeeze(-1), labels.squeeze(-1))
         auc_score = self.auc_metric.compute()
 
         add_metric("auc", auc_score)

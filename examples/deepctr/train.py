@@ -2,7 +2,7 @@
 ``train()`` as a script, on CPU or GPU, in one process or under ``torchrun``.
 
     python -m examples.deepctr.train [--steps 50] [--batch-size 1024] [--data-dir ./fake_data/]
-                                     [--output-dir ./ckpt/] [--compile] [--seq-len 1000]
+                                     [--output-dir ./ckpt/] [--compile] [--passes] [--seq-len 1000]
     torchrun --nproc_per_node=2 -m examples.deepctr.train --steps 20
 
 What differs from the tutorial, and why:
@@ -14,7 +14,10 @@ What differs from the tutorial, and why:
   ``generate_data`` with ``--rows`` rows per file (2047) and ``--files`` files (10).
 - ``--steps`` (default 50; the tutorial trains 100) and ``--batch-size`` (1024) are arguments, as
   is ``--seq-len`` (the tutorial's 1000: the truncation and tile length of sparse4/sparse5).
-- ``--compile`` sets ``TrainingArguments(compile=True)`` (not implemented yet: it says so).
+- ``--compile`` sets ``TrainingArguments(compile=True)``: the forward and backward run as one
+  compiled graph (``fxrec.compile``; the first step compiles it, about a minute on a CPU).
+- ``--passes`` builds the FeatureEngine and EmbeddingEngine with ``passes=True`` (fxrec's graph
+  passes: fused feature ops, one lookup per table).
 - Checkpoints go to ``--output-dir`` (``./ckpt/``); a second run resumes from the latest one
   (and, having reached ``--steps`` already, stops at once: raise ``--steps`` to train on).
   After training each rank writes ``<output-dir>/tables_rank<r>.json``: per table, the number of
@@ -85,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--data-dir", default="./fake_data/")
     parser.add_argument("--output-dir", default="./ckpt/")
-    parser.add_argument("--compile", action="store_true", help="compile the training step (not implemented yet)")
+    parser.add_argument("--compile", action="store_true", help="run forward and backward compiled (fxrec.compile)")
+    parser.add_argument("--passes", action="store_true", help="run fxrec's graph passes on the engines' graphs")
     parser.add_argument("--seq-len", type=int, default=1000, help="sparse4/sparse5 truncation and tile length")
     parser.add_argument("--rows", type=int, default=2047, help="rows per generated file")
     parser.add_argument("--files", type=int, default=10, help="generated files")
@@ -99,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> Trainer:
     device = default_device()
-    deepctr_model = DeepCTR(device=device, seq_len=args.seq_len).to(device)
+    deepctr_model = DeepCTR(device=device, seq_len=args.seq_len, passes=args.passes).to(device)
     train_dataset = get_dataset(
         io_args=IOArgs(
             data_paths=args.data_dir,

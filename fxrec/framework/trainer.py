@@ -70,9 +70,13 @@ Decisions (RecIS's bugs fixed as SPEC §7 decides; the rest written down here):
   labels (``ValueError``), ``binary_cross_entropy``'s range checks (``RuntimeError``) — is raised
   again, same type, as ``"Trainer: step <n> (epoch <e>): <the original message>"`` (n: the global
   step being run, 1-based), chained to the original (``from err``).
-- ``compile=True``: not yet (``NotImplementedError``): compiling the whole step lands with the
-  compiler (SPEC §6). ``save_concurrency_per_rank`` is accepted and has no effect yet (rank 0
-  writes each part file in turn).
+- ``compile=True``: the forward (features, lookups, dense model, loss, metric updates) runs
+  compiled, ``fxrec.compile`` of the model (one process only: with several ranks the tables are
+  sharded and ``fxrec.compile`` raises ``NotImplementedError``): one Inductor
+  graph for every batch size and ragged length, whose backward AOTAutograd compiles with it. The
+  optimizer steps, the gradient rescaling and evaluation run as without it. Results equal the
+  eager ones up to float rounding. ``save_concurrency_per_rank`` is accepted and has no effect
+  yet (rank 0 writes each part file in turn).
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fxrec.compiler import compile as fxrec_compile
 from fxrec.distributed.env import all_true, collective_device, default_device, init_distributed, is_distributed
 from fxrec.distributed.env import rank as _rank
 from fxrec.distributed.env import world_size as _world_size
@@ -126,7 +131,7 @@ class TrainingArguments:
         save_steps: checkpoint every this many steps (int >= 1), or None for no periodic saves.
         max_to_keep: checkpoints kept (int >= 0; 0 or None keeps all).
         save_concurrency_per_rank: accepted, no effect yet (int >= 1).
-        compile: compile the training step (not yet: ``Trainer`` raises ``NotImplementedError``).
+        compile: run the model's forward (and so its backward) compiled (``fxrec.compile``).
     """
 
     gradient_accumulation_steps: int = 1
@@ -302,11 +307,6 @@ class Trainer:
         args = TrainingArguments() if args is None else args
         if not isinstance(args, TrainingArguments):
             raise TypeError(f"Trainer: args must be TrainingArguments, got {type(args).__name__}")
-        if args.compile:
-            raise NotImplementedError(
-                "TrainingArguments(compile=True): compiling the training step lands with the compiler issue "
-                "(SPEC §6); train eagerly (compile=False) for now"
-            )
         if dense_optimizers is None:
             dense_optimizers = (None, None)
         if not isinstance(dense_optimizers, (tuple, list)) or len(dense_optimizers) != 2:
@@ -353,6 +353,7 @@ class Trainer:
                 self.device = default_device()
         self.checkpoint_manager = CheckpointManager(args.output_dir, max_to_keep=args.max_to_keep)
         self._ddp: nn.Module | None = None
+        self._compiled = None  # fxrec.compile of the model (or of its DDP wrapper) with args.compile
         self._prepared = False
         self._restored = False
         self._last_saved_step: int | None = None
@@ -430,6 +431,8 @@ class Trainer:
             raise ValueError("Trainer.train: no train_dataset")
         self._restore()
         self._wrap_ddp()
+        if self.args.compile:
+            self._compiled = fxrec_compile(self._ddp if self._ddp is not None else self.model)
         self._prepared = True
 
     def _wrap_ddp(self) -> None:
@@ -525,6 +528,7 @@ class Trainer:
         k = self.args.gradient_accumulation_steps
         model = self._ddp if self._ddp is not None else self.model
         model.train()
+        forward = self._compiled if self._compiled is not None else model
         losses, rows, metrics, m, ended = [], 0, {}, 0, False
         while True:
             m += 1
@@ -533,7 +537,7 @@ class Trainer:
             sync = self._ddp is None or m == k
             clear_metrics()
             with contextlib.nullcontext() if sync else self._ddp.no_sync():
-                loss = model(batch)
+                loss = forward(batch)
                 if not isinstance(loss, Tensor) or loss.numel() != 1:
                     raise TypeError(f"Trainer: the model's forward must return the loss as a scalar tensor, got "
                                     f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, Tensor) else ''}")

@@ -21,6 +21,12 @@ Lookups:
   never a dense ``[capacity, dim]`` gradient (DESIGN.md); the table itself is a buffer and gets no
   autograd gradient. Otherwise (eval mode, grad disabled) there is no anchor (None). Rows -1 get
   no gradient. This is the only way gradients reach a table.
+  Under ``fxrec.compile`` the anchor cannot be made inside the compiled graph (Dynamo does not
+  trace ``requires_grad_()`` on an intermediate on torch 2.11, and on 2.13 breaks the graph when
+  such a leaf outlives it, as a pending gradient does): ``fxrec.compile`` gives the table, before
+  each step, one zero leaf per lookup, ``[bound, dim]`` (stride 0) with ``bound`` a host-known
+  upper bound of the step's distinct ids (``grad_sinks``); the lookup's anchor is its first
+  ``U`` rows (a view), and ``take_grads`` reads the first ``U`` rows of its ``.grad``.
 - ``forward(ids) -> [*ids.shape, dim]``: the embeddings of ``ids`` (duplicates looked up once):
   ``table_combine`` with one item per output row (the ``tile`` combiner, ``tile_len=1``: a copy),
   so it trains through the same anchor. In a process group of several ranks it is a sharded
@@ -97,7 +103,9 @@ class _PendingGrad:
     occurred."""
 
     rows: Tensor  # int64 [U]
-    anchor: Tensor  # [U, dim] zeros (stride 0), a leaf that requires grad; .grad [U, dim] after backward
+    # [U', dim] zeros (stride 0, U' >= U: a grad sink of fxrec.compile), a leaf that requires
+    # grad; after backward the first U rows of .grad are the rows' gradients
+    anchor: Tensor
     counts: Tensor  # float32 [U]
     ids: Tensor | None = None  # int64 [U] for a sharded lookup, whose rows are not this table's (take_id_grads)
 
@@ -160,6 +168,8 @@ class HashTable(nn.Module):
         self.max_rows = _max_rows_per_rank()
         self._slot_init: dict[str, float] = {}
         self._pending: list[_PendingGrad] = []
+        # Zero leaves [bound, dim] that fxrec.compile hands the next lookups (module docstring).
+        self.grad_sinks: list[Tensor] = []
         capacity = _capacity_for(block_size // 2)
         keys, state = new_index(capacity, device)
         self.register_buffer("keys", keys, persistent=False)
@@ -286,12 +296,17 @@ class HashTable(nn.Module):
             return None
         if rows.dim() != 1:
             raise ValueError(f"HashTable {self.name!r}: grad_anchor takes 1-D rows [U], got shape {tuple(rows.shape)}")
-        anchor = self.embedding.new_zeros(()).expand(rows.shape[0], self.dim).requires_grad_()
+        if self.grad_sinks:  # fxrec.compile: a leaf made outside the graph, first U rows
+            leaf, self.grad_sinks = self.grad_sinks[0], self.grad_sinks[1:]
+            torch._check(rows.shape[0] <= leaf.shape[0])  # more distinct ids than fxrec.compile's bound: fails
+            anchor = leaf.narrow(0, 0, rows.shape[0])
+        else:
+            leaf = anchor = self.embedding.new_zeros(()).expand(rows.shape[0], self.dim).requires_grad_()
         counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts
         # A new list, not an append: under torch.compile an anchor put into the list object that
         # existed before the graph would escape it ("requires_grad_() intermediate leaked as
         # output"); a list made in the graph and dropped by take_grads / clear_grads does not.
-        self._pending = [*self._pending, _PendingGrad(rows, anchor, counts.reshape(-1).to(torch.float32), ids)]
+        self._pending = [*self._pending, _PendingGrad(rows, leaf, counts.reshape(-1).to(torch.float32), ids)]
         return anchor
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -320,7 +335,7 @@ class HashTable(nn.Module):
             return (torch.empty(0, dtype=torch.int64, device=device),
                     torch.empty(0, self.dim, dtype=torch.float32, device=device))
         rows = torch.cat([p.rows for p in pending])
-        grads = torch.cat([p.anchor.grad for p in pending]).to(torch.float32)
+        grads = torch.cat([p.anchor.grad[:p.rows.shape[0]] for p in pending]).to(torch.float32)
         counts = torch.cat([p.counts for p in pending])
         keep = rows >= 0
         unique_rows, inverse = torch.unique(rows[keep], return_inverse=True)
@@ -346,7 +361,7 @@ class HashTable(nn.Module):
                     torch.empty(0, dtype=torch.float32, device=device))
         ids, inverse = torch.unique(torch.cat([p.ids for p in pending]), return_inverse=True)
         sums = torch.zeros(ids.numel(), self.dim, dtype=torch.float32, device=device)
-        sums.index_add_(0, inverse, torch.cat([p.anchor.grad for p in pending]).to(torch.float32))
+        sums.index_add_(0, inverse, torch.cat([p.anchor.grad[:p.ids.shape[0]] for p in pending]).to(torch.float32))
         counts = torch.zeros(ids.numel(), dtype=torch.float32, device=device)
         counts.index_add_(0, inverse, torch.cat([p.counts for p in pending]))
         return ids, sums, counts

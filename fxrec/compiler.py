@@ -1,0 +1,247 @@
+"""``fxrec.compile(model)``: the model's forward under ``torch.compile``, one graph for every batch.
+
+``compiled = fxrec.compile(model)`` returns a ``CompiledModel`` whose ``compiled(batch)`` runs
+``model(batch)`` — the features, table lookups, combiners, dense model, loss and metric updates
+of a model like the tutorial's ``DeepCTR`` — as ONE Inductor graph with fxrec's custom ops
+inside; ``loss.backward()`` runs the backward graph AOTAutograd compiled with it. Batches of any
+size (1 included) and any ragged lengths reuse that graph. The optimizer steps stay outside it:
+``SparseAdamWTF`` & co. are one fused kernel per table already, and torch's dense optimizers
+have their own fused / foreach kernels (``torch.compile`` them separately if wanted).
+
+Before each call, outside the graph and without reading anything back from the device:
+
+- every batch tensor's row dimension is marked unbacked (``fxrec.utils.dynamic.mark_dynamic_batch``;
+  the dense columns and labels share one batch size): no guards on sizes, so no recompiles;
+- per table, a host-known upper bound of the distinct ids the step can insert is computed from
+  the batch's tensor SHAPES and the feature configs (``id_bounds``), the table reserves room for
+  that many (``HashTable.reserve``: a table cannot grow inside a graph), and gets one zero
+  gradient leaf ``[bound, dim]`` per lookup (``HashTable.grad_sinks``, dim 0 unbacked; Dynamo
+  cannot create a leaf inside the graph on torch 2.11, nor let one outlive it on 2.13). A
+  lookup finding more distinct ids than its bound fails a runtime assert instead of writing out
+  of bounds. The leaf's gradient is ``[bound, dim]`` (rows past the lookup's ``U`` distinct ids
+  are zero): bounded by the step's ids, never by the table's capacity.
+  ``reserve`` reads a table's id count (a sync) only when the table's host-side upper bound of
+  that count (``_RoomKeeper``) says it might be too full; otherwise a step syncs nothing.
+
+Dynamo config, set only while a ``CompiledModel`` runs (``torch._dynamo.config.patch`` around the
+call: Dynamo reads it while it traces; nothing global is left set):
+``capture_dynamic_output_shape_ops`` and ``capture_scalar_outputs`` True (unique ids, inserts,
+truncation: outputs whose size depends on the data), and ``force_nn_module_property_static_shapes``
+and ``force_parameter_static_shapes`` False: the gradient leaves are table attributes whose size
+changes every step, and a table's row buffers change size when it grows; Dynamo would otherwise
+specialize every module tensor's shape (one recompile per growth). The row buffers' capacity is
+marked dynamic (``maybe_mark_dynamic``) before each call, so growth costs no recompile; other
+module tensors (parameters, metric counters) never change shape and keep static shapes by
+Dynamo's default (``assume_static_by_default``).
+
+The ``add_metric`` registry is emptied before each compiled forward (as the ``Trainer`` does
+before every forward): Dynamo guards on the keys of that global dict, so a registry that held
+the last step's metrics on one call and nothing on another would recompile the graph.
+
+Only tables looked up through an ``EmbeddingEngine`` of the model are prepared so: a
+``HashTable`` called directly in a compiled forward gets no room reserved and makes its gradient
+leaf inside the graph (a graph break on torch 2.11 and 2.13).
+
+Eval mode (``model.eval()``) runs the eager model: lookups do not insert, no gradient flows, and
+evaluation is rare enough not to need a second compiled graph.
+
+Takes a ``DistributedDataParallel`` module (the module itself goes to ``torch.compile``: Dynamo
+compiles the wrapped module's forward with its DDP graph splitting; a function calling a DDP module
+would break the graph; the tables are found in the wrapped module) — but NOT yet in a process
+group of several ranks: there the tables are row-wise sharded and every lookup is an all-to-all
+with split sizes read from the device (``fxrec.distributed.sharded``). Compiled around that
+exchange (a graph break per lookup), 2-rank DDP training gave dense weights unlike eager's, so
+``fxrec.compile`` raises ``NotImplementedError`` when the process group has several ranks, until
+the exchange is traced as functional collectives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch._dynamo
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fxrec.distributed.env import is_distributed
+from fxrec.features.feature_engine import FeatureEngine
+from fxrec.features.op import Bucketize, FeatureCross, Hash, Mod, SelectField, SelectFields, SequenceTruncate
+from fxrec.framework.metrics import clear_metrics
+from fxrec.nn.modules.embedding import EmbeddingEngine
+from fxrec.nn.modules.hashtable import HashTable
+from fxrec.ragged import RaggedTensor
+from fxrec.utils.dynamic import mark_dynamic_batch
+
+__all__ = ["CompiledModel", "compile", "id_bounds"]
+
+DYNAMO_CONFIG = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True,
+                 "force_nn_module_property_static_shapes": False, "force_parameter_static_shapes": False}
+
+
+def _rows(batch: dict) -> int | None:
+    """Rows of the batch: the first dense column's first dimension or ragged column's rows."""
+    for value in batch.values():
+        if isinstance(value, RaggedTensor):
+            return value.batch_size()
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _items(column: Any, name: str) -> int:
+    """Host-known number of ids a column holds: a ragged column's innermost items (strings, for
+    byte columns of two levels), a dense column's elements."""
+    if isinstance(column, RaggedTensor):
+        offsets = column.offsets()
+        return column.values().shape[0] if len(offsets) == 1 else offsets[-1].shape[0] - 1
+    if isinstance(column, Tensor):
+        return column.numel()
+    raise TypeError(f"fxrec.compile: column {name!r} is a {type(column).__name__}, not a Tensor or RaggedTensor")
+
+
+def _feature_bound(feature, batch: dict, rows: int) -> int:
+    """Upper bound of the distinct ids feature ``feature`` (a FeatureEngine feature) yields for
+    ``batch``: min(number of ids, number of values its last range-limiting op allows)."""
+    select, ops = feature.ops[0], feature.ops[1:]
+    if isinstance(select, SelectFields):
+        counts = [_items(batch[f.name], f.name) for f in select.fields]
+    else:
+        counts = [_items(batch[select.name], select.name)]
+    count, distinct = counts[0], None
+    for op in ops:
+        if isinstance(op, FeatureCross):  # a row's pairs: at most the product of the two lengths
+            count, distinct = counts[0] * counts[1], None
+        elif isinstance(op, Mod):
+            distinct = op.mod_value if distinct is None else min(distinct, op.mod_value)
+        elif isinstance(op, Bucketize):
+            distinct = len(op.boundaries) + 1
+        elif isinstance(op, Hash):
+            distinct = None
+        elif isinstance(op, SequenceTruncate):
+            if op.truncate and op.n_dims == 2:
+                count = min(count, rows * op.seq_len)
+        elif not isinstance(op, SelectField):
+            raise TypeError(f"fxrec.compile: feature {feature.name!r}: no id bound for op {type(op).__name__}")
+    return count if distinct is None else min(count, distinct)
+
+
+def id_bounds(model: nn.Module, batch: dict) -> dict[HashTable, int]:
+    """Per table of ``model``'s EmbeddingEngines: an upper bound of the distinct ids one forward
+    on ``batch`` looks up, from tensor shapes and feature configs only (no device sync). A
+    feature made by one of the model's FeatureEngines is bounded through its ops (``Mod(m)``: at
+    most m values, ``Bucketize``: len(boundaries) + 1, ``SequenceTruncate``: seq_len per row,
+    ``FeatureCross``: the product of its inputs' sizes); any other feature is the batch column
+    of its name."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"fxrec.compile: a batch must be a dict of columns, got {type(batch).__name__}")
+    rows = _rows(batch) or 0
+    features = {f.name: f for m in model.modules() if isinstance(m, FeatureEngine) for f in m.features}
+    bounds: dict[HashTable, int] = {}
+    for engine in (m for m in model.modules() if isinstance(m, EmbeddingEngine)):
+        for name, option in engine.options.items():
+            if name in features:
+                n = _feature_bound(features[name], batch, rows)
+            elif name in batch:
+                n = _items(batch[name], name)
+            else:
+                raise ValueError(f"fxrec.compile: feature {name!r} of an EmbeddingEngine is neither made by a "
+                                 "FeatureEngine of the model nor a column of the batch: no bound for its ids")
+            table = engine.tables[option.shared_name]
+            bounds[table] = bounds.get(table, 0) + n
+    return bounds
+
+
+class _RoomKeeper:
+    """Keeps room in a table for each step's ids, syncing rarely: a host-side upper bound of the
+    table's id count (the last count read, plus every bound reserved since) decides whether the
+    table might be too full; only then is the real count read (``HashTable.reserve``, one sync)."""
+
+    def __init__(self, table: HashTable) -> None:
+        self.table = table
+        self.keys: Tensor | None = None  # the index the bound was taken on (rebuilds replace it)
+        self.size_bound = 0
+
+    def reserve(self, n: int) -> None:
+        table = self.table
+        if table.keys is not self.keys or 2 * (self.size_bound + n) > table.capacity:
+            table.reserve(n)  # reads the count; grows to load <= 1/2 if needed
+            self.keys, self.size_bound = table.keys, len(table)
+        self.size_bound += n
+
+
+class CompiledModel:
+    """``model``'s forward compiled (module docstring). Call it as the model; ``.model`` is the
+    model given, ``.module`` the unwrapped model (a DDP wrapper's ``.module``)."""
+
+    def __init__(self, model: nn.Module, **compile_options: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fxrec.compile: model must be an nn.Module, got {type(model).__name__}")
+        if "fullgraph" in compile_options or "dynamic" in compile_options:
+            raise ValueError("fxrec.compile: fullgraph and dynamic are fxrec's to set (a DDP module cannot be "
+                             "compiled fullgraph; dynamic dims are marked per batch)")
+        if is_distributed():
+            # Tables are row-wise sharded over the ranks (fxrec.distributed.sharded): a lookup is
+            # an all-to-all whose split sizes are read from the device. Compiled around that
+            # exchange, DDP training gave dense weights different from eager's (2 gloo ranks):
+            # refused until the exchange is traced (functional collectives), not run wrong.
+            raise NotImplementedError(
+                "fxrec.compile: the process group has several ranks, so the tables are sharded and every "
+                "lookup is an all-to-all, which fxrec does not compile yet; train eagerly (compile=False) there"
+            )
+        self.model = model
+        self.module = model.module if isinstance(model, DistributedDataParallel) else model
+        self._keepers: dict[HashTable, _RoomKeeper] = {}
+
+        # The model itself, not a function calling it: Dynamo compiles a DDP module's forward
+        # (torch.compile of DDP) but breaks the graph where a compiled function calls one.
+        self._compiled = torch.compile(model, **compile_options)
+
+    def _prepare(self, batch: dict) -> list[HashTable]:
+        """Room and gradient leaves for this step's ids (module docstring); the tables given leaves."""
+        grad = torch.is_grad_enabled()
+        prepared = []
+        for table, bound in id_bounds(self.module, batch).items():
+            if not table.admits:
+                continue
+            keeper = self._keepers.get(table)
+            if keeper is None:
+                keeper = self._keepers[table] = _RoomKeeper(table)
+            keeper.reserve(bound)
+            for buffer in table.buffers(recurse=False):  # the row buffers' capacity: a dynamic size
+                if buffer.dim() > 0 and buffer.shape[0] == table.capacity:
+                    torch._dynamo.maybe_mark_dynamic(buffer, 0)
+            if grad:
+                lookups = sum(o.shared_name == table.name for e in self.module.modules()
+                              if isinstance(e, EmbeddingEngine) for o in e.options.values())
+                zero = table.embedding.new_zeros(())
+                leaves = [zero.expand(bound, table.dim).requires_grad_() for _ in range(lookups)]
+                for leaf in leaves:
+                    torch._dynamo.decorators.mark_unbacked(leaf, 0)
+                table.grad_sinks = leaves
+                prepared.append(table)
+        return prepared
+
+    def __call__(self, batch: dict):
+        if not self.module.training:
+            return self.model(batch)
+        if not isinstance(batch, dict):
+            raise TypeError(f"fxrec.compile: a batch must be a dict of columns, got {type(batch).__name__}")
+        prepared = self._prepare(batch)
+        clear_metrics()
+        # Mark aliases, not the caller's tensors: the marks would follow those tensors into any
+        # other compiled code they meet.
+        aliases = pytree.tree_map_only(Tensor, lambda t: t if t.requires_grad else t.detach(), batch)
+        try:
+            with torch._dynamo.config.patch(DYNAMO_CONFIG):
+                return self._compiled(mark_dynamic_batch(aliases))
+        finally:
+            for table in prepared:
+                table.grad_sinks = []
+
+
+def compile(model: nn.Module, **compile_options: Any) -> CompiledModel:
+    """``model``'s forward under ``torch.compile`` (module docstring); ``compile_options`` go to
+    ``torch.compile`` (``backend``, ``mode``, ``options``)."""
+    return CompiledModel(model, **compile_options)
