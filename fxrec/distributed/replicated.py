@@ -50,11 +50,11 @@ def _as_bytes(t: Tensor) -> Tensor:
 def _rows_for(table: HashTable, ids: Tensor) -> Tensor:
     """Rows of ``ids`` in ``table``, inserting those it lacks (when it admits); -1 for the rest.
     Every id found gets ``last_seen = table.step``."""
-    rows = torch.ops.fxrec.table_find(table.keys, table.state, ids)
+    rows = table.find(ids)
     missing = rows < 0
     if table.admits and bool(missing.any()):
         table.lookup(ids[missing])  # inserts and initializes rows and slots; may grow the table
-        rows = torch.ops.fxrec.table_find(table.keys, table.state, ids)
+        rows = table.find(ids)
     table.last_seen[rows[rows >= 0]] = table.step
     return rows
 
