@@ -8,7 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec.*)
-from fxrec.ops.table import EMPTY, FILLED, MAX_TAG, OCCUPANCY, TAG_SHIFT, filled_state, new_index, table_items
+from fxrec.ops.table import (
+    EMPTY, FILLED, MAX_TAG, OCCUPANCY, TAG_SHIFT, filled_state, new_index, table_items, unique_tagged,
+)
 from fxrec.ops.triton.table import table_find_or_insert_triton, table_find_triton
 from oracles import mix64
 
@@ -97,6 +99,17 @@ def test_triton_find_equals_cpu_find(pairs, queries):
     expect = find(keys, state, *as_tensors(queries))
     got = table_find_triton(keys.to(TRITON_DEVICE), state.to(TRITON_DEVICE), *as_tensors(queries, TRITON_DEVICE))
     assert got.tolist() == expect.tolist()
+
+
+@given(pairs=pairs_st)
+def test_unique_tagged_equals_sorted_set(pairs):
+    ids, tags = as_tensors(pairs)
+    uniq, uniq_tags, inverse, counts = unique_tagged(ids, tags)
+    distinct = sorted(set(pairs))
+    assert list(zip(uniq_tags.tolist(), uniq.tolist())) == distinct
+    assert uniq.dtype == torch.int64 and uniq_tags.dtype == torch.int32
+    assert [distinct[i] for i in inverse.tolist()] == pairs
+    assert counts.tolist() == [pairs.count(p) for p in distinct]
 
 
 def test_tag_zero_is_untagged_and_home_slot():

@@ -261,6 +261,60 @@ def test_cuda_equals_cpu():
             assert torch.equal(sa["embedding"], sb["embedding"].cpu()), name  # init_rows: bit-identical
 
 
+# -- torch.compile -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compiled_training_step_equals_eager():
+    """A training step over coalesced tables (one tagged lookup, per-row-seed init, SparseAdamWTF)
+    compiles to ONE graph without breaks across batch sizes (B=1, empty rows) and equals eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from fxrec.utils.dynamic import mark_dynamic_batch
+
+    common = dict(embedding_dim=2, initializer=UniformInitializer(-0.5, 0.5))
+    options = {"a": EmbeddingOption(shared_name="ta", **common),
+               "b": EmbeddingOption(shared_name="tb", combiner="tile", combiner_kwargs={"tile_len": 3}, **common),
+               "c": EmbeddingOption(shared_name="ta", combiner="mean", **common)}
+    data = [{name: ragged_ids([[(7 * b + 3 * i + j) % 11 - 5 for j in range(i % 3 + (i == 0))] for i in range(b)])
+             for name in options} for b in [5, 1, 7, 3, 2]]
+
+    def setup():
+        engine = EmbeddingEngine(copy.deepcopy(options), passes=True)
+        tables = filter_out_sparse_param(engine)
+        sparse = SparseAdamWTF(tables, lr=0.05)
+        tables["ta"].reserve(100)  # room for every id of the run: no growth inside the graph
+
+        def step(batch):
+            loss = loss_of(engine(batch))
+            loss.backward()
+            sparse.step()
+            sparse.zero_grad()
+            return loss.detach()
+
+        return engine, step
+
+    eager_engine, eager_step = setup()
+    eager_losses = [eager_step(b) for b in data]
+    flags = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True, "trace_autograd_ops": True}
+    saved = {k: getattr(torch._dynamo.config, k) for k in flags}
+    try:
+        for k, v in flags.items():
+            setattr(torch._dynamo.config, k, v)
+        torch._dynamo.reset()
+        counters.clear()
+        engine, step = setup()
+        compiled = torch.compile(step)
+        losses = [compiled(mark_dynamic_batch(b)) for b in data]
+        assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    finally:
+        for k, v in saved.items():
+            setattr(torch._dynamo.config, k, v)
+        torch._dynamo.reset()
+    torch.testing.assert_close(torch.stack(losses), torch.stack(eager_losses), rtol=1e-5, atol=1e-5)
+    assert_tables_equal(eager_engine.tables, engine.tables, exact=False)
+
+
 # -- several processes: replicated coalesced tables ----------------------------------------------------
 
 _WORKER = """

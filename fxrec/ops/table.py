@@ -57,7 +57,7 @@ from fxrec.ops.triton.table import (
 )
 
 __all__ = ["EMPTY", "FILLED", "MAX_TAG", "OCCUPANCY", "TAG_SHIFT", "WRITING", "filled_state", "new_index", "table_find",
-           "table_find_or_insert", "table_items"]
+           "table_find_or_insert", "table_items", "unique_tagged"]
 
 
 def _home_slots(ids: Tensor, tags: Tensor | None, capacity: int) -> Tensor:
@@ -87,6 +87,23 @@ def new_index(capacity: int, device: torch.device | str | None = None) -> tuple[
         raise ValueError(f"fxrec.ops.table.new_index: capacity must be a power of two, got {capacity}")
     keys = torch.zeros(capacity, dtype=torch.int64, device=device)
     return keys, torch.full((capacity,), EMPTY, dtype=torch.int32, device=device)
+
+
+def unique_tagged(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``torch.unique`` of the (tag, id) pairs of flat ``ids`` and ``tags``: ``(ids, tags,
+    inverse, counts)`` of the distinct pairs, ascending by tag, then id. A lexicographic sort
+    (two stable sorts) and run boundaries: ``torch.unique(dim=...)`` would do, but Inductor
+    miscompiles its strides (torch 2.13: ``assert_size_stride`` fails on ``aten.unique_dim``)."""
+    by_id = torch.sort(ids, stable=True).indices
+    order = by_id[torch.sort(tags[by_id], stable=True).indices]
+    sorted_ids, sorted_tags = ids[order], tags[order]
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = (sorted_ids[1:] != sorted_ids[:-1]) | (sorted_tags[1:] != sorted_tags[:-1])
+    run = torch.cumsum(starts, 0) - 1
+    inverse = torch.empty_like(run).scatter_(0, order, run)
+    uniq_ids, uniq_tags = sorted_ids[starts], sorted_tags[starts]
+    counts = torch.bincount(run, minlength=uniq_ids.shape[0])
+    return uniq_ids, uniq_tags, inverse, counts
 
 
 def table_items(keys: Tensor, state: Tensor, tag: int = 0) -> tuple[Tensor, Tensor]:
@@ -136,8 +153,7 @@ def _find_or_insert_torch(keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor
         uniq, inverse = torch.unique(flat, return_inverse=True)  # ascending
         uniq_tags = None
     else:  # (tag, id) pairs, ascending
-        pairs, inverse = torch.unique(torch.stack([tags.reshape(-1).to(torch.int64), flat]), dim=1, return_inverse=True)
-        uniq_tags, uniq = pairs[0].to(torch.int32), pairs[1].contiguous()
+        uniq, uniq_tags, inverse, _ = unique_tagged(flat, tags.reshape(-1))
     home = _home_slots(uniq, uniq_tags, capacity)
     filled_as = _wanted_states(uniq_tags)
     rows, k = _probe(keys, state, uniq, filled_as, home)

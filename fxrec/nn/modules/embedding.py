@@ -66,6 +66,7 @@ from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
 from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, ConstantInitializer, Initializer
 from fxrec.nn.modules.hashtable import GRAD_REDUCE_BY, HashTable, shared_grad_anchor
 from fxrec.ops.combine import COMBINERS
+from fxrec.ops.table import unique_tagged
 from fxrec.ragged import RaggedTensor
 
 __all__ = ["EmbeddingEngine", "EmbeddingOption"]
@@ -286,11 +287,9 @@ def _lookup_unique_merged(tables: tuple[HashTable, ...], values: list[Tensor], t
         uniq, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)
         uniq_tags = storage.tags_of(uniq, tables[0].tag)
     else:
-        item_tags = torch.cat([torch.full((n,), t.tag, dtype=torch.int64, device=flat.device)
+        item_tags = torch.cat([torch.full((n,), t.tag, dtype=torch.int32, device=flat.device)
                                for n, t in zip(sizes, tables)])
-        pairs, inverse, counts = torch.unique(torch.stack([item_tags, flat]), dim=1, return_inverse=True,
-                                              return_counts=True)
-        uniq, uniq_tags = pairs[1].contiguous(), pairs[0].to(torch.int32)
+        uniq, uniq_tags, inverse, counts = unique_tagged(flat, item_tags)
     rows = storage.lookup(uniq, uniq_tags, members)
     embedding = storage.embedding
     inverses = torch.split(inverse, sizes)
