@@ -162,6 +162,25 @@ def test_checkpoint_round_trip(direction):
     assert_tables_equal(source.tables, fresh.tables, exact=False)
 
 
+def test_coalescing_live_tables_mid_step():
+    """Coalescing tables that hold ids, optimizer slots and pending gradients (after backward,
+    before the optimizer step) moves all of it: training on equals never coalescing."""
+    options = get_embedding_conf(device=torch.device("cpu"), tile_len=2)
+    plain, live = EmbeddingEngine(copy.deepcopy(options)), EmbeddingEngine(copy.deepcopy(options))
+    opts = [SparseAdamWTF(filter_out_sparse_param(e), lr=0.01) for e in (plain, live)]
+    for engine, opt in zip((plain, live), opts):
+        train(engine, [tutorial_batch(6, 0)], opt)
+        loss_of(engine(tutorial_batch(4, 1))).backward()  # pending gradients
+    storage = coalesce_tables([live.tables[n] for n in ["sparse2", "sparse4", "sparse5", "sparse1_x_sparse2"]])
+    assert len(storage.members) == 4 and live.tables["sparse1"].storage is not storage
+    assert_tables_equal(plain.tables, live.tables)
+    for engine, opt in zip((plain, live), opts):
+        opt.step()
+        opt.zero_grad()
+        train(engine, [tutorial_batch(5, 2)], opt)  # live: its uncoalesced graph, on the coalesced tables
+    assert_tables_equal(plain.tables, live.tables, exact=False)
+
+
 def test_eviction_per_logical_table():
     hook = FilterHook("GlobalStepFilter", {"filter_step": 2})
     common = dict(embedding_dim=2, block_size=4, initializer=UniformInitializer(-1.0, 1.0), filter_hook=hook)

@@ -10,8 +10,15 @@ over all their features: one ``torch.unique`` of the features' (table tag, id) p
 ``fxrec::table_find_or_insert`` (and one ``fxrec::init_rows`` with per-row seeds) into the shared
 storage, one grad anchor; each feature's ``fxrec::table_combine`` then reads the ONE physical
 ``embedding`` through its slice of the inverse (one combine launch per feature, as before: the
-combiners differ per feature). The tutorial's 6 tables (7 features) need 6 lookups after
-``lookup_merge``; coalesced, 2 (see ``tests/test_passes_table_coalesce.py``).
+combiners differ per feature). The tutorial's 6 tables (7 features; dims 8 and 16, one
+initializer) need 6 lookups after ``lookup_merge``; coalesced, 2 (``tests/test_passes_table_coalesce.py``)::
+
+    >>> explain(EmbeddingEngine(get_embedding_conf()))     # examples/deepctr/embeddings.py
+    passes: lookup_merge, table_coalesce
+    op             before  after
+    table_combine       7      7
+    table_lookup        7      2
+    total              14      9
 
 The tables themselves are coalesced here (``coalesce_tables``): their ids, rows, slots and pending
 gradients move into one ``TableStorage``, each table a tagged member of it. That changes the
