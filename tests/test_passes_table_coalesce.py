@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 
 from examples.deepctr.embeddings import get_embedding_conf
+from fxrec.framework.checkpoint import CheckpointManager
 from fxrec.nn.hashtable_hook import FilterHook
 from fxrec.nn.initializers import NormalInitializer, UniformInitializer
 from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
@@ -140,21 +141,29 @@ def test_sparse_adamwtf_training_equal():
 
 
 @pytest.mark.parametrize("direction", ["plain->coalesced", "coalesced->plain"])
-def test_checkpoint_round_trip(direction):
-    """A checkpoint (model + sparse optimizer state) of one layout loads into the other, keys
-    unchanged; training on from it gives the same tables either way."""
+def test_checkpoint_round_trip(direction, tmp_path):
+    """A checkpoint (model + sparse optimizer state, through CheckpointManager's files) of one
+    layout loads into the other, keys unchanged; training on from it gives the same tables
+    either way."""
     options = get_embedding_conf(device=torch.device("cpu"), tile_len=2)
     plain, coalesced = engines(options)
     source, target = (plain, coalesced) if direction == "plain->coalesced" else (coalesced, plain)
     opt_source = SparseAdamWTF(filter_out_sparse_param(source), lr=0.01)
     train(source, [tutorial_batch(6, 0), tutorial_batch(4, 1)], opt_source)
-    model_sd, opt_sd = source.state_dict(), opt_source.state_dict()
+    manager = CheckpointManager(tmp_path)  # the Trainer's parts: model, sparse tables, sparse optimizer
+    manager.save(2, {"model": source.state_dict(), "sparse": {n: t.state_dict() for n, t in source.tables.items()},
+                     "sparse_optimizer": opt_source.state_dict()})
+    parts = manager.load(2)
+    model_sd, opt_sd = parts["model"], parts["sparse_optimizer"]
     fresh = EmbeddingEngine(copy.deepcopy(options), passes=target is coalesced)
     fresh(tutorial_batch(3, 9))  # holds other ids before loading: they must go
     opt_target = SparseAdamWTF(filter_out_sparse_param(fresh), lr=0.01)
     assert sorted(fresh.state_dict()) == sorted(model_sd)  # same keys in both layouts
     fresh.load_state_dict(model_sd)
     opt_target.load_state_dict(opt_sd)
+    assert_tables_equal(source.tables, fresh.tables)
+    for name, table in fresh.tables.items():  # the "sparse" part loads per table, as the Trainer does it
+        table.load_state_dict(parts["sparse"][name])
     assert_tables_equal(source.tables, fresh.tables)
     more = [tutorial_batch(5, 2), tutorial_batch(1, 3)]
     train(source, more, opt_source)
