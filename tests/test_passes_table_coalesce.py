@@ -229,6 +229,18 @@ def test_read_only_and_mixed_modes():
         coalesced(batch)
 
 
+def test_module_moves_reach_the_storage():
+    """``.to()`` of the engine moves every storage (not a registered submodule: a table's
+    ``_apply`` forwards to it); DDP / ``named_buffers`` see only the tables' own ``step``."""
+    _, coalesced = engines(three_tables())
+    assert sorted(name for name, _ in coalesced.named_buffers()) == [f"tables.{n}.step" for n in
+                                                                     ["other", "ta", "tb", "tc"]]
+    coalesced.to("meta")
+    for table in coalesced.tables.values():
+        assert {t.device.type for t in (table.keys, table.state, table.embedding, table.last_seen, table.count,
+                                        table.step, table.storage.seeds)} == {"meta"}
+
+
 def test_coalesce_tables_errors():
     a = HashTable([2], name="a")
     with pytest.raises(ValueError, match="tables 'a' and 'b' differ in dim"):
