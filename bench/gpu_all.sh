@@ -14,5 +14,6 @@ python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests
 python3 -m bench.feature_ops 2>&1 | tee "$out/feature_ops.log"
 python3 -m bench.hashtable 2>&1 | tee "$out/hashtable.log"
 python3 -m bench.embedding 2>&1 | tee "$out/embedding.log"
+python3 -m bench.embedding_passes 2>&1 | tee "$out/embedding_passes.log"
 python3 bench/io.py --threads 1,2,4,8 --repeat 3 2>&1 | tee "$out/io.log" | tail -12
 python3 -m bench.e2e_step --sync-debug 2>&1 | tee "$out/e2e_step.log" | tail -16

@@ -5,7 +5,8 @@
 Trains ``--steps`` steps under the Trainer (data generated into ``--data-dir`` when missing, as
 ``examples.deepctr.train`` does) and counts, per step, the bytes every rank sent to the other
 ranks through all-to-all (``fxrec.distributed.sharded.traffic``): ``ids`` (forward: ids to their
-owners), ``rows`` (forward: rows back), ``grads`` (backward: ids, row gradients and counts to the
+owners), ``tags`` (forward: coalesced tables' tags with their ids, 4 bytes a pair), ``rows``
+(forward: rows back), ``grads`` (backward: ids, row gradients and counts to the
 owners), ``sizes`` (the split sizes exchanged first). The baseline, measured in the same run, is
 what the replaced replicated tables all-gathered per step: every rank's touched ids and gradients
 to every other rank (``(W - 1) x`` the gradient bytes each rank would send were it to send them
@@ -30,7 +31,7 @@ from fxrec.framework.trainer import Trainer, TrainingArguments
 from fxrec.nn.modules.hashtable import filter_out_sparse_param
 from fxrec.optim import SparseAdamWTF
 
-KINDS = ("ids", "rows", "grads", "sizes")
+KINDS = ("ids", "tags", "rows", "grads", "sizes")
 
 
 class TrafficHook(Hook):

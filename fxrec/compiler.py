@@ -154,9 +154,10 @@ def id_bounds(model: nn.Module, batch: dict) -> dict[HashTable, int]:
 
 
 class _RoomKeeper:
-    """Keeps room in a table for each step's ids, syncing rarely: a host-side upper bound of the
-    table's id count (the last count read, plus every bound reserved since) decides whether the
-    table might be too full; only then is the real count read (``HashTable.reserve``, one sync)."""
+    """Keeps room in a table's storage (all the tables coalesced into it) for each step's ids,
+    syncing rarely: a host-side upper bound of the storage's id count (the last count read, plus
+    every bound reserved since) decides whether it might be too full; only then is the real count
+    read (``HashTable.reserve``, one sync)."""
 
     def __init__(self, table: HashTable) -> None:
         self.table = table
@@ -167,7 +168,7 @@ class _RoomKeeper:
         table = self.table
         if table.keys is not self.keys or 2 * (self.size_bound + n) > table.capacity:
             table.reserve(n)  # reads the count; grows to load <= 1/2 if needed
-            self.keys, self.size_bound = table.keys, len(table)
+            self.keys, self.size_bound = table.keys, int(table.storage.counts.sum())
         self.size_bound += n
 
 
@@ -192,7 +193,7 @@ class CompiledModel:
             )
         self.model = model
         self.module = model.module if isinstance(model, DistributedDataParallel) else model
-        self._keepers: dict[HashTable, _RoomKeeper] = {}
+        self._keepers: dict[object, _RoomKeeper] = {}  # per TableStorage
 
         # The model itself, not a function calling it: Dynamo compiles a DDP module's forward
         # (torch.compile of DDP) but breaks the graph where a compiled function calls one.
@@ -202,14 +203,20 @@ class CompiledModel:
         """Room and gradient leaves for this step's ids (module docstring); the tables given leaves."""
         grad = torch.is_grad_enabled()
         prepared = []
-        for table, bound in id_bounds(self.module, batch).items():
-            if not table.admits:
-                continue
-            keeper = self._keepers.get(table)
+        bounds = {table: bound for table, bound in id_bounds(self.module, batch).items() if table.admits}
+        # Tables coalesced into one storage (fxrec.passes.table_coalesce) share its room and one
+        # merged lookup, whose anchor holds the distinct ids of all of them: bound per storage.
+        storage_bounds: dict[object, int] = {}
+        for table, bound in bounds.items():
+            storage_bounds[table.storage] = storage_bounds.get(table.storage, 0) + bound
+        for storage, bound in storage_bounds.items():
+            keeper = self._keepers.get(storage)
             if keeper is None:
-                keeper = self._keepers[table] = _RoomKeeper(table)
+                keeper = self._keepers[storage] = _RoomKeeper(next(t for t in bounds if t.storage is storage))
             keeper.reserve(bound)
-            for buffer in table.buffers(recurse=False):  # the row buffers' capacity: a dynamic size
+        for table in bounds:
+            bound = storage_bounds[table.storage]
+            for buffer in table.storage.buffers(recurse=False):  # the row buffers' capacity: a dynamic size
                 if buffer.dim() > 0 and buffer.shape[0] == table.capacity:
                     torch._dynamo.maybe_mark_dynamic(buffer, 0)
             if grad:

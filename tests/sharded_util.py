@@ -22,7 +22,6 @@ from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
 from fxrec.nn.initializers import TruncNormalInitializer
 from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
 from fxrec.nn.modules.hashtable import filter_out_sparse_param
-from fxrec.ops.table import table_items
 from fxrec.optim import SparseAdamWTF, SparseSGD
 from fxrec.ragged import RaggedTensor
 
@@ -135,7 +134,7 @@ def snapshot(model: nn.Module) -> dict:
     """Per table, in id order: ids, embedding, slots (lists); and the dense weights."""
     out = {"dense": {k: v.detach().cpu().tolist() for k, v in model.dense.state_dict().items()}}
     for name, table in filter_out_sparse_param(model).items():
-        ids, rows = table_items(table.keys, table.state)
+        ids, rows = table.items()  # this table's ids only (tables may be coalesced into one storage)
         order = torch.argsort(ids)
         rows = rows[order]
         snap = {"ids": ids[order].cpu().tolist(), "embedding": table.embedding[rows].cpu().tolist(),
@@ -182,12 +181,15 @@ def reference(config: tuple, world: int, steps: int = STEPS, **model_kwargs) -> 
 # -- the other scenarios: (name, config, model kwargs, steps, micro-batches per step) -----------------
 # eviction: table "t" forgets ids unseen for 2 table steps (evict_stale after every step);
 # read-only: table "r" takes no new ids after step 2; accumulation: 2 micro-batches a step;
-# passes: one merged lookup per table, with "b" not trainable.
+# passes: one merged lookup per table, with "b" not trainable (tables "t" and "r" agree in layout:
+# table_coalesce puts them into one storage, so one merged lookup of (tag, id) pairs for all three
+# features); coalesce: the same with every feature trainable, "mean" / "worker" and 2 micro-batches.
 EXTRAS = [
     ("evict", ("sum", "worker", "adamwtf"), {"filter_hook": FilterHook("GlobalStepFilter", {"filter_step": 2})}, 4, 1),
     ("read_only", ("mean", "id", "sgd"), {}, 4, 1),
     ("accumulate", ("tile", "id", "adamwtf"), {}, 3, 2),
     ("passes", ("sum", "id", "adamwtf"), {"passes": True, "b_trainable": False}, 3, 1),
+    ("coalesce", ("mean", "worker", "adamwtf"), {"passes": True}, 3, 2),
 ]
 EVAL_STEPS = (7, 8)  # batches evaluated after training: mostly unseen ids
 
@@ -197,7 +199,7 @@ def run_extra(name: str, config: tuple, model_kwargs: dict, steps: int, micro: i
     """One ``EXTRAS`` scenario, sharded (``rank``) or as the reference (``rank`` None): losses,
     the table snapshot after training, then eval-mode outputs on ``EVAL_STEPS``' batches (the
     reference's: every rank's, rank-major) and the table snapshot after them (eval inserts
-    nothing)."""
+    nothing), and the names of the tables in table "t"'s storage (coalesced: several)."""
     model, dense, sparse = build(config, device=device, **model_kwargs)
     ranks = range(world) if rank is None else [rank]
     losses = []
@@ -213,7 +215,8 @@ def run_extra(name: str, config: tuple, model_kwargs: dict, steps: int, micro: i
     with torch.no_grad():
         outputs = [model.embedding(rank_batch(s, r, world, device))[f].cpu().tolist()
                    for s in EVAL_STEPS for r in ranks for f in ("a", "b", "c")]
-    return {"losses": losses, "trained": trained, "outputs": outputs, "after_eval": snapshot(model)}
+    return {"losses": losses, "trained": trained, "outputs": outputs, "after_eval": snapshot(model),
+            "storage": [t.name for t in model.embedding.tables["t"].storage.members]}
 
 
 ROW_CAP = 40

@@ -1,7 +1,8 @@
 """One rank of tests/test_sharded.py's multi-process runs: ``python tests/sharded_worker.py OUT
 STORE DEVICE`` with RANK / WORLD_SIZE set. Trains every ``sharded_util.CONFIGS`` model sharded for
 ``STEPS`` steps, then the ``EXTRAS`` scenarios (eviction, read-only, gradient accumulation,
-merged lookups, eval mode), then a table over the row cap, then counts the bytes of one lookup;
+merged lookups, coalesced tables, eval mode), then a table over the row cap, then counts the bytes of
+one lookup (of one table, and of two coalesced tables);
 writes ``OUT/rank<r>.json``: per
 scenario the global losses and this rank's snapshots."""
 
@@ -46,6 +47,16 @@ sharded.reset_traffic()
 with torch.no_grad():
     table(TRAFFIC_IDS.to(device))
 results["traffic"] = sharded.traffic()
+# traffic of coalesced tables: "t" and "r" in one storage (passes=True), one eval-mode merged
+# lookup of (tag, id) pairs: "a" and "b" read "t", "c" reads "r"
+model, _, _ = build(CONFIGS[0], device=device, passes=True)
+model.eval()
+ids = TRAFFIC_IDS.to(device)
+sharded.reset_traffic()
+with torch.no_grad():
+    model.embedding({"a": ids, "b": ids + 1, "c": ids})
+results["traffic_coalesced"] = sharded.traffic()
+results["traffic_coalesced_storage"] = [t.name for t in model.embedding.tables["t"].storage.members]
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(results, f)
 dist.barrier()  # no rank tears the group down while another still uses it

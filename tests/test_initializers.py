@@ -278,6 +278,47 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.fxrec.init_rows.default, args)
 
 
+# -- per-id seeds (coalesced tables): each row as its own table's seed gives it --------------------
+
+
+def wrap64(x: int) -> int:
+    x %= 1 << 64
+    return x - (1 << 64) if x >> 63 else x
+
+
+@given(rows=st.lists(st.tuples(ids_st, seeds), max_size=12), seed=seeds, dim=st.sampled_from([1, 3, 16]), spec=specs)
+def test_per_id_seeds_equal_per_table_calls(rows, seed, dim, spec):
+    ids, row_seeds = tensor([i for i, _ in rows]), tensor([s for _, s in rows])
+    got = torch.ops.fxrec.init_rows(ids, dim, seed, *spec, torch.float32, row_seeds)
+    for k, (i, s) in enumerate(rows):
+        assert torch.equal(got[k], torch.ops.fxrec.init_rows(tensor([i]), dim, wrap64(seed + s), *spec, torch.float32)[0])
+    triton = init_rows_triton(ids.to(TRITON_DEVICE), dim, row_recipe(seed, *spec), row_seeds.to(TRITON_DEVICE))
+    assert torch.equal(triton.cpu(), got)
+
+
+def test_per_id_seeds_initializer_and_validation():
+    init = NormalInitializer(0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    ids = tensor([5, 5, -9])
+    got = init.init_rows(ids, 4, 0, seeds=tensor([11, -2, 11]))
+    for k, s in enumerate([11, -2, 11]):
+        assert torch.equal(got[k], init.init_rows(ids[k:k + 1], 4, s)[0])
+    with pytest.raises(TypeError, match="seeds must be int64"):
+        torch.ops.fxrec.init_rows(ids, 4, 0, "normal", [0.0, 1.0], torch.float32, ids.int())
+    with pytest.raises(ValueError, match=r"seeds has shape \(2,\)"):
+        torch.ops.fxrec.init_rows(ids, 4, 0, "normal", [0.0, 1.0], torch.float32, ids[:2])
+    torch.library.opcheck(torch.ops.fxrec.init_rows.default,
+                          (ids, 3, 7, "uniform", [-1.0, 1.0], torch.float32, tensor([1, 2, INT64_MIN])))
+
+
+@pytest.mark.gpu
+@given(rows=st.lists(st.tuples(ids_st, seeds), max_size=300), seed=seeds, dim=st.integers(1, 70), spec=specs)
+def test_cuda_per_id_seeds_match_cpu(rows, seed, dim, spec):
+    ids, row_seeds = tensor([i for i, _ in rows]), tensor([s for _, s in rows])
+    cpu = torch.ops.fxrec.init_rows(ids, dim, seed, *spec, torch.float32, row_seeds)
+    cuda = torch.ops.fxrec.init_rows(ids.cuda(), dim, seed, *spec, torch.float32, row_seeds.cuda())
+    assert torch.equal(cuda.cpu(), cpu)
+
+
 @pytest.mark.gpu
 @given(ids=st.lists(ids_st, max_size=300), seed=seeds, dim=st.integers(1, 70), spec=specs)
 def test_cuda_matches_cpu(ids, seed, dim, spec):

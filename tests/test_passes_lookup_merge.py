@@ -13,85 +13,22 @@ import copy
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from examples.deepctr.embeddings import get_embedding_conf
 from fxrec.nn.initializers import NormalInitializer
 from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
 from fxrec.passes import DEFAULT_EMBEDDING_PASSES, explain, lookup_merge, op_counts, run_passes
+from embedding_cases import INT64_MAX, INT64_MIN, cases, check_equal, configs, tutorial_batch
 from raggedutil import ragged_ids
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-ids_st = st.one_of(st.integers(-3, 3), st.sampled_from([INT64_MIN, INT64_MAX, INT64_MIN + 1, 2**40]))
-weights_st = st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0])
 
 
-def engines(options, **kw):
-    return EmbeddingEngine(copy.deepcopy(options)), EmbeddingEngine(copy.deepcopy(options), passes=True, **kw)
-
-
-def table_by_id(table):
-    """(ids sorted, embedding rows, last_seen) of a table, keyed by id, not row."""
-    sd = table.state_dict()
-    order = torch.argsort(sd["ids"])
-    return sd["ids"][order], sd["embedding"][order], sd["last_seen"][order]
-
-
-def grads_by_id(table):
-    rows, grads = table.take_grads()
-    ids = table.keys[rows]
-    order = torch.argsort(ids)
-    return ids[order], grads[order]
-
-
-def loss_of(out: dict) -> torch.Tensor:
-    total = torch.zeros(())
-    for i, name in enumerate(sorted(out)):
-        v = out[name]
-        if isinstance(v, torch.Tensor) and v.requires_grad:
-            coef = torch.arange(v.numel(), dtype=v.dtype).reshape(v.shape) % 7 - 3.0 + i
-            total = total + (v * coef).sum()
-    return total
-
-
-def check_equal(plain, merged, batch, eval_batch, close_grads: set[str]):
-    out_a, out_b = plain(batch), merged(batch)
-    assert list(out_a) == list(out_b) == list(batch)
-    for name in out_a:
-        torch.testing.assert_close(out_a[name], out_b[name], rtol=0, atol=0)
-    for name in plain.tables:
-        for x, y in zip(table_by_id(plain.tables[name]), table_by_id(merged.tables[name])):
-            assert torch.equal(x, y), name
-    la, lb = loss_of(out_a), loss_of(out_b)
-    if la.requires_grad:
-        la.backward()
-        lb.backward()
-    for name in plain.tables:
-        (ia, ga), (ib, gb) = grads_by_id(plain.tables[name]), grads_by_id(merged.tables[name])
-        assert torch.equal(ia, ib), name
-        # two features' gradients add up exactly either way; three or more in another order
-        tol = dict(rtol=1e-6, atol=1e-6) if name in close_grads else dict(rtol=0, atol=0)
-        torch.testing.assert_close(ga, gb, **tol)
-    plain.eval(), merged.eval()
-    sizes = {name: len(t) for name, t in plain.tables.items()}
-    out_a, out_b = plain(eval_batch), merged(eval_batch)
-    for name in out_a:
-        torch.testing.assert_close(out_a[name], out_b[name], rtol=0, atol=0)
-    assert {name: len(t) for name, t in merged.tables.items()} == sizes  # eval: no inserts
+def engines(options):
+    """(unrewritten, lookup_merge alone): table_coalesce has its own tests."""
+    return EmbeddingEngine(copy.deepcopy(options)), EmbeddingEngine(copy.deepcopy(options), passes=[lookup_merge])
 
 
 # -- the tutorial's embeddings ------------------------------------------------------------------------
-
-def tutorial_batch(b: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    batch = {"dense2": torch.randint(0, 5, (b, 1), generator=g)}
-    for name in ["sparse1", "sparse2", "sparse3", "sparse4", "sparse5", "sparse1_x_sparse2"]:
-        rows = [torch.randint(-4, 6, (int(torch.randint(0, 4, (), generator=g)),), generator=g).tolist()
-                for _ in range(b)]
-        batch[name] = ragged_ids(rows)
-    batch["label"] = torch.ones(b)
-    return batch
-
 
 def test_tutorial_seven_lookups_become_six():
     options = get_embedding_conf(device=torch.device("cpu"), tile_len=3)
@@ -99,10 +36,10 @@ def test_tutorial_seven_lookups_become_six():
     assert op_counts(plain.graph_module)["table_lookup"] == 7
     assert op_counts(merged.graph_module)["table_lookup"] == 6
     assert op_counts(merged.graph_module)["table_combine"] == 7
-    assert DEFAULT_EMBEDDING_PASSES == (lookup_merge,)
-    text = explain(plain)
+    assert DEFAULT_EMBEDDING_PASSES[0] is lookup_merge
+    text = explain(plain, [lookup_merge])
     assert "lookup_merge" in text and any(line.split() == ["table_lookup", "7", "6"] for line in text.splitlines())
-    assert explain(merged) == text  # "before" is the graph as built, whatever the engine runs
+    assert explain(merged, [lookup_merge]) == text  # "before" is the graph as built, whatever the engine runs
     check_equal(plain, merged, tutorial_batch(6, 0), tutorial_batch(5, 1), close_grads=set())
 
 
@@ -115,7 +52,7 @@ def test_pure_idempotent_lint():
     twice = lookup_merge(once)
     assert twice.code == once.code
     once.graph.lint()
-    assert run_passes(gm, DEFAULT_EMBEDDING_PASSES).code == once.code
+    assert run_passes(gm, [lookup_merge]).code == once.code
     # the rewritten graph shares the engine's tables (it does not copy them)
     assert once.tables.sparse1 is gm.tables.sparse1
     with pytest.raises(TypeError, match="GraphModule"):
@@ -167,51 +104,8 @@ def test_shared_table_trainable_mix(grad_reduce_by, trainable):
 
 # -- hypothesis: random configs and batches -----------------------------------------------------------
 
-@st.composite
-def configs(draw):
-    n_tables = draw(st.integers(1, 2))
-    tables = {
-        f"t{i}": dict(embedding_dim=draw(st.integers(1, 3)), grad_reduce_by=draw(st.sampled_from(["worker", "id"])))
-        for i in range(n_tables)
-    }
-    options = {}
-    for i in range(draw(st.integers(2, 4))):
-        shared = draw(st.sampled_from(sorted(tables)))
-        combiner = draw(st.sampled_from(["sum", "mean", "tile"]))
-        options[f"f{i}"] = EmbeddingOption(
-            shared_name=shared, block_size=4, initializer=NormalInitializer(0.0, 1.0), combiner=combiner,
-            combiner_kwargs={"tile_len": draw(st.integers(1, 3))} if combiner == "tile" else None,
-            use_weight=draw(st.booleans()), trainable=draw(st.booleans()), **tables[shared],
-        )
-    return options
-
-
-@st.composite
-def values(draw, b: int):
-    if draw(st.booleans()):
-        rows = draw(st.lists(st.lists(ids_st, max_size=4), min_size=b, max_size=b))
-        weights = [[draw(weights_st) for _ in row] for row in rows] if draw(st.booleans()) else None
-        return ragged_ids(rows, weights)
-    f = draw(st.integers(1, 3))
-    return torch.tensor(draw(st.lists(st.lists(ids_st, min_size=f, max_size=f), min_size=b, max_size=b)),
-                        dtype=torch.int64).reshape(b, f)
-
-
-@st.composite
-def cases(draw):
-    options = draw(configs())
-    batches = []
-    for _ in range(2):
-        b = draw(st.sampled_from([0, 1, 2, 3]))
-        batch = {name: draw(values(b)) for name in options}
-        batch = dict(sorted(batch.items(), key=lambda kv: draw(st.integers(0, 3))))  # any dict order
-        batch["label"] = torch.zeros(b)
-        batches.append(batch)
-    return options, batches
-
-
 @settings(max_examples=120, deadline=None)
-@given(cases())
+@given(cases(configs(tables=(1, 2), dims=(1, 3), features=(2, 4))))
 def test_merged_equals_unmerged(case):
     options, (batch, eval_batch) = case
     plain, merged = engines(options)

@@ -132,7 +132,8 @@ def test_sharded_training_equals_one_process(sharded_runs, world):
 @pytest.mark.parametrize("extra", EXTRAS, ids=[e[0] for e in EXTRAS])
 def test_sharded_eviction_read_only_accumulation_passes_and_eval(sharded_runs, world, extra):
     """Eviction on the owners, a table turned ReadOnly mid-run, 2-micro-batch gradient
-    accumulation, merged lookups (passes=True, one feature not trainable): losses and every shard
+    accumulation, merged lookups over coalesced tables (passes=True: "t" and "r" in one storage,
+    (tag, id) pairs to the owners; one feature not trainable, or 2 micro-batches): losses and every shard
     equal one process's; then eval mode (mostly unseen ids: zero rows) gives one process's
     outputs and inserts nothing."""
     name, config, kwargs, steps, micro = extra
@@ -150,6 +151,8 @@ def test_sharded_eviction_read_only_accumulation_passes_and_eval(sharded_runs, w
             mine = got["outputs"][i * per_step: (i + 1) * per_step]
             for a, b in zip(mine, expected):
                 torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+    if kwargs.get("passes"):  # sharded + coalesced: "t" and "r" share one storage, here and in the reference
+        assert want["storage"] == ["t", "r"] and all(g["storage"] == ["t", "r"] for g in ranks)
     if name == "evict":  # it did evict: fewer ids than a run without eviction keeps
         assert len(want["trained"]["t"]["ids"]) < len(run_extra("read_only", config, {}, steps, 1, None, world)
                                                       ["trained"]["t"]["ids"])
@@ -195,6 +198,22 @@ def test_traffic_counts_the_bytes_sent_to_other_ranks(sharded_runs, world):
     for r, rank in enumerate(sharded_runs(world)):
         got = rank["traffic"]
         assert got["ids"] == 8 * int((owners != r).sum())
+        assert got["rows"] == 4 * DIM * int((owners == r).sum()) * (world - 1)
+        assert got["sizes"] == 8 * (world - 1) and got["grads"] == 0 and got["tags"] == 0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_traffic_of_coalesced_tables_counts_the_tags(sharded_runs, world):
+    """Tables "t" and "r" coalesced into one storage (passes=True): one eval-mode merged lookup
+    sends each distinct (tag, id) pair to the owner of its id, as 3 int32 words (8 bytes of id
+    counted as "ids", 4 of tag as "tags"), and gets the rows back; one sizes exchange."""
+    t_ids = torch.unique(torch.cat([TRAFFIC_IDS.reshape(-1), TRAFFIC_IDS.reshape(-1) + 1]))
+    pairs = torch.cat([t_ids, torch.unique(TRAFFIC_IDS)])  # the same id in "t" and "r": two pairs
+    owners = owner_of(pairs, world)
+    for r, rank in enumerate(sharded_runs(world)):
+        assert rank["traffic_coalesced_storage"] == ["t", "r"]
+        got = rank["traffic_coalesced"]
+        assert got["ids"] == 8 * int((owners != r).sum()) and got["tags"] == 4 * int((owners != r).sum())
         assert got["rows"] == 4 * DIM * int((owners == r).sum()) * (world - 1)
         assert got["sizes"] == 8 * (world - 1) and got["grads"] == 0
 

@@ -578,16 +578,18 @@ _RESHARD = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch.distributed as dist
-from tests.trainer_util import assert_matches_checkpoint, load_parts, make_batches, make_trainer, table_snapshot
+from tests.trainer_util import ToyModel, assert_matches_checkpoint, load_parts, make_batches, make_trainer, table_snapshot
 
 out, store, saved = sys.argv[1], sys.argv[2], int(sys.argv[3])
+coalesce = {coalesce}
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
 batches = make_batches(6, 4, seed=11)[rank::world]
 if world == 2:  # train: {steps} steps, every rank saves its shard of ckpt_{steps} at the end
-    make_trainer(out, batches, seed=rank, train_steps={steps}).train()
+    make_trainer(out, batches, model=ToyModel(rank, coalesce=coalesce), train_steps={steps}).train()
 else:  # resume at another world size: every rank holds the ids it owns now, with every slot
-    trainer = make_trainer(out, batches, seed=100 + rank, train_steps=saved)
+    trainer = make_trainer(out, batches, model=ToyModel(100 + rank, coalesce=coalesce), train_steps=saved)
+    assert (trainer.tables["ids"].storage is trainer.tables["tags"].storage) == coalesce
     trainer.train()  # restores, runs no step
     assert_matches_checkpoint(trainer, load_parts(out, saved, rank, world))
     trainer.args.train_steps = saved + 1
@@ -601,15 +603,18 @@ dist.destroy_process_group()
 """
 
 
-def test_reshard_save_at_two_load_at_one_and_three(tmp_path):
+@pytest.mark.parametrize("coalesce", [False, True], ids=["tables", "coalesced"])
+def test_reshard_save_at_two_load_at_one_and_three(tmp_path, coalesce):
     """2 gloo ranks train 4 steps (each its own batches) and each saves its shard; together the
     shards hold the ids of both ranks' batches, each id once. Loaded in one process (this one)
     and in 3 processes, every rank's tables (ids, embedding, last_seen, step, optimizer moments),
     the sparse optimizer's per-table state, the dense state and the step equal the checkpoint's
-    (the ids the rank owns) exactly; one more step then runs at the new world size."""
+    (the ids the rank owns) exactly; one more step then runs at the new world size. ``coalesced``:
+    the two tables share one storage (table_coalesce) on every rank; the shards stay per logical
+    table."""
     steps = 4
     script = tmp_path / "reshard.py"
-    script.write_text(_RESHARD.format(repo=REPO, steps=steps))
+    script.write_text(_RESHARD.format(repo=REPO, steps=steps, coalesce=coalesce))
     out2 = tmp_path / "w2"
     out2.mkdir()
     run_ranks(str(script), 2, str(tmp_path), [str(out2), str(tmp_path / "store2"), "0"])
@@ -623,7 +628,8 @@ def test_reshard_save_at_two_load_at_one_and_three(tmp_path):
     for world in (1, 3):
         shutil.copytree(out2, tmp_path / f"w{world}")
     # world 1: a Trainer in this process (no process group)
-    trainer = make_trainer(str(tmp_path / "w1"), batches, seed=7, train_steps=steps)
+    trainer = make_trainer(str(tmp_path / "w1"), batches, model=ToyModel(7, coalesce=coalesce), train_steps=steps)
+    assert (trainer.tables["ids"].storage is trainer.tables["tags"].storage) == coalesce
     trainer.train()
     assert_matches_checkpoint(trainer, parts)
     trainer.args.train_steps = steps + 1

@@ -26,7 +26,6 @@ from fxrec.nn.hashtable_hook import FilterHook
 from fxrec.nn.initializers import TruncNormalInitializer
 from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
 from fxrec.nn.modules.hashtable import filter_out_sparse_param
-from fxrec.ops.table import table_items
 from fxrec.optim import SparseAdamWTF, SparseSGD
 from fxrec.ragged import RaggedTensor
 
@@ -35,9 +34,11 @@ DIM = 4
 
 class ToyModel(nn.Module):
     """Two tables ("ids": sum, grad_reduce_by "worker"; "tags": mean, "id"), a small MLP, BCE
-    loss, an AUROC registered with add_metric (as the tutorial's DeepCTR does)."""
+    loss, an AUROC registered with add_metric (as the tutorial's DeepCTR does). ``coalesce``:
+    "tags" reduces by "worker" too and the engine runs its passes, so ``table_coalesce`` puts
+    both tables into one storage."""
 
-    def __init__(self, seed: int = 0, filter_hook: FilterHook | None = None, width: int = 8):
+    def __init__(self, seed: int = 0, filter_hook: FilterHook | None = None, width: int = 8, coalesce: bool = False):
         super().__init__()
         torch.manual_seed(seed)
         init = TruncNormalInitializer(mean=0, std=0.1)
@@ -45,8 +46,9 @@ class ToyModel(nn.Module):
             "ids": EmbeddingOption(embedding_dim=DIM, shared_name="ids", combiner="sum", initializer=init,
                                    device="cpu", grad_reduce_by="worker", filter_hook=filter_hook),
             "tags": EmbeddingOption(embedding_dim=DIM, shared_name="tags", combiner="mean", initializer=init,
-                                    device="cpu", grad_reduce_by="id"),
-        })
+                                    device="cpu", grad_reduce_by="worker" if coalesce else "id",
+                                    filter_hook=filter_hook if coalesce else None),
+        }, passes=coalesce)
         self.dense = nn.Sequential(nn.Linear(2 * DIM + 2, width), nn.ReLU(), nn.Linear(width, 1))
         self.auc = AUROC(num_thresholds=50)
 
@@ -149,7 +151,7 @@ def table_snapshot(model: nn.Module) -> dict:
     """Per table, in id order: ids, embedding rows, slots, the table's step."""
     out = {}
     for name, table in filter_out_sparse_param(model).items():
-        ids, rows = table_items(table.keys, table.state)
+        ids, rows = table.items()  # this table's ids only (tables may be coalesced into one storage)
         order = torch.argsort(ids)
         rows = rows[order]
         snap = {"ids": ids[order].clone(), "embedding": table.embedding[rows].clone(), "step": int(table.step)}

@@ -45,7 +45,6 @@ from examples.deepctr.model import DeepCTR
 from fxrec.distributed.env import default_device, init_distributed, is_distributed
 from fxrec.framework.trainer import Trainer, TrainingArguments
 from fxrec.nn.modules.hashtable import filter_out_sparse_param
-from fxrec.ops.table import table_items
 from fxrec.optim import SparseAdamWTF
 from fxrec.utils.logger import Logger
 
@@ -70,7 +69,7 @@ def table_checksums(model: torch.nn.Module) -> dict:
     """Per table: ids and a sha256 of (ids, embedding rows, optimizer slots) in id order."""
     out = {}
     for name, table in sorted(filter_out_sparse_param(model).items()):
-        ids, rows = table_items(table.keys, table.state)
+        ids, rows = table.items()
         order = torch.argsort(ids)
         digest = hashlib.sha256()
         digest.update(ids[order].cpu().numpy().tobytes())

@@ -41,28 +41,43 @@ concatenated. Ids the owner does not hold (ReadOnly or eval misses, evicted sinc
 no update. Sending the ids again, rather than remembering each lookup's exchange, costs 8 bytes
 an id and makes one exchange per table and step however many lookups and micro-batches fed it.
 
+Coalesced tables (``fxrec.passes.table_coalesce``: several logical tables in one
+``TableStorage``, each id under its table's tag): ownership stays a function of the 64-bit id
+alone, the same for every logical table, so each rank's storage holds, per member, exactly the
+ids that member would hold un-coalesced, and each logical table's ``state_dict`` (the
+checkpoint's per-table shard) reshards by slice as any table's. A merged lookup of several
+members (``lookup_rows(tables, uniq, tags)``, one dedup of (tag, id) pairs) sends each pair to
+the owner of its id as 3 int32 words (id, tag): one all-to-all, counted as ``"ids"`` (8 bytes)
+and ``"tags"`` (4 bytes); the owner deduplicates the pairs and does ONE tagged lookup in its
+storage. Lookups of one member send no tags (the owner knows the table). The one anchor of a
+merged lookup is recorded by each member for its own ids (``shared_grad_anchor``), and
+gradients reduce per LOGICAL table as above (``take_id_grads`` / ``reduce_grads_to_owners``: one
+message per table; the owner finds the rows under the table's tag).
+
 Tensors travel on the table's device where the backend can take them there (NCCL: CUDA), else
 through the CPU (gloo; ``collective_device``). ``traffic()`` counts the bytes this process SENT
 to other ranks by all-to-all (its own share stays local), by kind: ``"sizes"``, ``"ids"``,
-``"rows"``, ``"grads"`` (the backward's ids, gradients and counts); ``reset_traffic()`` zeroes
+``"tags"`` (a coalesced group's table tags), ``"rows"``, ``"grads"`` (the backward's ids,
+gradients and counts); ``reset_traffic()`` zeroes
 the counters (a benchmark reads them per step).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from fxrec.distributed.env import collective_device, is_distributed
+from fxrec.ops.table import unique_tagged
 
 if TYPE_CHECKING:
     from fxrec.nn.modules.hashtable import HashTable
 
-__all__ = ["NUM_SLICES", "grad_anchor", "lookup_rows", "mix64", "owner_of", "reduce_grads_to_owners",
+__all__ = ["NUM_SLICES", "anchor_ids", "grad_anchor", "lookup_rows", "mix64", "owner_of", "reduce_grads_to_owners",
            "reset_traffic", "slice_of", "slice_range", "traffic"]
 
 NUM_SLICES = 1 << 16
@@ -72,7 +87,7 @@ _SLICE_BITS = 16
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _M2 = 0x94D049BB133111EB - (1 << 64)
 
-_traffic = {"sizes": 0, "ids": 0, "rows": 0, "grads": 0}
+_traffic = {"sizes": 0, "ids": 0, "tags": 0, "rows": 0, "grads": 0}
 
 
 def _shr(x: Tensor, s: int) -> Tensor:
@@ -125,15 +140,19 @@ def reset_traffic() -> None:
         _traffic[kind] = 0
 
 
-def _all_to_all(send: Tensor, send_splits: list[int], recv_splits: list[int], kind: str) -> Tensor:
+def _all_to_all(send: Tensor, send_splits: list[int], recv_splits: list[int], kind: str | dict[str, int]) -> Tensor:
     """``all_to_all_single`` of ``send`` (rows split by ``send_splits``, one part per rank), on the
-    backend's device for ``send``'s; the received rows on ``send``'s device."""
+    backend's device for ``send``'s; the received rows on ``send``'s device. ``kind``: the traffic
+    counter the bytes go to, or ``{kind: bytes of each row}`` for rows of several kinds."""
     comm = collective_device(send.device)
     out = torch.empty((sum(recv_splits), *send.shape[1:]), dtype=send.dtype, device=comm)
     dist.all_to_all_single(out, send.contiguous().to(comm), recv_splits, send_splits)
     me = dist.get_rank()
-    row_bytes = send.element_size() * math.prod(send.shape[1:])
-    _traffic[kind] += (sum(send_splits) - send_splits[me]) * row_bytes
+    sent = sum(send_splits) - send_splits[me]
+    if isinstance(kind, str):
+        kind = {kind: send.element_size() * math.prod(send.shape[1:])}
+    for k, row_bytes in kind.items():
+        _traffic[k] += sent * row_bytes
     return out.to(send.device)
 
 
@@ -153,35 +172,63 @@ def _route(ids: Tensor) -> tuple[Tensor, list[int], list[int]]:
     return order, counts.tolist(), _exchange_counts(counts)
 
 
+def _local_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None) -> Tensor:
+    """This process's rows of ``uniq`` (under ``tags``; None: all ``tables[0]``'s) in the tables'
+    storage, inserting or not as the tables' lookup does."""
+    first = tables[0]
+    if len(tables) == 1 and tags is None:
+        return first.lookup(uniq)
+    storage = first.storage
+    return storage.lookup(uniq, storage.tags_of(uniq, first.tag) if tags is None else tags, tables)
+
+
 @torch.no_grad()
-def _sharded_rows(table: HashTable, uniq: Tensor) -> Tensor:
-    """The ``[U, dim]`` rows of the distinct ids ``uniq`` from their owners (module docstring)."""
+def _sharded_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None) -> Tensor:
+    """The ``[U, dim]`` rows of the distinct ids (or (tag, id) pairs) ``uniq`` from their owners
+    (module docstring)."""
     order, send_splits, recv_splits = _route(uniq)
-    asked = _all_to_all(uniq[order], send_splits, recv_splits, "ids")
-    owned, inverse = torch.unique(asked, return_inverse=True)
-    rows = table.gather(table.lookup(owned))[inverse]
+    if tags is None:
+        asked = _all_to_all(uniq[order], send_splits, recv_splits, "ids")
+        owned, inverse = torch.unique(asked, return_inverse=True)
+        owned_tags = None
+    else:  # (id, tag) as 3 int32 words a pair: one message
+        words = torch.cat([_as_int32(uniq), tags.to(torch.int32)[:, None]], 1)[order]
+        got = _all_to_all(words, send_splits, recv_splits, {"ids": 8, "tags": 4})
+        asked = got[:, :2].contiguous().view(torch.int64).reshape(-1)
+        owned, owned_tags, inverse, _ = unique_tagged(asked, got[:, 2].contiguous())
+    local = _local_rows(tables, owned, owned_tags)
+    rows = torch.ops.fxrec.gather_rows(tables[0].embedding, local)[inverse]
     answered = _all_to_all(rows, recv_splits, send_splits, "rows")
     out = torch.empty_like(answered)
     out[order] = answered
     return out
 
 
-def lookup_rows(table: HashTable, uniq: Tensor) -> tuple[Tensor, Tensor]:
-    """``(embedding, rows)`` for ``fxrec::table_combine`` of the distinct ids ``uniq [U]``:
-    unsharded (one process), the table's ``embedding`` after ``table.lookup(uniq)`` and those
-    rows; sharded, the ``[U, dim]`` rows fetched from their owners and ``arange(U)``."""
+def lookup_rows(tables: HashTable | Sequence[HashTable], uniq: Tensor, tags: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(embedding, rows)`` for ``fxrec::table_combine`` of the distinct ids ``uniq [U]`` of
+    ``tables`` (one table, or distinct tables of ONE storage, coalesced): ``tags [U]`` (int32)
+    each id's table tag, the ids distinct as (tag, id) pairs; None: every id is ``tables[0]``'s.
+    Unsharded (one process), the storage's ``embedding`` after the lookup and those rows;
+    sharded, the ``[U, dim]`` rows fetched from their owners and ``arange(U)``: the pairs go to
+    the owner of the id (module docstring: coalesced tables)."""
+    tables = [tables] if not isinstance(tables, (list, tuple)) else list(tables)
     if not is_distributed():
-        rows = table.lookup(uniq)
-        return table.embedding, rows
-    return _sharded_rows(table, uniq), torch.arange(uniq.shape[0], dtype=torch.int64, device=uniq.device)
+        rows = _local_rows(tables, uniq, tags)
+        return tables[0].embedding, rows
+    return _sharded_rows(tables, uniq, tags), torch.arange(uniq.shape[0], dtype=torch.int64, device=uniq.device)
+
+
+def anchor_ids(uniq: Tensor) -> Tensor | None:
+    """The ``ids`` argument of ``HashTable.grad_anchor`` / ``shared_grad_anchor`` for a lookup
+    of ``uniq`` through ``lookup_rows``: ``uniq`` when sharded (gradients recorded by id), else
+    None (by row)."""
+    return uniq if is_distributed() else None
 
 
 def grad_anchor(table: HashTable, uniq: Tensor, rows: Tensor, counts: Tensor) -> Tensor | None:
     """The gradient anchor of the ids ``uniq`` at ``rows`` (``lookup_rows``'s), with ``counts``
     occurrences each: recorded by row when unsharded, by id when sharded (module docstring)."""
-    if not is_distributed():
-        return table.grad_anchor(rows, counts)
-    return table.grad_anchor(rows, counts, ids=uniq)
+    return table.grad_anchor(rows, counts, ids=anchor_ids(uniq))
 
 
 def _as_int32(t: Tensor) -> Tensor:
@@ -201,7 +248,7 @@ def _owner_grads(table: HashTable, got: Tensor, world: int) -> tuple[Tensor, Ten
     grads = merged[:, :-1] / world
     if table.grad_reduce_by == "id":
         grads /= merged[:, -1:].clamp_min(1.0)
-    rows = torch.ops.fxrec.table_find(table.keys, table.state, owned)
+    rows = table.find(owned)  # this table's rows: its tag in a coalesced storage
     held = rows >= 0
     return rows[held], grads[held]
 

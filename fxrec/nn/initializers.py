@@ -105,16 +105,18 @@ class Initializer(ABC):
         seed: int,
         block_size: int = DEFAULT_BLOCK_SIZE,
         dtype: torch.dtype = torch.float32,
+        seeds: Tensor | None = None,
     ) -> Tensor:
         """Initial rows ``[*ids.shape, dim]`` of ``dtype`` for int64 ``ids`` of a table seeded
-        ``seed`` (an int64); on the device of ``ids``."""
+        ``seed`` (an int64); on the device of ``ids``. ``seeds`` (int64, ``ids``' shape): id ``i``
+        is of a table seeded ``seed + seeds[i]`` (mod 2**64; tables coalesced into one)."""
         if dim < 1 or block_size < 1:
             raise ValueError(f"{self!r}: dim and block_size must be positive, got {dim}, {block_size}")
         kind, params = self.row_spec(dim, block_size)
         if self._generator_seed is not None:
             seed = (seed + (self._generator_seed + 1) * GAMMA) % (1 << 64)
             seed -= (seed >> 63) << 64
-        return torch.ops.fxrec.init_rows(ids, dim, seed, kind, params, dtype)
+        return torch.ops.fxrec.init_rows(ids, dim, seed, kind, params, dtype, seeds)
 
     def _key(self) -> tuple:
         return (type(self), tuple(sorted(self._config.items())), self._generator_seed)

@@ -1,6 +1,10 @@
 """``fxrec::init_rows``: the initial embedding row of each id, a pure function of (seed, id, column).
 
-``init_rows(ids, dim, seed, kind, params, dtype) -> [*ids.shape, dim]`` of ``dtype``. Row ``id``
+``init_rows(ids, dim, seed, kind, params, dtype, seeds=None) -> [*ids.shape, dim]`` of ``dtype``.
+``seeds`` (optional int64, ``ids``' shape) gives each id its own seed ``seed + seeds[i]`` (mod
+2**64): several tables coalesced into one (``table_coalesce``) initialize their new rows in one
+call, each row with its own table's seed, so a row's value is what its table alone would give.
+Row ``id``
 does not depend on the other ids of the call, their order, duplicates, the device, or ``dim``
 beyond its length (the row for ``dim=8`` is the first 8 columns of the row for ``dim=16``): this
 is what makes a dynamic table's initial values independent of insertion order and world size
@@ -18,7 +22,8 @@ is what makes a dynamic table's initial values independent of insertion order an
   ``mean + std √2 erfinv(x)``, clamped to ``[a, b]``. ``"normal"`` is the same with ``x`` on
   ``(-1, 1)`` and no clamp.
 
-Random numbers (counter-based, no state): ``key = mix64(uint64(seed) + GAMMA)``, the row state
+Random numbers (counter-based, no state): ``key = mix64(uint64(seed) + GAMMA)`` (the row's seed
+with ``seeds``), the row state
 ``state = mix64(uint64(id) ^ key)`` (a bijection of the id, so distinct ids never share a state),
 and the word of column ``j`` is ``mix64(state + (j + 1) * GAMMA)``: splitmix64's stream seeded by
 the row state (``mix64`` is splitmix64's finalizer, ``GAMMA = 0x9E3779B97F4A7C15``). A word
@@ -72,6 +77,7 @@ class RowRecipe(NamedTuple):
     """What both kernels compute from (host-side, derived once per call by ``row_recipe``)."""
 
     key: int  # int64 bits of mix64(uint64(seed) + GAMMA)
+    seed_word: int  # int64 bits of uint64(seed) + GAMMA: a row's key is mix64(seed_word + seeds[i])
     kernel_kind: int  # CONSTANT, UNIFORM or GAUSSIAN
     # Six float32 values. CONSTANT: (value,); UNIFORM: (a, b - a, largest float32 below b);
     # GAUSSIAN: (lo, hi - lo, mean, std √2, clamp low, clamp high). Unused slots are 0.
@@ -97,21 +103,22 @@ def _check_params(kind: str, params: list[float]) -> None:
 def row_recipe(seed: int, kind: str, params: list[float]) -> RowRecipe:
     """The kernel arguments for ``(seed, kind, params)`` (validated here)."""
     _check_params(kind, params)
-    key = int(mix64(torch.tensor(as_int64(seed + GAMMA))))
+    seed_word = as_int64(seed + GAMMA)
+    key = int(mix64(torch.tensor(seed_word)))
     if kind == "constant":
-        return RowRecipe(key, CONSTANT, (_f32(params[0]), 0.0, 0.0, 0.0, 0.0, 0.0))
+        return RowRecipe(key, seed_word, CONSTANT, (_f32(params[0]), 0.0, 0.0, 0.0, 0.0, 0.0))
     if kind == "uniform":
         a, b = params
         if not _f32(a) < _f32(b):
             raise ValueError(f"fxrec::init_rows: uniform bounds a={a}, b={b} are equal in float32")
         below_b = float(np.nextafter(np.float32(b), np.float32(-np.inf)))
-        return RowRecipe(key, UNIFORM, (_f32(a), _f32(b - a), below_b, 0.0, 0.0, 0.0))
+        return RowRecipe(key, seed_word, UNIFORM, (_f32(a), _f32(b - a), below_b, 0.0, 0.0, 0.0))
     mean, scale = params[0], params[1] * math.sqrt(2)
     if kind == "normal":
-        return RowRecipe(key, GAUSSIAN, (-1.0, 2.0, _f32(mean), _f32(scale), -math.inf, math.inf))
+        return RowRecipe(key, seed_word, GAUSSIAN, (-1.0, 2.0, _f32(mean), _f32(scale), -math.inf, math.inf))
     a, b = params[2], params[3]
     lo, hi = math.erf((a - mean) / scale), math.erf((b - mean) / scale)
-    return RowRecipe(key, GAUSSIAN, (_f32(lo), _f32(hi - lo), _f32(mean), _f32(scale), _f32(a), _f32(b)))
+    return RowRecipe(key, seed_word, GAUSSIAN, (_f32(lo), _f32(hi - lo), _f32(mean), _f32(scale), _f32(a), _f32(b)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,10 +166,12 @@ def _sqrt2_erfinv(x: Tensor, one_minus_x2: Tensor) -> Tensor:
     return torch.where(w < 5.0, p, q) * x
 
 
-def _rows_chunk(ids: Tensor, dim: int, recipe: RowRecipe) -> Tensor:
-    key, kernel_kind, p = recipe
+def _rows_chunk(ids: Tensor, seeds: Tensor | None, dim: int, recipe: RowRecipe) -> Tensor:
+    key, seed_word, kernel_kind, p = recipe
     if kernel_kind == CONSTANT:
         return torch.full((ids.numel(), dim), p[0], dtype=torch.float32)
+    if seeds is not None:
+        key = mix64(seeds + seed_word)
     state = mix64(ids ^ key)
     counters = (torch.arange(1, dim + 1, dtype=torch.int64) * as_int64(GAMMA))[None, :]
     word = mix64(state[:, None] + counters)
@@ -182,13 +191,16 @@ def _rows_chunk(ids: Tensor, dim: int, recipe: RowRecipe) -> Tensor:
 _CHUNK_ELEMENTS = 1 << 20
 
 
-def init_rows_torch(ids: Tensor, dim: int, recipe: RowRecipe) -> Tensor:
-    """The CPU kernel: float32 ``[ids.numel(), dim]`` rows of flat int64 ``ids``."""
+def init_rows_torch(ids: Tensor, dim: int, recipe: RowRecipe, seeds: Tensor | None = None) -> Tensor:
+    """The CPU kernel: float32 ``[ids.numel(), dim]`` rows of flat int64 ``ids`` (and per-id
+    ``seeds``)."""
     ids = ids.reshape(-1)
+    seeds = None if seeds is None else seeds.reshape(-1)
     out = torch.empty((ids.numel(), dim), dtype=torch.float32, device=ids.device)
     step = max(1, _CHUNK_ELEMENTS // dim)
     for start in range(0, ids.numel(), step):
-        out[start : start + step] = _rows_chunk(ids[start : start + step], dim, recipe)
+        chunk_seeds = None if seeds is None else seeds[start : start + step]
+        out[start : start + step] = _rows_chunk(ids[start : start + step], chunk_seeds, dim, recipe)
     return out
 
 
@@ -196,9 +208,17 @@ def init_rows_torch(ids: Tensor, dim: int, recipe: RowRecipe) -> Tensor:
 # the op
 
 
-def _check_args(ids: Tensor, dim: int, dtype: torch.dtype) -> None:
+def _check_args(ids: Tensor, dim: int, dtype: torch.dtype, seeds: Tensor | None) -> None:
     if ids.dtype != torch.int64:
         raise TypeError(f"fxrec::init_rows: ids must be int64, got {ids.dtype}")
+    if seeds is not None:
+        if seeds.dtype != torch.int64:
+            raise TypeError(f"fxrec::init_rows: seeds must be int64, got {seeds.dtype}")
+        if seeds.shape != ids.shape:
+            raise ValueError(f"fxrec::init_rows: seeds has shape {tuple(seeds.shape)}, ids {tuple(ids.shape)}: "
+                             "they must match")
+        if seeds.device != ids.device:
+            raise ValueError(f"fxrec::init_rows: seeds are on {seeds.device}, ids on {ids.device}: they must match")
     if dim < 1:
         raise ValueError(f"fxrec::init_rows: dim must be positive, got {dim}")
     if not dtype.is_floating_point:
@@ -207,28 +227,32 @@ def _check_args(ids: Tensor, dim: int, dtype: torch.dtype) -> None:
 
 @torch.library.custom_op("fxrec::init_rows", mutates_args=())
 def init_rows(
-    ids: Tensor, dim: int, seed: int, kind: str, params: list[float], dtype: torch.dtype
+    ids: Tensor, dim: int, seed: int, kind: str, params: list[float], dtype: torch.dtype,
+    seeds: Tensor | None = None,
 ) -> Tensor:
     """Initial rows ``[*ids.shape, dim]`` of ``dtype``: row ``i`` is a function of
-    ``(seed, ids[i], column)`` only (see the module docstring for kinds, params and the RNG)."""
-    _check_args(ids, dim, dtype)
-    rows = init_rows_torch(ids, dim, row_recipe(seed, kind, params))
+    ``(seed + seeds[i], ids[i], column)`` only (see the module docstring for kinds, params and the
+    RNG)."""
+    _check_args(ids, dim, dtype, seeds)
+    rows = init_rows_torch(ids, dim, row_recipe(seed, kind, params), seeds)
     return rows.to(dtype).reshape(*ids.shape, dim)
 
 
 @init_rows.register_kernel("cuda")
 def _init_rows_cuda(
-    ids: Tensor, dim: int, seed: int, kind: str, params: list[float], dtype: torch.dtype
+    ids: Tensor, dim: int, seed: int, kind: str, params: list[float], dtype: torch.dtype,
+    seeds: Tensor | None = None,
 ) -> Tensor:
-    _check_args(ids, dim, dtype)
-    rows = init_rows_triton(ids, dim, row_recipe(seed, kind, params))
+    _check_args(ids, dim, dtype, seeds)
+    rows = init_rows_triton(ids, dim, row_recipe(seed, kind, params), seeds)
     return rows.to(dtype).reshape(*ids.shape, dim)
 
 
 @init_rows.register_fake
 def _init_rows_fake(
-    ids: Tensor, dim: int, seed: int, kind: str, params: list[float], dtype: torch.dtype
+    ids: Tensor, dim: int, seed: int, kind: str, params: list[float], dtype: torch.dtype,
+    seeds: Tensor | None = None,
 ) -> Tensor:
-    _check_args(ids, dim, dtype)
+    _check_args(ids, dim, dtype, seeds)
     _check_params(kind, params)
     return ids.new_empty((*ids.shape, dim), dtype=dtype)

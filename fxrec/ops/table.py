@@ -6,17 +6,27 @@ The index is two arrays the caller owns (``new_index``): ``keys: int64 [capacity
 INT64_MIN/MAX): occupancy lives in ``state``, not in reserved key values. The slot index IS the
 row of the id in the table's slot tensors (embedding, optimizer moments), which the caller keeps.
 
-An id's probe sequence is ``(mix64(id) + k) & (capacity - 1)``, ``k = 0, 1, ...`` (``mix64``:
+An id's probe sequence is ``(mix64(id + tag * GAMMA) + k) & (capacity - 1)``, ``k = 0, 1, ...`` (``mix64``:
 splitmix64's finalizer, on uint64; linear probing). These ops never delete: eviction and growth
 rebuild the index outside them (the caller re-inserts the surviving ids into fresh arrays), so
 there are no tombstones and a filled slot never changes — an id is absent exactly when its probe
 reaches an empty slot first.
 
-- ``table_find(keys, state, ids) -> rows``: int64, ``ids``' shape, -1 where absent. Read-only.
-- ``table_find_or_insert(keys, state, ids) -> (rows, inserted)``: the row of every id, inserting
+Tags: one index may hold several tables' ids (``table_coalesce``): the optional ``tags`` (int32,
+``ids``' shape, each in ``[0, MAX_TAG]``) names each id's table, and an entry is the pair
+``(tag, id)`` — the same id under two tags has two rows, and ids keep all 64 bits. The tag lives
+in the state word's free bits: a filled slot's state is ``filled_state(tag) = FILLED | tag <<
+TAG_SHIFT`` (occupancy is ``state & OCCUPANCY``), so a lookup matches key AND state, and the
+probe starts at ``mix64(id + tag * GAMMA)`` (so one id under many tags does not pile up on one
+home slot). ``tags=None`` is tag 0 for every id: ``filled_state(0) == FILLED`` and the home slot
+is ``mix64(id)``, so an untagged index is a tagged one whose ids all have tag 0.
+
+- ``table_find(keys, state, ids, tags=None) -> rows``: int64, ``ids``' shape, -1 where absent.
+  Read-only.
+- ``table_find_or_insert(keys, state, ids, tags=None) -> (rows, inserted)``: the row of every id, inserting
   the absent ones in place (``keys``/``state`` are mutated; all occurrences of an id in one call
   get one row). ``inserted`` (bool, ``ids``' shape) is True on exactly one occurrence of each id
-  this call inserted, so the caller initializes each new row once: the FIRST occurrence on CPU,
+  (pair) this call inserted, so the caller initializes each new row once: the FIRST occurrence on CPU,
   whichever occurrence claimed the slot on CUDA. A mutating op carries no autograd (DESIGN): the
   differentiable gather is a separate op on the returned rows.
 
@@ -25,11 +35,11 @@ call would still overflow, the CPU kernel raises ``ValueError`` before writing a
 (no host sync) a lane that probes every slot without finding its id or an empty slot gives up and
 its row is -1 (other ids of the call are still inserted).
 
-CPU kernel (vectorized torch): ``torch.unique`` de-duplicates the ids; a read-only probe finds
+CPU kernel (vectorized torch): ``torch.unique`` de-duplicates the ids (the (tag, id) pairs); a read-only probe finds
 the present ones and, for each absent one, the probe distance ``k`` of the first empty slot
 (filled slots never change, so insertion resumes there). Then rounds, each over all unplaced
 ids at once: a slot filled (by another id of this call) moves its id to ``k + 1``; ids landing on
-an empty slot compete, the smallest id per slot wins (deterministic, independent of input order)
+an empty slot compete, the smallest id (pair) per slot wins (deterministic, independent of input order)
 and writes key + ``FILLED``; the losers retry the same ``k``, now filled, next round. There is
 always room, so every id is placed within ``2 * capacity`` rounds (a few, at low load).
 CUDA kernel: ``fxrec.ops.triton.table`` (one lane per id, slots claimed by compare-and-swap).
@@ -40,15 +50,27 @@ content (``table_items``), not slot by slot.
 import torch
 from torch import Tensor
 
-from fxrec.ops.uint64 import mix64
-from fxrec.ops.triton.table import EMPTY, FILLED, WRITING, table_find_or_insert_triton, table_find_triton
+from fxrec.ops.uint64 import GAMMA, as_int64, mix64
+from fxrec.ops.triton.table import (
+    EMPTY, FILLED, MAX_TAG, OCCUPANCY, TAG_SHIFT, WRITING, filled_state, table_find_or_insert_triton,
+    table_find_triton,
+)
 
-__all__ = ["EMPTY", "FILLED", "WRITING", "new_index", "table_find", "table_find_or_insert", "table_items"]
+__all__ = ["EMPTY", "FILLED", "MAX_TAG", "OCCUPANCY", "TAG_SHIFT", "WRITING", "filled_state", "new_index", "table_find",
+           "table_find_or_insert", "table_items", "unique_tagged"]
 
 
-def _home_slots(ids: Tensor, capacity: int) -> Tensor:
-    """``mix64(uint64(id)) & (capacity - 1)`` (int64 wrap-around multiply == uint64's)."""
+def _home_slots(ids: Tensor, tags: Tensor | None, capacity: int) -> Tensor:
+    """``mix64(uint64(id + tag * GAMMA)) & (capacity - 1)`` (int64 wrap-around arithmetic ==
+    uint64's)."""
+    if tags is not None:
+        ids = ids + tags.to(torch.int64) * as_int64(GAMMA)
     return mix64(ids) & (capacity - 1)
+
+
+def _wanted_states(tags: Tensor | None) -> Tensor | int:
+    """The state of a slot holding each id: ``filled_state(tag)`` per id, or ``FILLED``."""
+    return FILLED if tags is None else (tags << TAG_SHIFT) | FILLED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,10 +89,28 @@ def new_index(capacity: int, device: torch.device | str | None = None) -> tuple[
     return keys, torch.full((capacity,), EMPTY, dtype=torch.int32, device=device)
 
 
-def table_items(keys: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    """``(ids, rows)`` of the filled slots, rows ascending (what a ``state_dict`` stores)."""
+def unique_tagged(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``torch.unique`` of the (tag, id) pairs of flat ``ids`` and ``tags``: ``(ids, tags,
+    inverse, counts)`` of the distinct pairs, ascending by tag, then id. A lexicographic sort
+    (two stable sorts) and run boundaries: ``torch.unique(dim=...)`` would do, but Inductor
+    miscompiles its strides (torch 2.13: ``assert_size_stride`` fails on ``aten.unique_dim``)."""
+    by_id = torch.sort(ids, stable=True).indices
+    order = by_id[torch.sort(tags[by_id], stable=True).indices]
+    sorted_ids, sorted_tags = ids[order], tags[order]
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = (sorted_ids[1:] != sorted_ids[:-1]) | (sorted_tags[1:] != sorted_tags[:-1])
+    run = torch.cumsum(starts, 0) - 1
+    inverse = torch.empty_like(run).scatter_(0, order, run)
+    uniq_ids, uniq_tags = sorted_ids[starts], sorted_tags[starts]
+    counts = torch.bincount(run, minlength=uniq_ids.shape[0])
+    return uniq_ids, uniq_tags, inverse, counts
+
+
+def table_items(keys: Tensor, state: Tensor, tag: int = 0) -> tuple[Tensor, Tensor]:
+    """``(ids, rows)`` of the slots filled with tag ``tag``, rows ascending (what a ``state_dict``
+    stores)."""
     _check_index("table_items", keys, state)
-    rows = (state == FILLED).nonzero().squeeze(1)
+    rows = (state == filled_state(tag)).nonzero().squeeze(1)
     return keys[rows], rows
 
 
@@ -78,17 +118,20 @@ def table_items(keys: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
 # CPU kernel
 
 
-def _probe(keys: Tensor, state: Tensor, ids: Tensor, home: Tensor) -> tuple[Tensor, Tensor]:
-    """Read-only probe of flat ``ids``: ``(rows, k)``, rows -1 where absent; for an absent id,
-    ``k`` is the probe distance of the first empty slot (``capacity``: none, the table is full)."""
+def _probe(keys: Tensor, state: Tensor, ids: Tensor, wanted: Tensor | int, home: Tensor) -> tuple[Tensor, Tensor]:
+    """Read-only probe of flat ``ids`` whose slots would hold state ``wanted`` (per id, or one
+    int): ``(rows, k)``, rows -1 where absent; for an absent id, ``k`` is the probe distance of
+    the first empty slot (``capacity``: none, the table is full)."""
     capacity = keys.numel()
     rows = torch.full_like(ids, -1)
     k = torch.zeros_like(ids)
     pending = torch.arange(ids.numel())
     while pending.numel() > 0:
         slot = (home[pending] + k[pending]) & (capacity - 1)
-        filled = state[slot] == FILLED
-        hit = filled & (keys[slot] == ids[pending])
+        slot_state = state[slot]
+        filled = (slot_state & OCCUPANCY) == FILLED
+        wanted_here = wanted if isinstance(wanted, int) else wanted[pending]
+        hit = filled & (slot_state == wanted_here) & (keys[slot] == ids[pending])
         rows[pending[hit]] = slot[hit]
         pending = pending[filled & ~hit]
         k[pending] += 1
@@ -96,38 +139,44 @@ def _probe(keys: Tensor, state: Tensor, ids: Tensor, home: Tensor) -> tuple[Tens
     return rows, k
 
 
-def _find_torch(keys: Tensor, state: Tensor, ids: Tensor) -> Tensor:
+def _find_torch(keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None) -> Tensor:
     flat = ids.reshape(-1)
-    rows, _ = _probe(keys, state, flat, _home_slots(flat, keys.numel()))
+    flat_tags = None if tags is None else tags.reshape(-1)
+    rows, _ = _probe(keys, state, flat, _wanted_states(flat_tags), _home_slots(flat, flat_tags, keys.numel()))
     return rows.reshape(ids.shape)
 
 
-def _find_or_insert_torch(keys: Tensor, state: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+def _find_or_insert_torch(keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None) -> tuple[Tensor, Tensor]:
     capacity = keys.numel()
     flat = ids.reshape(-1)
-    uniq, inverse = torch.unique(flat, return_inverse=True)  # ascending
-    home = _home_slots(uniq, capacity)
-    rows, k = _probe(keys, state, uniq, home)
+    if tags is None:
+        uniq, inverse = torch.unique(flat, return_inverse=True)  # ascending
+        uniq_tags = None
+    else:  # (tag, id) pairs, ascending
+        uniq, uniq_tags, inverse, _ = unique_tagged(flat, tags.reshape(-1))
+    home = _home_slots(uniq, uniq_tags, capacity)
+    filled_as = _wanted_states(uniq_tags)
+    rows, k = _probe(keys, state, uniq, filled_as, home)
     new = (rows < 0).nonzero().squeeze(1)
     inserted = torch.zeros(flat.shape, dtype=torch.bool)
     if new.numel() == 0:
         return rows[inverse].reshape(ids.shape), inserted.reshape(ids.shape)
-    free = capacity - int(torch.count_nonzero(state == FILLED))
+    free = capacity - int(torch.count_nonzero(state != EMPTY))
     if new.numel() > free:
         raise ValueError(
             f"fxrec::table_find_or_insert: {new.numel()} new ids do not fit the {free} free slots of "
             f"keys/state (capacity {capacity}); grow the index first"
         )
-    pending = new  # ascending unique indices == ascending ids
+    pending = new  # ascending unique indices == ascending ids (pairs)
     while pending.numel() > 0:
         slot = (home[pending] + k[pending]) & (capacity - 1)
-        filled = state[slot] == FILLED  # by an id placed earlier in this call: move on
+        filled = state[slot] != EMPTY  # by an id placed earlier in this call: move on
         k[pending[filled]] += 1
         contenders, wanted = pending[~filled], slot[~filled]
         slots, which = torch.unique(wanted, return_inverse=True)
         winners = torch.full_like(slots, uniq.numel()).scatter_reduce_(0, which, contenders, "amin")
         keys[slots] = uniq[winners]
-        state[slots] = FILLED
+        state[slots] = filled_as if isinstance(filled_as, int) else filled_as[winners]
         rows[winners] = slots
         pending = pending[rows[pending] < 0]
     positions = torch.arange(flat.numel())
@@ -156,50 +205,72 @@ def _check_index(op: str, keys: Tensor, state: Tensor) -> None:
         raise ValueError(f"{op}: keys and state must be contiguous (they are the index, updated in place)")
 
 
-def _check_args(op: str, keys: Tensor, state: Tensor, ids: Tensor) -> None:
+def _check_args(op: str, keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None) -> None:
     _check_index(op, keys, state)
     if ids.dtype != torch.int64:
         raise TypeError(f"{op}: ids must be int64, got {ids.dtype}")
     if ids.device != keys.device:
         raise ValueError(f"{op}: ids are on {ids.device}, keys/state on {keys.device}: they must match")
+    if tags is not None:
+        if tags.dtype != torch.int32:
+            raise TypeError(f"{op}: tags must be int32, got {tags.dtype}")
+        if tags.shape != ids.shape:
+            raise ValueError(f"{op}: tags has shape {tuple(tags.shape)}, ids {tuple(ids.shape)}: they must match")
+        if tags.device != keys.device:
+            raise ValueError(f"{op}: tags are on {tags.device}, keys/state on {keys.device}: they must match")
+
+
+def _check_tag_values(op: str, tags: Tensor | None) -> None:
+    """The CPU kernels' content check (a CUDA kernel does not sync to check: out-of-range tags
+    alias other tags there)."""
+    if tags is not None and tags.numel() and not bool(((tags >= 0) & (tags <= MAX_TAG)).all()):
+        raise ValueError(f"{op}: tags must lie in [0, {MAX_TAG}]")
 
 
 @torch.library.custom_op("fxrec::table_find", mutates_args=())
-def table_find(keys: Tensor, state: Tensor, ids: Tensor) -> Tensor:
-    """int64 rows of ``ids`` (their shape), -1 where absent. Read-only (module docstring)."""
-    _check_args("fxrec::table_find", keys, state, ids)
-    return _find_torch(keys, state, ids)
+def table_find(keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None = None) -> Tensor:
+    """int64 rows of ``ids`` (their shape; under ``tags``), -1 where absent. Read-only (module
+    docstring)."""
+    _check_args("fxrec::table_find", keys, state, ids, tags)
+    _check_tag_values("fxrec::table_find", tags)
+    return _find_torch(keys, state, ids, tags)
 
 
 @table_find.register_kernel("cuda")
-def _table_find_cuda(keys: Tensor, state: Tensor, ids: Tensor) -> Tensor:
-    _check_args("fxrec::table_find", keys, state, ids)
-    return table_find_triton(keys, state, ids).reshape(ids.shape)
+def _table_find_cuda(keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None = None) -> Tensor:
+    _check_args("fxrec::table_find", keys, state, ids, tags)
+    return table_find_triton(keys, state, ids, tags).reshape(ids.shape)
 
 
 @table_find.register_fake
-def _table_find_fake(keys: Tensor, state: Tensor, ids: Tensor) -> Tensor:
-    _check_args("fxrec::table_find", keys, state, ids)
+def _table_find_fake(keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None = None) -> Tensor:
+    _check_args("fxrec::table_find", keys, state, ids, tags)
     return torch.empty_like(ids, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fxrec::table_find_or_insert", mutates_args=("keys", "state"))
-def table_find_or_insert(keys: Tensor, state: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """``(rows, inserted)`` of ``ids`` (their shape), inserting absent ids into ``keys``/``state``
-    in place; ``inserted`` marks the first occurrence of each new id (module docstring)."""
-    _check_args("fxrec::table_find_or_insert", keys, state, ids)
-    return _find_or_insert_torch(keys, state, ids)
+def table_find_or_insert(keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(rows, inserted)`` of ``ids`` (their shape; under ``tags``), inserting absent ids into
+    ``keys``/``state`` in place; ``inserted`` marks the first occurrence of each new id (module
+    docstring)."""
+    _check_args("fxrec::table_find_or_insert", keys, state, ids, tags)
+    _check_tag_values("fxrec::table_find_or_insert", tags)
+    return _find_or_insert_torch(keys, state, ids, tags)
 
 
 @table_find_or_insert.register_kernel("cuda")
-def _table_find_or_insert_cuda(keys: Tensor, state: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    _check_args("fxrec::table_find_or_insert", keys, state, ids)
-    rows, inserted = table_find_or_insert_triton(keys, state, ids)
+def _table_find_or_insert_cuda(
+    keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    _check_args("fxrec::table_find_or_insert", keys, state, ids, tags)
+    rows, inserted = table_find_or_insert_triton(keys, state, ids, tags)
     return rows.reshape(ids.shape), inserted.reshape(ids.shape)
 
 
 @table_find_or_insert.register_fake
-def _table_find_or_insert_fake(keys: Tensor, state: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    _check_args("fxrec::table_find_or_insert", keys, state, ids)
+def _table_find_or_insert_fake(
+    keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    _check_args("fxrec::table_find_or_insert", keys, state, ids, tags)
     rows = torch.empty_like(ids, memory_format=torch.contiguous_format)
     return rows, torch.empty_like(rows, dtype=torch.bool)

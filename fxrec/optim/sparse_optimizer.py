@@ -69,7 +69,6 @@ from torch.optim import Optimizer
 from fxrec.distributed.env import is_distributed
 from fxrec.distributed.sharded import reduce_grads_to_owners
 from fxrec.nn.modules.hashtable import HashTable
-from fxrec.ops.table import table_items
 
 __all__ = ["SparseOptimizer", "check_hyperparameter"]
 
@@ -204,7 +203,7 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
         """Every table's state keyed by table name, and the param group (module docstring)."""
         state = {}
         for name, table in self.tables.items():
-            ids, rows = table_items(table.keys, table.state)
+            ids, rows = table.items()
             entry: dict[str, Tensor] = {key: value.reshape(()).clone() for key, value in self.table_state[name].items()}
             entry["ids"] = ids
             for slot_name, slot in self._slots(table).items():
@@ -240,7 +239,7 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             if not isinstance(ids, Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
                 raise ValueError(f"{owner}: the state of table {name!r}: ids must be a 1-D int64 tensor")
             ids = ids.to(table.keys.device)
-            rows = torch.ops.fxrec.table_find(table.keys, table.state, ids)
+            rows = table.find(ids)
             absent_ids = ids[rows < 0]
             if absent_ids.numel():
                 raise ValueError(

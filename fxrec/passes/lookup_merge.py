@@ -3,7 +3,7 @@
 ``lookup_merge(gm)`` returns a new ``GraphModule`` (``gm`` is left as it was) in which, for each
 table that several ``_lookup_unique`` nodes of an ``EmbeddingEngine`` graph read (the same
 ``get_attr`` target, ``tables.<shared_name>``), those nodes become ONE ``_lookup_unique_merged``
-node: the features' flat ids concatenated, one ``torch.unique`` (with counts), one
+node (its ``tables`` the one table, once per feature): the features' flat ids concatenated, one ``torch.unique`` (with counts), one
 ``HashTable.lookup`` (find-or-insert) and one ``grad_anchor``; each feature's ``table_combine``
 then reads the shared rows and anchor through its own slice of the inverse (split by the
 features' id counts). 7 lookups of the tutorial's features (``dense2`` and ``sparse1`` share the
@@ -34,7 +34,7 @@ import torch.fx
 
 from fxrec.nn.modules.embedding import _lookup_unique, _lookup_unique_merged
 
-__all__ = ["lookup_merge"]
+__all__ = ["lookup_merge", "rewritten_module", "stable_toposort"]
 
 
 def _lookup_args(node: torch.fx.Node):
@@ -51,7 +51,7 @@ def _lookup_args(node: torch.fx.Node):
     return table, args["values"], args["trainable"]
 
 
-def _stable_toposort(graph: torch.fx.Graph) -> torch.fx.Graph:
+def stable_toposort(graph: torch.fx.Graph) -> torch.fx.Graph:
     """A copy of ``graph`` whose nodes follow their inputs, otherwise in their original order."""
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
@@ -68,7 +68,7 @@ def _stable_toposort(graph: torch.fx.Graph) -> torch.fx.Graph:
             if waiting[user] == 0:
                 heapq.heappush(ready, position[user])
     if len(env) != len(nodes):
-        raise RuntimeError("lookup_merge: a node was never ready (is the graph a DAG?)")
+        raise RuntimeError("stable_toposort: a node was never ready (is the graph a DAG?)")
     new._codegen = graph._codegen
     return new
 
@@ -98,14 +98,22 @@ def lookup_merge(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         with graph.inserting_before(first):
             merged = graph.call_function(
                 _lookup_unique_merged,
-                (table, [values for _, (_, values, _) in members], tuple(bool(t) for _, (_, _, t) in members)),
+                (tuple(table for _ in members), [values for _, (_, values, _) in members],
+                 tuple(bool(t) for _, (_, _, t) in members)),
             )
             for i, (node, _) in enumerate(members):
                 node.replace_all_uses_with(graph.call_function(operator.getitem, (merged, i)))
         for node, _ in members:
             graph.erase_node(node)
-    if merged_any:
-        graph = _stable_toposort(graph)
+    return rewritten_module(gm, graph, reorder=merged_any)
+
+
+def rewritten_module(gm: torch.fx.GraphModule, graph: torch.fx.Graph, reorder: bool) -> torch.fx.GraphModule:
+    """A GraphModule of ``gm``'s attributes and meta running ``graph`` (a pass's rewrite of a
+    copy of ``gm.graph``), re-sorted first where ``reorder`` (merged nodes were inserted before
+    some of their inputs), linted."""
+    if reorder:
+        graph = stable_toposort(graph)
     graph.lint()
     out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.meta.update(gm.meta)

@@ -4,7 +4,8 @@
 ``explain(x, passes)`` tells, per fxrec op, how many nodes the graph had before and after.
 
 Default passes depend on the graph: ``DEFAULT_PASSES`` (horizontal fusion) for FeatureEngine
-graphs, ``DEFAULT_EMBEDDING_PASSES`` (lookup merge) for EmbeddingEngine graphs.
+graphs, ``DEFAULT_EMBEDDING_PASSES`` (lookup merge, then table coalescing) for EmbeddingEngine
+graphs.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from fxrec.features import graph as G
 from fxrec.nn.modules.embedding import EmbeddingEngine, _lookup_unique, _lookup_unique_merged
 from fxrec.passes.horizontal_fusion import horizontal_fusion
 from fxrec.passes.lookup_merge import lookup_merge
+from fxrec.passes.table_coalesce import table_coalesce
 
 __all__ = ["Pass", "DEFAULT_PASSES", "DEFAULT_EMBEDDING_PASSES", "apply_passes", "run_passes", "op_counts", "explain"]
 
 Pass = Callable[[torch.fx.GraphModule], torch.fx.GraphModule]
 
-# FeatureEngine graphs: horizontal fusion. EmbeddingEngine graphs: lookup merge; table coalescing
-# and lookup + combiner fusion join here as they are built (DESIGN.md, "Passes").
+# FeatureEngine graphs: horizontal fusion. EmbeddingEngine graphs: lookup merge, then table
+# coalescing (lookup + combiner fusion is the op table_combine itself; DESIGN.md, "Passes").
 DEFAULT_PASSES: tuple[Pass, ...] = (horizontal_fusion,)
-DEFAULT_EMBEDDING_PASSES: tuple[Pass, ...] = (lookup_merge,)
+DEFAULT_EMBEDDING_PASSES: tuple[Pass, ...] = (lookup_merge, table_coalesce)
 
 # Graph helpers that stand for fxrec ops (which one is chosen at run time by the data's dtype).
 _HELPER_OPS = {
@@ -94,7 +96,8 @@ def _graph_of(x) -> torch.fx.GraphModule:
         # the graph as built from the configs, whether or not the engine runs passes
         return FeatureEngine(x.features).graph_module
     if isinstance(x, EmbeddingEngine):
-        return x.build_graph()  # likewise (it shares the engine's tables; building touches none)
+        # likewise, over fresh tables: table_coalesce coalesces the tables of the graph it rewrites
+        return EmbeddingEngine(x.options).build_graph()
     gm = getattr(x, "graph_module", None)
     if isinstance(gm, torch.fx.GraphModule):
         return gm
@@ -105,7 +108,9 @@ def explain(x, passes: Sequence[Pass] | None = None, print_: bool = False, code:
     """What ``passes`` do to a graph: a table of fxrec op counts before and after.
 
     ``x``: a ``GraphModule``, a ``FeatureEngine`` or ``EmbeddingEngine`` (its graph as built from
-    the configs, before any pass) or any module with a ``graph_module``. ``passes``: default
+    the configs, before any pass, over fresh tables: explaining never changes the engine) or any
+    module with a ``graph_module`` (whose tables ``table_coalesce`` may coalesce: a layout change,
+    results stay the same). ``passes``: default
     ``DEFAULT_EMBEDDING_PASSES`` for an EmbeddingEngine (or its graph), else ``DEFAULT_PASSES``.
     ``code=True`` appends the graph's code before and after. ``print_=True`` prints the text too.
     """

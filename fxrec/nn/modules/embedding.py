@@ -16,7 +16,8 @@ passes (SPEC §6, ``fxrec.passes``) rewrite — ``lookup_merge`` merges the look
    -> the table's ``embedding`` after the insert, ``rows [U]`` of the distinct ids, each item's
    ``inverse [N]`` into them (in a process group of several ranks the table is row-wise sharded:
    ``fxrec.distributed.sharded.lookup_rows`` fetches the ``[U, dim]`` rows from their owner
-   ranks, which then stand for ``embedding``, with rows ``arange(U)``), and (trainable, training
+   ranks, which then stand for ``embedding``, with rows ``arange(U)``; for coalesced tables it
+   sends (tag, id) pairs), and (trainable, training
    mode, grad enabled) ``HashTable.grad_anchor(rows, counts)``: a zero ``[U, dim]`` leaf
    (stride 0, no memory) that requires grad, whose gradient the sparse optimizer takes
    (``take_grads``); otherwise None. No ``[U, dim]`` gather, no ``[capacity, dim]`` gradient.
@@ -38,7 +39,9 @@ Decisions:
 - Lookups are deduplicated per feature; two features of one table look it up one after the
   other (the second finds the ids the first inserted) and their gradients are summed per row by
   ``take_grads``. Merging them into one lookup is a compiler pass (``passes=True``), not a
-  semantic change. Every configured feature's ids are checked before any table is touched.
+  semantic change; so is coalescing tables of equal layout into one physical table, whose
+  features are then all looked up at once (``table_coalesce``; ``HashTable.storage``). Every
+  configured feature's ids are checked before any table is touched.
 - ``trainable=False``: the feature's ids are still inserted and initialized (training mode), but
   its embeddings are constants: it contributes no gradient (another trainable feature of the
   same table still does).
@@ -66,8 +69,9 @@ from torch import Tensor, nn
 from fxrec.distributed import sharded
 from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
 from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, ConstantInitializer, Initializer
-from fxrec.nn.modules.hashtable import GRAD_REDUCE_BY, HashTable
+from fxrec.nn.modules.hashtable import GRAD_REDUCE_BY, HashTable, shared_grad_anchor
 from fxrec.ops.combine import COMBINERS
+from fxrec.ops.table import unique_tagged
 from fxrec.ragged import RaggedTensor
 
 __all__ = ["EmbeddingEngine", "EmbeddingOption"]
@@ -265,27 +269,49 @@ def _lookup_unique(table: HashTable, values: Tensor, trainable: bool) -> tuple[T
     return embedding, rows, anchor, inverse
 
 
-def _lookup_unique_merged(table: HashTable, values: list[Tensor], trainable: tuple[bool, ...]) -> tuple:
-    """Several features' lookups into one table as ONE dedup and ONE lookup (the ``lookup_merge``
-    pass): ``((embedding, rows, anchor, inverse), ...)`` per feature, each feature's ``inverse``
-    its slice of the shared inverse. The anchor covers the rows of the trainable features' ids
-    only, with their occurrences there, so that ``take_grads`` returns what the features' own
-    lookups would: a table both trainable and non-trainable features read gives the trainable
-    ones ``rows[used]`` and the inverse remapped into it."""
+def _lookup_unique_merged(tables: tuple[HashTable, ...], values: list[Tensor], trainable: tuple[bool, ...]) -> tuple:
+    """Several features' lookups as ONE dedup and ONE lookup (the ``lookup_merge`` and
+    ``table_coalesce`` passes): feature ``i``'s ids ``values[i]`` are of ``tables[i]``, and every
+    table is of ONE storage (one table, or tables coalesced into one). Returns ``((embedding,
+    rows, anchor, inverse), ...)`` per feature, each feature's ``inverse`` its slice of the shared
+    inverse. Ids are deduplicated as (table tag, id) pairs, so the same id of two tables gets two
+    rows. The anchor covers the rows of the trainable features' ids only, with their occurrences
+    there, and each table records its own rows of it (``shared_grad_anchor``), so that every
+    table's ``take_grads`` returns what the features' own lookups would: a storage both trainable
+    and non-trainable features read gives the trainable ones ``rows[used]`` and the inverse
+    remapped into it."""
+    storage = tables[0].storage
+    strangers = [t.name for t in tables if t.storage is not storage]
+    if strangers:
+        raise ValueError(f"EmbeddingEngine: a merged lookup reads tables {strangers} and {tables[0].name!r}, "
+                         "which do not share one storage (coalesce them first)")
+    members = list({id(t): t for t in tables}.values())
     sizes = [v.shape[0] for v in values]
-    uniq, inverse, counts = torch.unique(torch.cat(values), return_inverse=True, return_counts=True)
-    embedding, rows = sharded.lookup_rows(table, uniq)
+    flat = torch.cat(values)
+    if len({t.tag for t in tables}) == 1:  # one table's ids: no tags to tell apart (or to send)
+        uniq, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)
+        uniq_tags = None
+    else:
+        item_tags = torch.cat([torch.full((n,), t.tag, dtype=torch.int32, device=flat.device)
+                               for n, t in zip(sizes, tables)])
+        uniq, uniq_tags, inverse, counts = unique_tagged(flat, item_tags)
+    # one process: one tagged lookup in the storage; sharded: the (tag, id) pairs go to the ids'
+    # owners, each does one tagged lookup in its storage (fxrec.distributed.sharded)
+    embedding, rows = sharded.lookup_rows(members, uniq, uniq_tags)
+    ids = sharded.anchor_ids(uniq)  # sharded: gradients recorded by id
     inverses = torch.split(inverse, sizes)
-    if not any(trainable):
+    trained_tables = list({id(t): t for t, keep in zip(tables, trainable) if keep}.values())
+    if not trained_tables:
         return tuple((embedding, rows, None, inv) for inv in inverses)
     if all(trainable):
-        anchor = sharded.grad_anchor(table, uniq, rows, counts)
+        anchor = shared_grad_anchor(trained_tables, rows, uniq_tags, counts, ids)
         return tuple((embedding, rows, anchor, inv) for inv in inverses)
     mask = torch.cat([inverse.new_full((n,), t, dtype=torch.bool) for n, t in zip(sizes, trainable)])
     trained_counts = torch.bincount(inverse[mask], minlength=uniq.shape[0])
     used = trained_counts > 0
     trained_rows = rows[used]
-    anchor = sharded.grad_anchor(table, uniq[used], trained_rows, trained_counts[used])
+    anchor = shared_grad_anchor(trained_tables, trained_rows, None if uniq_tags is None else uniq_tags[used],
+                                trained_counts[used], None if ids is None else ids[used])
     if anchor is None:
         return tuple((embedding, rows, None, inv) for inv in inverses)
     remap = torch.cumsum(used, 0) - 1
@@ -326,8 +352,9 @@ class EmbeddingEngine(nn.Module):
         options: ``{feature name: EmbeddingOption}``.
         passes: ``False`` (default) runs the graph as built; ``True`` rewrites it once, here, with
             ``fxrec.passes.DEFAULT_EMBEDDING_PASSES`` (lookup merge: one dedup and one lookup per
-            table); a sequence of passes runs those. Outputs and gradients are the same either way
-            (row numbers may differ: ids are inserted in another order). ``fxrec.passes.explain(engine)``
+            table; table coalescing: tables of equal layout share one physical table and one
+            lookup); a sequence of passes runs those. Outputs and gradients are the same either
+            way (row numbers may differ: ids are inserted in another order). ``fxrec.passes.explain(engine)``
             shows what the passes do.
     """
 

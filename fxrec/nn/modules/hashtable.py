@@ -4,7 +4,12 @@ Any int64 is an id (0, negatives, INT64_MIN/MAX). The table maps ids to rows thr
 ops ``fxrec::table_find`` / ``fxrec::table_find_or_insert`` (``fxrec.ops.table``: open
 addressing, slot == row) and keeps, row for row, the ``embedding [capacity, dim]``, the step that
 last looked each row up (``last_seen``, for eviction), and the optimizer's slots (``slot``:
-moments, accumulators), all buffers that ``.to()``/``.cuda()`` move and no dense optimizer sees.
+moments, accumulators), tensors that ``.to()``/``.cuda()`` move and no dense optimizer sees.
+They live in the table's ``storage`` (``fxrec.nn.modules.table_storage.TableStorage``), the
+physical table: its own, or one shared with other tables that ``table_coalesce`` coalesced with
+it, where the table's ids carry its ``tag`` in the index. ``keys``, ``state``, ``embedding``,
+``last_seen`` and the slots are the storage's (rows of other tables included); ``items()``,
+``find()``, ``len()``, ``state_dict()`` and eviction see this table's ids only.
 
 Lookups:
 - ``lookup(ids) -> rows``: in training mode (and without ``AdmitHook("ReadOnly")``) unseen ids
@@ -35,7 +40,7 @@ Lookups:
   without gradient (``fxrec::gather_rows``).
 
 Room: the index keeps its load <= 1/2. Before inserting ``n`` ids the table grows (capacity
-doubles until it fits) by rebuilding the index and moving every row buffer (``_rebuild``); the
+doubles until it fits) by rebuilding the index and moving every row buffer (``storage.rebuild``); the
 gradients waiting in the table follow their rows. Eviction (``evict_stale``, with
 ``FilterHook("GlobalStepFilter", {"filter_step": N})``) rebuilds the index without the ids not
 looked up in the last ``N`` steps (the table's ``step`` counts sparse-optimizer updates,
@@ -48,9 +53,12 @@ state: loading rebuilds the index and may place ids elsewhere).
 Row cap: ``FXREC_MAX_ROWS_PER_RANK`` (an int, read when the table is built) caps how many ids one
 process's table may hold (a stand-in for one device's memory): an insert or a load beyond it is a
 ``ValueError`` naming the table. Sharded over W ranks (``fxrec.distributed.sharded``), each rank
-holds only the ids it owns, so a table of more rows than the cap trains when spread.
+holds only the ids it owns, so a table of more rows than the cap trains when spread. The cap is
+per LOGICAL table: a table coalesced with others counts its own ids (``count``), not the
+storage's.
 
-Host syncs: the table counts its ids on the device (``count``, a 0-d int64 buffer); an eager
+Host syncs: the table counts its ids on the device (``count``, a 0-d int64 tensor, its entry of
+the storage's ``counts``); an eager
 training lookup reads it to keep the load bound (``reserve``) — one sync per lookup. Under
 ``torch.compile`` the lookup does not reserve (growth replaces buffers, which a graph cannot): the
 caller reserves room for a step's ids before the compiled step, and the lookup syncs nothing.
@@ -68,12 +76,12 @@ from torch import Tensor, nn
 from fxrec.distributed import sharded
 from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
 from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, ConstantInitializer, Initializer
-from fxrec.ops.table import FILLED, new_index
+from fxrec.nn.modules.table_storage import TableStorage, capacity_for
+from fxrec.ops.table import EMPTY, filled_state, table_items
 
-__all__ = ["GRAD_REDUCE_BY", "MAX_ROWS_ENV", "HashTable", "filter_out_sparse_param"]
+__all__ = ["GRAD_REDUCE_BY", "MAX_ROWS_ENV", "HashTable", "filter_out_sparse_param", "shared_grad_anchor"]
 
 GRAD_REDUCE_BY = ("worker", "id")
-_MIN_CAPACITY = 16
 MAX_ROWS_ENV = "FXREC_MAX_ROWS_PER_RANK"
 
 
@@ -90,11 +98,6 @@ def _max_rows_per_rank() -> int | None:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"environment variable {MAX_ROWS_ENV} must be an int >= 1, got {value!r}")
     return int(value)
-
-
-def _capacity_for(n: int) -> int:
-    """The smallest power of two >= max(2 n, _MIN_CAPACITY): load <= 1/2."""
-    return max(_MIN_CAPACITY, 1 << max(0, 2 * n - 1).bit_length())
 
 
 @dataclass
@@ -166,29 +169,57 @@ class HashTable(nn.Module):
         self.admit_hook = admit_hook
         self.seed = _seed_of(name) if seed is None else int(seed)
         self.max_rows = _max_rows_per_rank()
-        self._slot_init: dict[str, float] = {}
+        self._slot_names: set[str] = set()  # the optimizer slots this table uses (its state_dict's)
         self._pending: list[_PendingGrad] = []
         # Zero leaves [bound, dim] that fxrec.compile hands the next lookups (module docstring).
         self.grad_sinks: list[Tensor] = []
-        capacity = _capacity_for(block_size // 2)
-        keys, state = new_index(capacity, device)
-        self.register_buffer("keys", keys, persistent=False)
-        self.register_buffer("state", state, persistent=False)
-        self.register_buffer("embedding", torch.zeros(capacity, self.dim, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("last_seen", torch.zeros(capacity, dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        # The number of filled slots, on the device: inserts count into it without a host sync.
-        self.register_buffer("count", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        storage = TableStorage(self.dim, dtype, capacity_for(block_size // 2), device)
+        self.attach(storage, storage.add_member(self))
+
+    # -- the storage (module docstring) ---------------------------------------------------------
+
+    def attach(self, storage: TableStorage, tag: int) -> None:
+        """Read and write rows through ``storage`` as its member ``tag`` (``coalesce_tables``)."""
+        # Not a submodule: DDP and state_dict must not see the storage's tensors (table_storage).
+        object.__setattr__(self, "storage", storage)
+        self.tag = tag
+
+    def _apply(self, fn, recurse=True):
+        self.storage._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    keys = property(lambda self: self.storage.keys, doc="The storage's index keys (every member's).")
+    state = property(lambda self: self.storage.state, doc="The storage's index states (every member's).")
+    embedding = property(lambda self: self.storage.embedding, doc="The storage's rows [capacity, dim].")
+    last_seen = property(lambda self: self.storage.last_seen, doc="The step that last looked each row up.")
+
+    @property
+    def device(self) -> torch.device:
+        return self.storage.keys.device
+
+    @property
+    def count(self) -> Tensor:
+        """The number of this table's ids, a 0-d int64 tensor on the device (no sync)."""
+        return self.storage.counts[self.tag]
 
     # -- sizes -----------------------------------------------------------------------------------
 
     @property
     def capacity(self) -> int:
-        return self.keys.numel()
+        return self.storage.capacity
 
     def __len__(self) -> int:
         """The number of ids in the table (a host sync)."""
         return int(self.count)
+
+    def items(self) -> tuple[Tensor, Tensor]:
+        """``(ids, rows)`` of this table's ids, rows ascending."""
+        return table_items(self.keys, self.state, self.tag)
+
+    def find(self, ids: Tensor) -> Tensor:
+        """The rows of ``ids`` (their shape), -1 where absent: a read (no insert, no ``last_seen``)."""
+        return torch.ops.fxrec.table_find(self.keys, self.state, ids, self.storage.tags_of(ids, self.tag))
 
     def extra_repr(self) -> str:
         return (
@@ -204,26 +235,16 @@ class HashTable(nn.Module):
     # -- optimizer slots ---------------------------------------------------------------------------
 
     def slot(self, name: str, width: int, init: float = 0.0) -> Tensor:
-        """The optimizer slot ``name``: a float32 ``[capacity, width]`` buffer sharing the row index,
-        created on first use with every row ``init`` (new ids' rows get ``init`` too)."""
-        attr = f"slot_{name}"
-        existing = getattr(self, attr, None)
-        if existing is None:
-            self.register_buffer(
-                attr, torch.full((self.capacity, width), init, dtype=torch.float32, device=self.keys.device),
-                persistent=False,
-            )
-            self._slot_init[name] = init
-        elif existing.shape[1] != width:
-            raise ValueError(
-                f"HashTable {self.name!r}: slot {name!r} has width {existing.shape[1]}, asked for width {width}"
-            )
-        else:
-            self._slot_init[name] = init  # a slot restored by load_state_dict learns its init here
-        return getattr(self, attr)
+        """The optimizer slot ``name``: a float32 ``[capacity, width]`` tensor of the storage,
+        sharing the row index, created on first use with every row ``init`` (new ids' rows get
+        ``init`` too)."""
+        tensor = self.storage.slot(name, width, init, self.name)
+        self._slot_names.add(name)
+        return tensor
 
     def slots(self) -> dict[str, Tensor]:
-        return {name: getattr(self, f"slot_{name}") for name in self._slot_init}
+        """The slots this table uses, by name."""
+        return {name: getattr(self.storage, f"slot_{name}") for name in sorted(self._slot_names)}
 
     # -- lookup --------------------------------------------------------------------------------------
 
@@ -244,39 +265,14 @@ class HashTable(nn.Module):
 
     def reserve(self, n: int) -> None:
         """Grow, if needed, so that ``n`` more ids fit at load <= 1/2 (a host sync)."""
-        size = len(self)
-        if 2 * (size + n) > self.capacity:
-            self._rebuild(_capacity_for(size + n), self.state == FILLED)
+        self.storage.reserve(n)
 
-    @torch.no_grad()
     def lookup(self, ids: Tensor) -> Tensor:
         """int64 rows of ``ids`` (their shape): unseen ids are inserted when the table admits,
         else get -1 (module docstring)."""
         self._check_ids(ids)
         flat = ids.reshape(-1)
-        if not self.admits:
-            rows = torch.ops.fxrec.table_find(self.keys, self.state, flat)
-            if self.training:
-                found = rows[rows >= 0]
-                self.last_seen[found] = self.step
-            return rows.reshape(ids.shape)
-        if not torch.compiler.is_compiling():
-            # Growth replaces the buffers: it cannot run inside a compiled graph, whose caller
-            # reserves room for the step's ids beforehand (``reserve``). A compiled lookup into a
-            # table without room fails in ``table_find_or_insert`` (a full index).
-            self.reserve(flat.numel())
-        rows, inserted = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, flat)
-        new_rows = rows[inserted]
-        self.count += new_rows.shape[0]
-        if self.max_rows is not None:
-            self._check_row_cap(int(self.count))
-        self.embedding[new_rows] = self.initializer.init_rows(
-            flat[inserted], self.dim, self.seed, self.block_size, self.dtype
-        )
-        for name, init in self._slot_init.items():
-            getattr(self, f"slot_{name}")[new_rows] = init
-        self.last_seen[rows] = self.step
-        return rows.reshape(ids.shape)
+        return self.storage.lookup(flat, self.storage.tags_of(flat, self.tag), [self]).reshape(ids.shape)
 
     def gather(self, rows: Tensor) -> Tensor:
         """``[*rows.shape, dim]``: the rows' embeddings, zeros where a row is -1. A read: no
@@ -292,22 +288,9 @@ class HashTable(nn.Module):
         ``ids [U]``: a sharded lookup (``fxrec.distributed.sharded``), whose rows index the rows
         fetched from the owners, not this table: the gradient is recorded by id, for
         ``take_id_grads``."""
-        if not (self.training and torch.is_grad_enabled()):
-            return None
         if rows.dim() != 1:
             raise ValueError(f"HashTable {self.name!r}: grad_anchor takes 1-D rows [U], got shape {tuple(rows.shape)}")
-        if self.grad_sinks:  # fxrec.compile: a leaf made outside the graph, first U rows
-            leaf, self.grad_sinks = self.grad_sinks[0], self.grad_sinks[1:]
-            torch._check(rows.shape[0] <= leaf.shape[0])  # more distinct ids than fxrec.compile's bound: fails
-            anchor = leaf.narrow(0, 0, rows.shape[0])
-        else:
-            leaf = anchor = self.embedding.new_zeros(()).expand(rows.shape[0], self.dim).requires_grad_()
-        counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts
-        # A new list, not an append: under torch.compile an anchor put into the list object that
-        # existed before the graph would escape it ("requires_grad_() intermediate leaked as
-        # output"); a list made in the graph and dropped by take_grads / clear_grads does not.
-        self._pending = [*self._pending, _PendingGrad(rows, leaf, counts.reshape(-1).to(torch.float32), ids)]
-        return anchor
+        return shared_grad_anchor([self], rows, None, counts, ids)
 
     def forward(self, ids: Tensor) -> Tensor:
         """The embeddings ``[*ids.shape, dim]`` of ``ids`` (module docstring)."""
@@ -359,11 +342,15 @@ class HashTable(nn.Module):
             return (torch.empty(0, dtype=torch.int64, device=device),
                     torch.empty(0, self.dim, dtype=torch.float32, device=device),
                     torch.empty(0, dtype=torch.float32, device=device))
-        ids, inverse = torch.unique(torch.cat([p.ids for p in pending]), return_inverse=True)
+        # this table's entries only: tables coalesced into one storage share an anchor (rows -1
+        # mark the other members' entries, ``shared_grad_anchor``)
+        own = [p.rows >= 0 for p in pending]
+        ids, inverse = torch.unique(torch.cat([p.ids[k] for p, k in zip(pending, own)]), return_inverse=True)
         sums = torch.zeros(ids.numel(), self.dim, dtype=torch.float32, device=device)
-        sums.index_add_(0, inverse, torch.cat([p.anchor.grad[:p.ids.shape[0]] for p in pending]).to(torch.float32))
+        sums.index_add_(0, inverse, torch.cat([p.anchor.grad[:p.ids.shape[0]][k] for p, k in zip(pending, own)])
+                        .to(torch.float32))
         counts = torch.zeros(ids.numel(), dtype=torch.float32, device=device)
-        counts.index_add_(0, inverse, torch.cat([p.counts for p in pending]))
+        counts.index_add_(0, inverse, torch.cat([p.counts[k] for p, k in zip(pending, own)]))
         return ids, sums, counts
 
     @torch.no_grad()
@@ -372,7 +359,9 @@ class HashTable(nn.Module):
         accumulation group)."""
         for p in self._pending:
             if p.anchor.grad is not None:
-                p.anchor.grad *= factor
+                # this table's rows only: coalesced tables share an anchor, each scales its rows
+                own = p.rows >= 0
+                p.anchor.grad[:own.shape[0]][own] *= factor  # a compile grad sink has rows past U
 
     def clear_grads(self) -> None:
         """Drop the pending lookups' gradients (an optimizer's ``zero_grad``)."""
@@ -391,30 +380,16 @@ class HashTable(nn.Module):
         their rows are free for new ids. Returns how many were evicted (0 without a filter hook)."""
         if self.filter_hook is None:
             return 0
-        filled = self.state == FILLED
-        stale = filled & (self.step - self.last_seen >= self.filter_hook.filter_step)
+        mine = self.state == filled_state(self.tag)
+        stale = mine & (self.step - self.last_seen >= self.filter_hook.filter_step)
         evicted = int(stale.count_nonzero())
         if evicted:
-            self._rebuild(self.capacity, filled & ~stale)
+            self.storage.rebuild(self.capacity, (self.state != EMPTY) & ~stale)
         return evicted
 
-    @torch.no_grad()
-    def _rebuild(self, capacity: int, keep: Tensor) -> None:
-        """A fresh index of ``capacity`` slots holding the ids at ``keep`` (bool [old capacity]),
-        every row buffer moved along, pending gradients remapped (evicted rows become -1)."""
-        old_rows = keep.nonzero().squeeze(1)
-        ids = self.keys[old_rows]
-        keys, state = new_index(capacity, self.keys.device)
-        new_rows, _ = torch.ops.fxrec.table_find_or_insert(keys, state, ids)
-        remap = torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=keys.device)  # [-1] -> -1
-        remap[old_rows] = new_rows
-        for name in ["embedding", "last_seen", *(f"slot_{s}" for s in self._slot_init)]:
-            old = getattr(self, name)
-            moved = old.new_zeros((capacity, *old.shape[1:]))
-            moved[new_rows] = old[old_rows]
-            setattr(self, name, moved)
-        self.keys, self.state = keys, state
-        self.count = torch.tensor(old_rows.numel(), dtype=torch.int64, device=keys.device)
+    def remap_pending(self, remap: Tensor) -> None:
+        """The storage moved rows: ``remap [old capacity + 1]`` maps each old row (and -1) to its
+        new row (-1: dropped)."""
         for p in self._pending:
             if p.ids is None:  # sharded lookups' rows are not this table's
                 p.rows = remap[p.rows]
@@ -422,8 +397,8 @@ class HashTable(nn.Module):
     # -- state_dict -----------------------------------------------------------------------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        rows = (self.state == FILLED).nonzero().squeeze(1)
-        destination[prefix + "ids"] = self.keys[rows]
+        ids, rows = self.items()
+        destination[prefix + "ids"] = ids
         destination[prefix + "embedding"] = self.embedding[rows]
         destination[prefix + "last_seen"] = self.last_seen[rows]
         destination[prefix + "step"] = self.step.clone()
@@ -454,29 +429,57 @@ class HashTable(nn.Module):
             error_msgs.append(f"HashTable {self.name!r}: {prefix}ids holds duplicate ids")
             return
         slot_keys = [k for k in state_dict if k.startswith(prefix + "slot.") and "." not in k[len(prefix) + 5:]]
-        capacity = _capacity_for(n)
-        self.keys, self.state = new_index(capacity, self.keys.device)
-        rows, _ = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids)
+        self._pending = []
+        # this table's rows only: a coalesced storage keeps the other members' rows
+        rows = self.storage.replace_member_rows(self.tag, ids)
         device = self.keys.device
-        self.count = torch.tensor(n, dtype=torch.int64, device=device)
-        self.embedding = self.embedding.new_zeros(capacity, self.dim)
         self.embedding[rows] = embedding.to(device=device, dtype=self.dtype)
-        self.last_seen = self.last_seen.new_zeros(capacity)
         self.last_seen[rows] = state_dict[prefix + "last_seen"].to(device)
         self.step = state_dict[prefix + "step"].to(device=device, dtype=torch.int64).clone()
-        for name in self._slot_init:
-            setattr(self, f"slot_{name}", torch.full((capacity, getattr(self, f"slot_{name}").shape[1]),
-                                                    self._slot_init[name], dtype=torch.float32, device=device))
         for key in slot_keys:
             name, values = key[len(prefix) + 5:], state_dict[key]
             if values.dim() != 2 or values.shape[0] != n:
                 error_msgs.append(f"HashTable {self.name!r}: {key} has shape {tuple(values.shape)}, expected ({n}, width)")
                 continue
-            self.slot(name, values.shape[1], self._slot_init.get(name, 0.0))[rows] = values.to(device, torch.float32)
-        self._pending = []
+            init = self.storage._slot_init.get(name, 0.0)
+            self.slot(name, values.shape[1], init)[rows] = values.to(device, torch.float32)
         for key in state_dict:
             if key.startswith(prefix) and key not in slot_keys and key[len(prefix):] not in required and "." not in key[len(prefix):]:
                 unexpected_keys.append(key)
+
+
+def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | None,
+                       counts: Tensor | None, ids: Tensor | None = None) -> Tensor | None:
+    """The anchor of ``fxrec::table_combine`` for unique ``rows [U]`` of one storage that
+    ``tables`` read (``tags [U]``: each row's table tag; None: all rows ``tables[0]``'s): in
+    training mode with grad enabled ONE zero ``[U, dim]`` leaf (stride 0) that requires grad, and
+    each table records it with its own rows (the others' -1) as a pending gradient, so that its
+    ``take_grads`` returns what its own lookup would; else None. ``counts [U]`` (default 1 each):
+    how often each row occurs, for ``grad_reduce_by="id"``. ``ids [U]``: a sharded lookup
+    (``fxrec.distributed.sharded``), whose ``rows`` index the rows fetched from the owners: each
+    table records the gradient by id (its own entries: rows >= 0), for ``take_id_grads``."""
+    first = tables[0]
+    if not (first.training and torch.is_grad_enabled()):
+        return None
+    if first.grad_sinks:
+        # fxrec.compile: a leaf made outside the graph (bounded by all the storage's tables'
+        # ids), its first U rows; the other members' sinks for this lookup go unused.
+        leaf = first.grad_sinks[0]
+        for table in tables:
+            table.grad_sinks = table.grad_sinks[1:]
+        torch._check(rows.shape[0] <= leaf.shape[0])  # more distinct ids than fxrec.compile's bound: fails
+        anchor = leaf.narrow(0, 0, rows.shape[0])
+    else:
+        leaf = anchor = first.embedding.new_zeros(()).expand(rows.shape[0], first.dim).requires_grad_()
+    counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts
+    counts = counts.reshape(-1).to(torch.float32)
+    for table in tables:
+        own = rows if tags is None else torch.where(tags == table.tag, rows, -1)
+        # A new list, not an append: under torch.compile an anchor put into the list object that
+        # existed before the graph would escape it ("requires_grad_() intermediate leaked as
+        # output"); a list made in the graph and dropped by take_grads / clear_grads does not.
+        table._pending = [*table._pending, _PendingGrad(own, leaf, counts, ids)]
+    return anchor
 
 
 def filter_out_sparse_param(model: nn.Module) -> dict[str, HashTable]:

@@ -6,7 +6,8 @@ spelled here in the same operation order: +, -, *, ``div_rn``, ``sqrt_rn`` only,
 
 One program fills a ``[BLOCK_R, BLOCK_D]`` tile of the output: the row states are computed once
 per row of the tile and broadcast over its columns. The launcher takes validated arguments and a
-``RowRecipe`` (key, kernel kind, six float32 parameters) and works on CUDA tensors, or on CPU
+``RowRecipe`` (key, seed word, kernel kind, six float32 parameters) and optional per-id seeds
+(a row's key is then ``mix64(seed_word + seeds[i])``), and works on CUDA tensors, or on CPU
 tensors under ``TRITON_INTERPRET=1``.
 """
 
@@ -71,8 +72,8 @@ def _sqrt2_erfinv(x, one_minus_x2):
 
 @triton.jit
 def _init_rows_kernel(
-    ids_ptr, out_ptr, n, dim, key, p0, p1, p2, p3, p4, p5,
-    KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ids_ptr, seeds_ptr, out_ptr, n, dim, key, seed_word, p0, p1, p2, p3, p4, p5,
+    KIND: tl.constexpr, HAS_SEEDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -80,7 +81,11 @@ def _init_rows_kernel(
     if KIND == _UNIFORM or KIND == _GAUSSIAN:
         ids = tl.load(ids_ptr + rows, mask=rows < n, other=0).to(tl.uint64, bitcast=True)
         # tl.cast (not .to) also takes the constexpr Triton makes of an argument equal to 1.
-        key64 = tl.cast(tl.cast(key, tl.int64), tl.uint64, bitcast=True)
+        if HAS_SEEDS:
+            seeds = tl.load(seeds_ptr + rows, mask=rows < n, other=0).to(tl.uint64, bitcast=True)
+            key64 = mix64(seeds + tl.cast(tl.cast(seed_word, tl.int64), tl.uint64, bitcast=True))
+        else:
+            key64 = tl.cast(tl.cast(key, tl.int64), tl.uint64, bitcast=True)
         state = mix64(ids ^ key64)
         word = mix64(state[:, None] + (cols + 1).to(tl.uint64)[None, :] * _GAMMA)
         if KIND == _UNIFORM:
@@ -96,9 +101,11 @@ def _init_rows_kernel(
     tl.store(out_ptr + rows[:, None] * dim + cols[None, :], value, mask=mask)
 
 
-def init_rows_triton(ids: Tensor, dim: int, recipe) -> Tensor:
-    """float32 ``[ids.numel(), dim]`` rows of int64 ``ids`` for a ``RowRecipe``, one launch."""
+def init_rows_triton(ids: Tensor, dim: int, recipe, seeds: Tensor | None = None) -> Tensor:
+    """float32 ``[ids.numel(), dim]`` rows of int64 ``ids`` (and per-id int64 ``seeds``) for a
+    ``RowRecipe``, one launch."""
     ids = ids.reshape(-1).contiguous()
+    seeds_arg = ids if seeds is None else seeds.reshape(-1).contiguous()  # unread without seeds
     n = ids.numel()
     out = torch.empty((n, dim), dtype=torch.float32, device=ids.device)
     if n == 0:
@@ -106,8 +113,9 @@ def init_rows_triton(ids: Tensor, dim: int, recipe) -> Tensor:
     block_d = min(triton.next_power_of_2(dim), _TILE)
     block_r = _TILE // block_d
     grid = (triton.cdiv(n, block_r), triton.cdiv(dim, block_d))
-    key, kernel_kind, p = recipe
+    key, seed_word, kernel_kind, p = recipe
     _init_rows_kernel[grid](
-        ids, out, n, dim, key, *p, KIND=kernel_kind, BLOCK_R=block_r, BLOCK_D=block_d, enable_fp_fusion=False
+        ids, seeds_arg, out, n, dim, key, seed_word, *p, KIND=kernel_kind, HAS_SEEDS=seeds is not None,
+        BLOCK_R=block_r, BLOCK_D=block_d, enable_fp_fusion=False,
     )
     return out

@@ -1,8 +1,9 @@
 """Triton kernels for ``fxrec::table_find`` / ``fxrec::table_find_or_insert`` (open addressing).
 
 The index is ``keys: int64 [capacity]`` and ``state: int32 [capacity]`` (``EMPTY``, ``WRITING``,
-``FILLED``); an id's probe sequence is ``(mix64(id) + k) & (capacity - 1)``, ``k = 0, 1, ...``
-(``mix64``: splitmix64's finalizer). The semantics are documented in ``fxrec.ops.table``.
+``FILLED``, the tag of a filled slot's id in the bits from ``TAG_SHIFT`` up); an id's probe
+sequence is ``(mix64(id + tag * GAMMA) + k) & (capacity - 1)``, ``k = 0, 1, ...`` (``mix64``:
+splitmix64's finalizer; tag 0 without tags). The semantics are documented in ``fxrec.ops.table``.
 
 One lane per id, no de-duplication: lanes inserting the same id (in one block, across blocks, or
 across concurrent launches on several streams) converge on one slot through the slot's state.
@@ -11,13 +12,14 @@ The states are bit sets (``EMPTY`` 0b00, ``WRITING`` 0b01, ``FILLED`` 0b11) so t
 ``EMPTY`` into ``WRITING``; unlike ``atomic_cas``, ``atomic_or`` takes a mask, so only lanes that
 saw an empty slot issue an atomic. Each probe step:
 
-- read ``state[slot]`` (plain ``volatile`` load: no stale L1 line). ``FILLED``: load the key
+- read ``state[slot]`` (plain ``volatile`` load: no stale L1 line). ``FILLED`` (its occupancy
+  bits): load the key
   (``volatile``; the load's mask depends on the state just read, so it is issued after that read
-  returned, and the writer's release below made the key visible first). The id's key: found.
-  Another key: next slot (no deletions, so a filled slot never changes).
+  returned, and the writer's release below made the key visible first). The id's key and the
+  state of the id's tag: found. Otherwise: next slot (no deletions, so a filled slot never changes).
 - ``EMPTY``: claim it, ``old = atomic_or(state[slot], WRITING)`` (acquire-release). ``old == EMPTY``:
   the lane owns the slot: it stores the key, then publishes it with ``atomic_xchg(state[slot],
-  FILLED)`` (release: the key store is visible before the state); the id was inserted. Otherwise
+  FILLED | tag << TAG_SHIFT)`` (release: the key store is visible before the state); the id was inserted. Otherwise
   (another lane claimed it first) the lane re-reads the same slot next iteration.
 - ``WRITING``: another lane is publishing that slot (a claim is published in the same loop
   iteration, which never waits): the lane re-reads the same slot next iteration.
@@ -42,94 +44,132 @@ import triton.language as tl
 from torch import Tensor
 
 from fxrec.ops.triton.uint64 import mix64
+from fxrec.ops.uint64 import GAMMA
 
-__all__ = ["EMPTY", "FILLED", "WRITING", "table_find_or_insert_triton", "table_find_triton"]
+__all__ = ["EMPTY", "FILLED", "MAX_TAG", "OCCUPANCY", "TAG_SHIFT", "WRITING", "filled_state",
+           "table_find_or_insert_triton", "table_find_triton"]
 
 EMPTY, WRITING, FILLED = 0, 1, 3  # bit sets: see the module docstring
+OCCUPANCY = 3  # the state bits that say EMPTY / WRITING / FILLED; the tag lies above them
+TAG_SHIFT = 2
+MAX_TAG = (1 << (31 - TAG_SHIFT)) - 1  # the state stays a non-negative int32
 _EMPTY, _WRITING, _FILLED = tl.constexpr(EMPTY), tl.constexpr(WRITING), tl.constexpr(FILLED)
+_OCCUPANCY, _TAG_SHIFT, _GAMMA = tl.constexpr(OCCUPANCY), tl.constexpr(TAG_SHIFT), tl.constexpr(GAMMA)
 
 _BLOCK = 256  # ids per program: small, so one long probe holds back few lanes
 
 
+def filled_state(tag: int) -> int:
+    """The state word of a slot filled with an id of tag ``tag`` (``FILLED`` for tag 0)."""
+    return FILLED | (tag << TAG_SHIFT)
+
+
 @triton.jit
-def _home_slot(ids, mask):
-    """``mix64(uint64(id)) & mask`` as int64."""
-    z = mix64(ids.to(tl.uint64, bitcast=True))
+def _home_slot(ids, tags, mask):
+    """``mix64(uint64(id + tag * GAMMA)) & mask`` as int64."""
+    z = mix64(ids.to(tl.uint64, bitcast=True) + tags.to(tl.uint64) * _GAMMA)
     return (z & mask.to(tl.uint64)).to(tl.int64, bitcast=True)
 
 
 @triton.jit
-def _find_kernel(keys_ptr, state_ptr, ids_ptr, rows_ptr, n, capacity, BLOCK: tl.constexpr):
+def _load_ids(ids_ptr, tags_ptr, offs, in_range, HAS_TAGS: tl.constexpr):
+    """``(ids, tags, the state of a slot holding each)``: tag 0 without tags."""
+    ids = tl.load(ids_ptr + offs, mask=in_range, other=0)
+    if HAS_TAGS:
+        tags = tl.load(tags_ptr + offs, mask=in_range, other=0)
+    else:
+        tags = tl.zeros(ids.shape, tl.int32)
+    return ids, tags, (tags << _TAG_SHIFT) | _FILLED
+
+
+@triton.jit
+def _find_kernel(keys_ptr, state_ptr, ids_ptr, tags_ptr, rows_ptr, n, capacity, BLOCK: tl.constexpr,
+                 HAS_TAGS: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < n
-    ids = tl.load(ids_ptr + offs, mask=in_range, other=0)
+    ids, tags, wanted = _load_ids(ids_ptr, tags_ptr, offs, in_range, HAS_TAGS)
     mask = tl.cast(capacity, tl.int64) - 1  # tl.cast: capacity 1 arrives as a constexpr
-    slot = _home_slot(ids, mask)
+    slot = _home_slot(ids, tags, mask)
     probes = tl.zeros((BLOCK,), tl.int64)
     rows = tl.full((BLOCK,), -1, tl.int64)
     active = in_range
     while tl.max(active.to(tl.int32), axis=0) > 0:
         state = tl.load(state_ptr + slot, mask=active, other=_EMPTY)
-        key = tl.load(keys_ptr + slot, mask=active & (state == _FILLED), other=0)
-        found = active & (state == _FILLED) & (key == ids)
+        filled = active & ((state & _OCCUPANCY) == _FILLED)
+        key = tl.load(keys_ptr + slot, mask=filled, other=0)
+        found = filled & (state == wanted) & (key == ids)
         rows = tl.where(found, slot, rows)
         probes += 1
         # done: found, an empty slot (absent), or every slot probed (full table, absent)
-        active = active & (state == _FILLED) & (key != ids) & (probes < capacity)
+        active = filled & ~found & (probes < capacity)
         slot = (slot + 1) & mask
     tl.store(rows_ptr + offs, rows, mask=in_range)
 
 
 @triton.jit
 def _find_or_insert_kernel(
-    keys_ptr, state_ptr, ids_ptr, rows_ptr, inserted_ptr, n, capacity, BLOCK: tl.constexpr
+    keys_ptr, state_ptr, ids_ptr, tags_ptr, rows_ptr, inserted_ptr, n, capacity, BLOCK: tl.constexpr,
+    HAS_TAGS: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < n
-    ids = tl.load(ids_ptr + offs, mask=in_range, other=0)
+    ids, tags, wanted = _load_ids(ids_ptr, tags_ptr, offs, in_range, HAS_TAGS)
     mask = tl.cast(capacity, tl.int64) - 1  # tl.cast: capacity 1 arrives as a constexpr
-    slot = _home_slot(ids, mask)
+    slot = _home_slot(ids, tags, mask)
     probes = tl.zeros((BLOCK,), tl.int64)
     rows = tl.full((BLOCK,), -1, tl.int64)
     inserted = tl.zeros((BLOCK,), tl.int1)
     active = in_range
     while tl.max(active.to(tl.int32), axis=0) > 0:
         state = tl.load(state_ptr + slot, mask=active, other=_EMPTY, volatile=True)
-        filled = active & (state == _FILLED)
+        filled = active & ((state & _OCCUPANCY) == _FILLED)
         key = tl.load(keys_ptr + slot, mask=filled, other=0, volatile=True)
-        found = filled & (key == ids)
+        found = filled & (state == wanted) & (key == ids)
         claim = active & (state == _EMPTY)
         old = tl.atomic_or(state_ptr + slot, tl.full((BLOCK,), _WRITING, tl.int32), mask=claim, sem="acq_rel")
         won = claim & (old == _EMPTY)
         tl.store(keys_ptr + slot, ids, mask=won)
-        tl.atomic_xchg(state_ptr + slot, tl.full((BLOCK,), _FILLED, tl.int32), mask=won, sem="release")
+        tl.atomic_xchg(state_ptr + slot, wanted, mask=won, sem="release")
         rows = tl.where(won | found, slot, rows)
         inserted = inserted | won
-        moves_on = filled & (key != ids)  # WRITING, or a lost claim: re-read the slot next iteration
+        moves_on = filled & ~found  # another id (or tag) there: next slot
         probes += moves_on.to(tl.int64)
+        # WRITING, or a lost claim: re-read the slot next iteration
         active = active & ~found & ~won & (probes < capacity)
         slot = tl.where(moves_on, (slot + 1) & mask, slot)
     tl.store(rows_ptr + offs, rows, mask=in_range)
     tl.store(inserted_ptr + offs, inserted, mask=in_range)
 
 
-def table_find_triton(keys: Tensor, state: Tensor, ids: Tensor) -> Tensor:
-    """int64 rows of flat int64 ``ids`` (-1 where absent); validated, contiguous index arrays."""
+def _flat(ids: Tensor, tags: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Contiguous flat ``ids`` and the tags pointer argument (``ids`` itself, unread, without tags)."""
     ids = ids.reshape(-1).contiguous()
+    return ids, ids if tags is None else tags.reshape(-1).contiguous()
+
+
+def table_find_triton(keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None = None) -> Tensor:
+    """int64 rows of flat int64 ``ids`` under int32 ``tags`` (-1 where absent); validated,
+    contiguous index arrays."""
+    ids, tags_arg = _flat(ids, tags)
     rows = torch.empty_like(ids)
     if ids.numel() > 0:
         grid = (triton.cdiv(ids.numel(), _BLOCK),)
-        _find_kernel[grid](keys, state, ids, rows, ids.numel(), keys.numel(), BLOCK=_BLOCK)
+        _find_kernel[grid](keys, state, ids, tags_arg, rows, ids.numel(), keys.numel(), BLOCK=_BLOCK,
+                           HAS_TAGS=tags is not None)
     return rows
 
 
-def table_find_or_insert_triton(keys: Tensor, state: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(rows, inserted) of flat int64 ``ids``, inserting absent ids into ``keys``/``state`` in
-    place. ``inserted`` marks one occurrence (whichever lane claimed the slot) per new id."""
-    ids = ids.reshape(-1).contiguous()
+def table_find_or_insert_triton(
+    keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(rows, inserted) of flat int64 ``ids`` under int32 ``tags``, inserting absent ids into
+    ``keys``/``state`` in place. ``inserted`` marks one occurrence (whichever lane claimed the
+    slot) per new (tag, id)."""
+    ids, tags_arg = _flat(ids, tags)
     rows = torch.empty_like(ids)
     inserted = torch.empty(ids.shape, dtype=torch.bool, device=ids.device)
     if ids.numel() > 0:
         grid = (triton.cdiv(ids.numel(), _BLOCK),)
-        _find_or_insert_kernel[grid](keys, state, ids, rows, inserted, ids.numel(), keys.numel(), BLOCK=_BLOCK)
+        _find_or_insert_kernel[grid](keys, state, ids, tags_arg, rows, inserted, ids.numel(), keys.numel(),
+                                     BLOCK=_BLOCK, HAS_TAGS=tags is not None)
     return rows, inserted

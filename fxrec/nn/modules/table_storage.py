@@ -1,0 +1,255 @@
+"""``TableStorage``: the physical table behind one or more logical ``HashTable``s, and
+``coalesce_tables``, which puts several logical tables into one storage (``table_coalesce``).
+
+A storage owns the index (``keys``/``state``, ``fxrec.ops.table``) and every per-row buffer:
+``embedding [capacity, dim]``, ``last_seen [capacity]`` and the optimizer slots
+(``slot_<name> [capacity, width]``); ``counts [members]`` holds each member's number of ids and
+``seeds [members]`` their initializer seeds. Its members are the logical tables; member ``i`` has
+tag ``i`` in the index, so the same id in two members has two rows and ids keep all 64 bits
+(RecIS truncated ids to 52 bits to tag tables). A table alone owns a storage of one member, tag 0
+(untagged index ops: tag 0 is the untagged index), so a coalesced table and a lone one run the
+same code.
+
+Ownership (why storage here, and logical tables as views): a table's buffers move to the storage;
+the ``HashTable`` keeps what is logical — its name, seed, initializer, hooks, eviction clock
+(``step``), pending gradients, and which optimizer slots it uses — and reads and writes its rows
+through the storage, restricted to its tag (``state == filled_state(tag)``). What this buys over
+keeping buffers per logical table with only the index shared: one index op, one ``init_rows``
+and one row space, so the lookups of all features of coalesced tables are ONE dedup + ONE
+find-or-insert (``_lookup_unique_merged``) whose rows every feature's ``table_combine`` reads
+from the ONE ``embedding``; with per-table buffers a shared index would still need one gather per
+table (slot == row). What stays per logical table, and equal to an un-coalesced run: initial
+values (``init_rows`` with per-row seeds: each row its own table's seed), ``state_dict``
+(per table: its ids, rows and slots only; the format unchanged), ``load_state_dict`` (replaces
+that table's rows only), eviction (``evict_stale`` drops that table's stale ids), ``take_grads``
+and the sparse optimizer's per-table state. Growth and rebuilds are per storage: every member's
+rows move together and every member's pending gradients follow them.
+
+Row cap (``FXREC_MAX_ROWS_PER_RANK``, ``fxrec.nn.modules.hashtable``): per LOGICAL table, each
+member's own count, checked after an insert for the members a lookup inserted for; the error
+names the table.
+
+Sharded (a process group of several ranks, ``fxrec.distributed.sharded``): a rank's storage
+holds, per member, the ids of that member the rank owns; ownership is a function of the id alone
+(not of the tag), so coalescing changes no id's owner, and a merged lookup sends (tag, id) pairs
+to the owners, who look them up here with their tags.
+
+The storage is not a registered submodule of its members (DDP, ``state_dict`` and
+``named_buffers`` see no storage tensors; the members' ``state_dict`` covers their rows), so a
+member's ``_apply`` (``.to()``, ``.cuda()``) applies to the storage too (once per member:
+conversions are idempotent).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fxrec.ops.table import EMPTY, TAG_SHIFT, new_index
+
+if TYPE_CHECKING:
+    from fxrec.nn.modules.hashtable import HashTable
+
+__all__ = ["TableStorage", "capacity_for", "coalesce_tables", "COALESCE_FIELDS"]
+
+_MIN_CAPACITY = 16
+# Logical tables coalesce only where these agree: they decide the rows' layout (dim, dtype,
+# device), their initial values up to the seed (initializer, block_size: the fan of Xavier /
+# Kaiming), the gradients (grad_reduce_by) and what a lookup does (filter / admit hooks).
+COALESCE_FIELDS = ("dim", "dtype", "device", "initializer", "block_size", "grad_reduce_by", "filter_hook", "admit_hook")
+
+
+def capacity_for(n: int) -> int:
+    """The smallest power of two >= max(2 n, _MIN_CAPACITY): load <= 1/2."""
+    return max(_MIN_CAPACITY, 1 << max(0, 2 * n - 1).bit_length())
+
+
+class TableStorage(nn.Module):
+    """The index and row buffers of one or more logical tables (module docstring)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, capacity: int, device: torch.device | str | None) -> None:
+        super().__init__()
+        self.dim, self.dtype = dim, dtype
+        self.members: list[HashTable] = []
+        self._slot_init: dict[str, float] = {}
+        keys, state = new_index(capacity, device)
+        self.register_buffer("keys", keys)
+        self.register_buffer("state", state)
+        self.register_buffer("embedding", torch.zeros(capacity, dim, dtype=dtype, device=device))
+        self.register_buffer("last_seen", torch.zeros(capacity, dtype=torch.int64, device=device))
+        # per member, on the device: inserts count into them without a host sync
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.int64, device=device))
+        self.register_buffer("seeds", torch.zeros(0, dtype=torch.int64, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.numel()
+
+    def add_member(self, table: HashTable, count: int = 0) -> int:
+        """Make ``table`` a member holding ``count`` ids (already in the index); its tag."""
+        self.members.append(table)
+        device = self.keys.device
+        self.counts = torch.cat([self.counts, torch.tensor([count], dtype=torch.int64, device=device)])
+        self.seeds = torch.cat([self.seeds, torch.tensor([table.seed], dtype=torch.int64, device=device)])
+        return len(self.members) - 1
+
+    def tags_of(self, ids: Tensor, tag: int) -> Tensor | None:
+        """The ``tags`` argument of the index ops for ``ids`` of one member: None for tag 0."""
+        return None if tag == 0 else torch.full(ids.shape, tag, dtype=torch.int32, device=ids.device)
+
+    # -- optimizer slots ---------------------------------------------------------------------------
+
+    def slot(self, name: str, width: int, init: float, owner: str) -> Tensor:
+        """The slot ``name`` (created on first use, every row ``init``); ``owner`` names the table
+        in errors."""
+        attr = f"slot_{name}"
+        existing = getattr(self, attr, None)
+        if existing is None:
+            self.register_buffer(attr, torch.full((self.capacity, width), init, dtype=torch.float32,
+                                                  device=self.keys.device))
+        elif existing.shape[1] != width:
+            raise ValueError(f"HashTable {owner!r}: slot {name!r} has width {existing.shape[1]}, asked for width {width}")
+        self._slot_init[name] = init  # a slot restored by load_state_dict learns its init here
+        return getattr(self, attr)
+
+    # -- lookup -------------------------------------------------------------------------------------
+
+    def reserve(self, n: int) -> None:
+        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2 (a host sync)."""
+        size = int(self.counts.sum())
+        if 2 * (size + n) > self.capacity:
+            self.rebuild(capacity_for(size + n), self.state != EMPTY)
+
+    @torch.no_grad()
+    def lookup(self, ids: Tensor, tags: Tensor | None, members: Sequence[HashTable]) -> Tensor:
+        """Rows of flat ``ids`` under ``tags`` (None: tag 0), as the members' ``lookup`` gives
+        them: ``members`` (the tables the ids belong to, with one training mode) decide whether
+        unseen ids are inserted (initialized from each row's table seed) or get -1."""
+        first = members[0]
+        modes = {(t.training, t.admits) for t in members}
+        if len(modes) > 1:
+            raise ValueError(f"HashTable: coalesced tables {[t.name for t in members]} are looked up together but "
+                             "are not all in one mode (training / eval, admitting or not): set the mode on all")
+        steps = torch.stack([t.step for t in self.members])
+        if not first.admits:
+            rows = torch.ops.fxrec.table_find(self.keys, self.state, ids, tags)
+            if first.training:
+                found = rows >= 0
+                self.last_seen[rows[found]] = steps[0] if tags is None else steps[tags.long()][found]
+            return rows
+        if not torch.compiler.is_compiling():
+            # Growth replaces the buffers: it cannot run inside a compiled graph, whose caller
+            # reserves room for the step's ids beforehand (``reserve``). A compiled lookup into a
+            # table without room fails in ``table_find_or_insert`` (a full index).
+            self.reserve(ids.numel())
+        rows, inserted = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids, tags)
+        new_rows = rows[inserted]
+        init = first.initializer
+        if tags is None:
+            self.counts[0] += new_rows.shape[0]
+            self.embedding[new_rows] = init.init_rows(ids[inserted], self.dim, self.members[0].seed,
+                                                      first.block_size, self.dtype)
+            self.last_seen[rows] = steps[0]
+        else:
+            new_tags = tags[inserted].long()
+            self.counts.index_add_(0, new_tags, torch.ones_like(new_tags))
+            self.embedding[new_rows] = init.init_rows(ids[inserted], self.dim, 0, first.block_size, self.dtype,
+                                                      self.seeds[new_tags])
+            self.last_seen[rows] = steps[tags.long()]
+        for name, value in self._slot_init.items():
+            getattr(self, f"slot_{name}")[new_rows] = value
+        for table in {id(t): t for t in members}.values():  # the row cap: per logical table (its count)
+            if table.max_rows is not None:
+                table._check_row_cap(int(table.count))
+        return rows
+
+    # -- rebuilds -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rebuild(self, capacity: int, keep: Tensor) -> None:
+        """A fresh index of ``capacity`` slots holding the ids at ``keep`` (bool [old capacity]),
+        every row buffer moved along, every member's pending gradients remapped (dropped rows
+        become -1), counts recounted."""
+        old_rows = keep.nonzero().squeeze(1)
+        ids = self.keys[old_rows]
+        tags = (self.state[old_rows] >> TAG_SHIFT).to(torch.int32)
+        keys, state = new_index(capacity, self.keys.device)
+        new_rows, _ = torch.ops.fxrec.table_find_or_insert(keys, state, ids, tags if len(self.members) > 1 else None)
+        remap = torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=keys.device)  # [-1] -> -1
+        remap[old_rows] = new_rows
+        for name in ["embedding", "last_seen", *(f"slot_{s}" for s in self._slot_init)]:
+            old = getattr(self, name)
+            moved = old.new_zeros((capacity, *old.shape[1:]))
+            moved[new_rows] = old[old_rows]
+            setattr(self, name, moved)
+        self.keys, self.state = keys, state
+        self.counts = torch.bincount(tags.long(), minlength=len(self.members))
+        for table in self.members:
+            table.remap_pending(remap)
+
+    @torch.no_grad()
+    def replace_member_rows(self, tag: int, ids: Tensor) -> Tensor:
+        """Drop member ``tag``'s ids and insert ``ids`` (distinct) for it; their rows, whose
+        embedding and ``last_seen`` are 0 and slots their initial values (the caller fills them)."""
+        keep = (self.state != EMPTY) & ((self.state >> TAG_SHIFT) != tag)
+        others = int(keep.count_nonzero())
+        self.rebuild(capacity_for(others + ids.numel()), keep)
+        rows, _ = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids, self.tags_of(ids, tag))
+        self.counts[tag] = ids.numel()
+        for name, value in self._slot_init.items():
+            getattr(self, f"slot_{name}")[rows] = value
+        return rows
+
+
+def coalesce_tables(tables: Sequence[HashTable]) -> TableStorage:
+    """Put ``tables`` (logical tables that agree on ``COALESCE_FIELDS``) into ONE storage, member
+    ``i`` tag ``i``, moving every table's ids, rows, slots and pending gradients there; returns it.
+    Idempotent: tables already sharing a storage of exactly them keep it. A table already
+    coalesced with other tables is a ``ValueError``."""
+    names = [t.name for t in tables]
+    if not tables:
+        raise ValueError("coalesce_tables: no tables")
+    if len({id(t) for t in tables}) != len(tables):
+        raise ValueError(f"coalesce_tables: a table is given twice in {names}")
+    first = tables[0]
+    for table in tables[1:]:
+        for field in COALESCE_FIELDS:
+            a, b = getattr(first, field), getattr(table, field)
+            if a != b:
+                raise ValueError(f"coalesce_tables: tables {first.name!r} and {table.name!r} differ in {field} "
+                                 f"({a!r} vs {b!r}): they cannot share one storage")
+    storage = first.storage
+    if all(t.storage is storage for t in tables) and len(storage.members) == len(tables):
+        return storage
+    for table in tables:
+        if len(table.storage.members) > 1:
+            others = [t.name for t in table.storage.members if t is not table]
+            raise ValueError(f"coalesce_tables: table {table.name!r} is already coalesced with {others}")
+    total = sum(len(t) for t in tables)
+    merged = TableStorage(first.dim, first.dtype, capacity_for(total), first.keys.device)
+    slot_widths: dict[str, tuple[int, float]] = {}
+    for table in tables:
+        for name, init in table.storage._slot_init.items():
+            width = getattr(table.storage, f"slot_{name}").shape[1]
+            if slot_widths.setdefault(name, (width, init))[0] != width:
+                raise ValueError(f"coalesce_tables: slot {name!r} has width {width} in table {table.name!r}, "
+                                 f"{slot_widths[name][0]} in another")
+    for name, (width, init) in slot_widths.items():
+        merged.slot(name, width, init, first.name)
+    with torch.no_grad():
+        for table in tables:
+            old = table.storage
+            ids, old_rows = table.items()
+            tag = merged.add_member(table, ids.numel())
+            rows, _ = torch.ops.fxrec.table_find_or_insert(merged.keys, merged.state, ids, merged.tags_of(ids, tag))
+            merged.embedding[rows] = old.embedding[old_rows]
+            merged.last_seen[rows] = old.last_seen[old_rows]
+            for name in old._slot_init:
+                getattr(merged, f"slot_{name}")[rows] = getattr(old, f"slot_{name}")[old_rows]
+            remap = torch.full((old.capacity + 1,), -1, dtype=torch.int64, device=rows.device)
+            remap[old_rows] = rows
+            table.remap_pending(remap)
+            table.attach(merged, tag)
+    return merged

@@ -1,0 +1,176 @@
+"""Tagged index ops (``tags=``: several tables' ids in one index, ``table_coalesce``) against a
+pure Python dict oracle keyed by (tag, id): the CPU kernel, the Triton kernel under the
+interpreter (tiny inputs), opcheck, and (marked ``gpu``) CUDA == CPU."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fxrec  # noqa: F401  (registers torch.ops.fxrec.*)
+from fxrec.ops.table import (
+    EMPTY, FILLED, MAX_TAG, OCCUPANCY, TAG_SHIFT, filled_state, new_index, table_items, unique_tagged,
+)
+from fxrec.ops.triton.table import table_find_or_insert_triton, table_find_triton
+from oracles import mix64
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+GAMMA = 0x9E3779B97F4A7C15
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+find = torch.ops.fxrec.table_find
+find_or_insert = torch.ops.fxrec.table_find_or_insert
+
+an_id = st.one_of(st.sampled_from([INT64_MIN, -1, 0, 1, INT64_MAX]), st.integers(-6, 6),
+                  st.integers(INT64_MIN, INT64_MAX))
+a_tag = st.sampled_from([0, 1, 2, 7, MAX_TAG])
+pairs_st = st.lists(st.tuples(a_tag, an_id), max_size=24)
+a_batch = st.tuples(st.sampled_from(["insert", "find"]), pairs_st)
+
+
+def as_tensors(pairs, device="cpu"):
+    tags = torch.tensor([t for t, _ in pairs], dtype=torch.int32, device=device)
+    ids = torch.tensor([i for _, i in pairs], dtype=torch.int64, device=device)
+    return ids, tags
+
+
+def contents(keys, state) -> dict[tuple[int, int], int]:
+    """``{(tag, id): row}`` of an index, read from its arrays directly."""
+    out = {}
+    for row, (k, s) in enumerate(zip(keys.tolist(), state.tolist())):
+        assert s & OCCUPANCY in (EMPTY, FILLED)  # nothing left mid-write
+        if s & OCCUPANCY == FILLED:
+            out[(s >> TAG_SHIFT, k)] = row
+        else:
+            assert s == EMPTY
+    return out
+
+
+def run(capacity, batches, device, find_fn, insert_fn, first_occurrence):
+    keys, state = new_index(capacity, device)
+    oracle: dict[tuple[int, int], int] = {}
+    for kind, pairs in batches:
+        if kind == "find":
+            queries = pairs + list(oracle)
+            before = keys.clone(), state.clone()
+            rows = find_fn(keys, state, *as_tensors(queries, device))
+            assert rows.tolist() == [oracle.get(p, -1) for p in queries]
+            assert torch.equal(keys, before[0]) and torch.equal(state, before[1])
+            continue
+        if len(oracle) + len(set(pairs) - oracle.keys()) > capacity:
+            continue
+        rows, inserted = insert_fn(keys, state, *as_tensors(pairs, device))
+        seen: dict[tuple[int, int], list[tuple[int, int, bool]]] = {}
+        for pos, (p, row, ins) in enumerate(zip(pairs, rows.tolist(), inserted.tolist())):
+            if p in oracle:
+                assert row == oracle[p] and not ins
+            else:
+                seen.setdefault(p, []).append((pos, row, ins))
+        taken = set(oracle.values())
+        for p, occ in seen.items():
+            assert len({row for _, row, _ in occ}) == 1
+            marked = [pos for pos, _, ins in occ if ins]
+            assert len(marked) == 1
+            if first_occurrence:
+                assert marked[0] == occ[0][0]
+            assert occ[0][1] not in taken  # the same id under two tags: two rows
+            taken.add(occ[0][1])
+            oracle[p] = occ[0][1]
+        assert contents(keys.cpu(), state.cpu()) == oracle
+    for tag in {t for t, _ in oracle}:
+        ids, rows = table_items(keys.cpu(), state.cpu(), tag)
+        assert dict(zip(ids.tolist(), rows.tolist())) == {i: r for (t, i), r in oracle.items() if t == tag}
+
+
+@given(capacity=st.sampled_from([1, 2, 8, 64]), batches=st.lists(a_batch, min_size=1, max_size=5))
+def test_cpu_matches_oracle(capacity, batches):
+    run(capacity, batches, "cpu", find, find_or_insert, first_occurrence=True)
+
+
+@given(capacity=st.sampled_from([2, 16, 64]), batches=st.lists(a_batch, min_size=1, max_size=3))
+def test_triton_matches_oracle(capacity, batches):
+    run(capacity, batches, TRITON_DEVICE, table_find_triton, table_find_or_insert_triton, first_occurrence=False)
+
+
+@given(pairs=pairs_st, queries=pairs_st)
+def test_triton_find_equals_cpu_find(pairs, queries):
+    keys, state = new_index(64)
+    find_or_insert(keys, state, *as_tensors(pairs))
+    expect = find(keys, state, *as_tensors(queries))
+    got = table_find_triton(keys.to(TRITON_DEVICE), state.to(TRITON_DEVICE), *as_tensors(queries, TRITON_DEVICE))
+    assert got.tolist() == expect.tolist()
+
+
+@given(pairs=pairs_st)
+def test_unique_tagged_equals_sorted_set(pairs):
+    ids, tags = as_tensors(pairs)
+    uniq, uniq_tags, inverse, counts = unique_tagged(ids, tags)
+    distinct = sorted(set(pairs))
+    assert list(zip(uniq_tags.tolist(), uniq.tolist())) == distinct
+    assert uniq.dtype == torch.int64 and uniq_tags.dtype == torch.int32
+    assert [distinct[i] for i in inverse.tolist()] == pairs
+    assert counts.tolist() == [pairs.count(p) for p in distinct]
+
+
+def test_tag_zero_is_untagged_and_home_slot():
+    """tags of 0 are the untagged index (same slots, same states); tag t starts at
+    mix64(id + t * GAMMA)."""
+    ids = torch.tensor([5, -1, INT64_MIN, 5], dtype=torch.int64)
+    a, b = new_index(1024), new_index(1024)
+    rows_a, _ = find_or_insert(*a, ids)
+    rows_b, _ = find_or_insert(*b, ids, torch.zeros(4, dtype=torch.int32))
+    assert torch.equal(rows_a, rows_b) and torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    for tag in (1, 3, MAX_TAG):
+        keys, state = new_index(1024)
+        rows, _ = find_or_insert(keys, state, torch.tensor([42]), torch.tensor([tag], dtype=torch.int32))
+        assert rows.tolist() == [mix64((42 + tag * GAMMA) % 2**64) & 1023]
+        assert state[rows].tolist() == [filled_state(tag)] == [FILLED | tag << TAG_SHIFT]
+        assert find(keys, state, torch.tensor([42])).tolist() == [-1]  # untagged: tag 0, absent
+
+
+def test_validation():
+    keys, state = new_index(8)
+    ids = torch.tensor([1, 2])
+    for op in (find, find_or_insert):
+        with pytest.raises(TypeError, match="tags must be int32"):
+            op(keys, state, ids, ids)
+        with pytest.raises(ValueError, match=r"tags has shape \(1,\), ids \(2,\)"):
+            op(keys, state, ids, torch.zeros(1, dtype=torch.int32))
+        with pytest.raises(ValueError, match=rf"tags must lie in \[0, {MAX_TAG}\]"):
+            op(keys, state, ids, torch.tensor([0, -1], dtype=torch.int32))
+        with pytest.raises(ValueError, match="tags must lie in"):
+            op(keys, state, ids, torch.tensor([MAX_TAG + 1, 0], dtype=torch.int32))
+    assert not state.any()
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_opcheck(case):
+    def index():
+        keys, state = new_index(16)
+        find_or_insert(keys, state, torch.tensor([3, 3]), torch.tensor([0, 2], dtype=torch.int32))
+        return keys, state
+
+    tags = torch.tensor([[2, 0], [5, 2]], dtype=torch.int32)
+    ids = torch.tensor([[3, 3], [3, INT64_MIN]])
+    cases = [
+        (find, (*index(), ids, tags)),
+        (find_or_insert, (*index(), ids, tags)),
+        (find_or_insert, (*index(), ids[:0], tags[:0])),
+        (find, (*index(), ids.reshape(-1), tags.reshape(-1))),
+    ]
+    op, args = cases[case]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.gpu
+@given(pairs=st.lists(st.tuples(a_tag, an_id), max_size=2000), queries=pairs_st)
+def test_cuda_equals_cpu(pairs, queries):
+    """Same (tag, id) -> row contents (rows may differ: placement depends on insertion order)."""
+    cpu, cuda = new_index(4096), new_index(4096, "cuda")
+    find_or_insert(*cpu, *as_tensors(pairs))
+    rows, _ = find_or_insert(*cuda, *as_tensors(pairs, "cuda"))
+    by_row = contents(*(t.cpu() for t in cuda))
+    assert set(by_row) == set(contents(*cpu))
+    assert [by_row[p] for p in pairs] == rows.cpu().tolist()
+    got = find(*cuda, *as_tensors(queries + pairs, "cuda")).cpu()
+    assert (got >= 0).tolist() == [p in by_row for p in queries + pairs]
