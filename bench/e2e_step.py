@@ -223,28 +223,32 @@ def main(argv=None) -> None:
             for b in args.batch_sizes}
     inputs = {"fxrec": {b: [{k: v.to(device) for k, v in r.items()} for r in rs] for b, rs in raws.items()},
               "torch": {b: [torch_batch(r, args.seq_len, device) for r in rs] for b, rs in raws.items()}}
-    results = {}  # (variant, B) -> ms
+    results = {}  # (variant, B) -> ms, or the exception that stopped that variant (reported, not fatal)
     compile_s, syncs = {}, {}
     for name, make, kind in VARIANTS:
         model, forward, dense, sparse = make(kind, device, args.seq_len)
         step = make_step(forward, dense, sparse)
         for b in args.batch_sizes:
             pool = inputs[name.split()[0]][b]
-            start = time.perf_counter()
-            step(pool[0])  # the first step: compiles (compiled variants) and grows the tables
-            synchronize(device)
-            if kind == "compiled":
-                compile_s.setdefault(name, []).append(time.perf_counter() - start)
-            turn = iter(range(1 << 30))
-            current = {}
+            try:
+                start = time.perf_counter()
+                step(pool[0])  # the first step: compiles (compiled variants) and grows the tables
+                synchronize(device)
+                if kind == "compiled":
+                    compile_s.setdefault(name, []).append(time.perf_counter() - start)
+                turn = iter(range(1 << 30))
+                current = {}
 
-            def setup(pool=pool, turn=turn, current=current):
-                current["batch"] = pool[next(turn) % len(pool)]
+                def setup(pool=pool, turn=turn, current=current):
+                    current["batch"] = pool[next(turn) % len(pool)]
 
-            results[name, b] = median_ms(lambda: step(current["batch"]), device, reps=args.steps,
-                                         warmup=args.warmup, setup=setup)
-            if args.sync_debug and name.startswith("fxrec") and torch.device(device).type == "cuda":
-                syncs[name, b] = count_syncs(step, pool[0])
+                results[name, b] = median_ms(lambda: step(current["batch"]), device, reps=args.steps,
+                                             warmup=args.warmup, setup=setup)
+                if args.sync_debug and name.startswith("fxrec") and torch.device(device).type == "cuda":
+                    syncs[name, b] = count_syncs(step, pool[0])
+            except Exception as error:  # one variant failing must not hide the others' numbers
+                results[name, b] = error
+                print(f"# {name}, B={b}: failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     print()
     print("| variant | B | ms/step | samples/s | vs torch compiled |" + (" host syncs/step |" if syncs else ""))
     print("|---|---|---|---|---|" + ("---|" if syncs else ""))
@@ -252,7 +256,12 @@ def main(argv=None) -> None:
         ref = results["torch compiled", b]
         for name, _, _ in VARIANTS:
             ms = results[name, b]
-            row = f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | {ref / ms:.2f}x |"
+            if isinstance(ms, Exception):
+                row = f"| {name} | {b} | failed: {type(ms).__name__} | | |"
+            elif isinstance(ref, Exception):
+                row = f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | |"
+            else:
+                row = f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | {ref / ms:.2f}x |"
             if syncs:
                 row += f" {syncs.get((name, b), '')} |"
             print(row)
