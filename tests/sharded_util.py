@@ -57,7 +57,9 @@ class ShardModel(nn.Module):
             "c": EmbeddingOption(shared_name="r", admit_hook=AdmitHook("ReadOnly") if read_only else None, **common),
         }, passes=passes)
         width = (TILE if combiner == "tile" else 1) * DIM
-        self.dense = nn.Linear(3 * width, 1, device=device)
+        # Made on the CPU, then moved: the same weights as the one-process CPU reference (a Linear
+        # made on a GPU draws from the GPU's generator).
+        self.dense = nn.Linear(3 * width, 1).to(device)
 
     def forward(self, batch: dict) -> torch.Tensor:
         emb = self.embedding(batch)

@@ -149,17 +149,20 @@ class TableStorage(nn.Module):
         init = first.initializer
         if tags is None:
             self.counts[0] += new_rows.shape[0]
-            self.embedding[new_rows] = init.init_rows(ids[inserted], self.dim, self.members[0].seed,
-                                                      first.block_size, self.dtype)
+            torch.ops.fxrec.scatter_rows(self.embedding, new_rows, init.init_rows(
+                ids[inserted], self.dim, self.members[0].seed, first.block_size, self.dtype))
             self.last_seen[rows] = steps[0]
         else:
             new_tags = tags[inserted].long()
             self.counts.index_add_(0, new_tags, torch.ones_like(new_tags))
-            self.embedding[new_rows] = init.init_rows(ids[inserted], self.dim, 0, first.block_size, self.dtype,
-                                                      self.seeds[new_tags])
+            torch.ops.fxrec.scatter_rows(self.embedding, new_rows, init.init_rows(
+                ids[inserted], self.dim, 0, first.block_size, self.dtype, self.seeds[new_tags]))
             self.last_seen[rows] = steps[tags.long()]
+        # fxrec::scatter_rows, not ``slot[new_rows] = ...``: Inductor's index_put fails on a step
+        # that inserts nothing (fxrec/ops/gather.py)
         for name, value in self._slot_init.items():
-            getattr(self, f"slot_{name}")[new_rows] = value
+            slot = getattr(self, f"slot_{name}")
+            torch.ops.fxrec.scatter_rows(slot, new_rows, slot.new_full((new_rows.shape[0], slot.shape[1]), value))
         for table in {id(t): t for t in members}.values():  # the row cap: per logical table (its count)
             if table.max_rows is not None:
                 table._check_row_cap(int(table.count))
