@@ -145,21 +145,24 @@ class TableStorage(nn.Module):
             # table without room fails in ``table_find_or_insert`` (a full index).
             self.reserve(ids.numel())
         rows, inserted = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids, tags)
-        new_rows = rows[inserted]
+        # The new rows as a mask over all ids (-1: not new, fxrec::scatter_rows writes nothing
+        # there), not ``rows[inserted]``: a boolean index is a host sync per lookup and, compiled,
+        # a data-dependent size. Initial values are computed for every id and kept for the new.
+        new_rows = torch.where(inserted, rows, -1)
         init = first.initializer
         if tags is None:
-            self.counts[0] += new_rows.shape[0]
+            self.counts[0] += inserted.sum()
             torch.ops.fxrec.scatter_rows(self.embedding, new_rows, init.init_rows(
-                ids[inserted], self.dim, self.members[0].seed, first.block_size, self.dtype))
+                ids, self.dim, self.members[0].seed, first.block_size, self.dtype))
             self.last_seen[rows] = steps[0]
         else:
-            new_tags = tags[inserted].long()
-            self.counts.index_add_(0, new_tags, torch.ones_like(new_tags))
+            row_tags = tags.long()
+            self.counts.index_add_(0, row_tags, inserted.long())
             torch.ops.fxrec.scatter_rows(self.embedding, new_rows, init.init_rows(
-                ids[inserted], self.dim, 0, first.block_size, self.dtype, self.seeds[new_tags]))
-            self.last_seen[rows] = steps[tags.long()]
-        # fxrec::scatter_rows, not ``slot[new_rows] = ...``: Inductor's index_put fails on a step
-        # that inserts nothing (fxrec/ops/gather.py)
+                ids, self.dim, 0, first.block_size, self.dtype, self.seeds[row_tags]))
+            self.last_seen[rows] = steps[row_tags]
+        # fxrec::scatter_rows, not ``slot[rows] = ...``: Inductor's index_put fails on zero rows
+        # (fxrec/ops/gather.py)
         for name, value in self._slot_init.items():
             slot = getattr(self, f"slot_{name}")
             torch.ops.fxrec.scatter_rows(slot, new_rows, slot.new_full((new_rows.shape[0], slot.shape[1]), value))
