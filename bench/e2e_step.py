@@ -43,16 +43,32 @@ Counted first (METHOD.md), B = 4096, seq_len 1000, float32:
 
     python -m bench.e2e_step [--batch-sizes 1024 4096] [--steps 20] [--seq-len 1000] [--sync-debug]
     python -m bench.e2e_step --device cpu --batch-sizes 64 --steps 3 --seq-len 8 --max-seq-len 16
+
+``--world-size N`` (N > 1) measures scaling instead: the fxrec eager and passes steps at B rows
+per rank, in 1 process and in N processes (spawned here: NCCL on GPUs ``cuda:0..N-1``, gloo on
+the CPU), tables row-wise sharded over the N ranks and the dense weights under DDP, as the
+Trainer runs them (``fxrec.compile`` does not take several ranks yet). Printed per variant and
+B: ms per step (the slowest rank's median), samples/s over all ranks, scaling efficiency
+(samples/s at N over N x samples/s in one process) and the bytes all ranks sent through
+all-to-all per step (``fxrec.distributed.sharded.traffic``: ids, tags, rows, gradients, sizes).
+
+    python -m bench.e2e_step --world-size 2 [--batch-sizes 1024 4096]
+    python -m bench.e2e_step --device cpu --world-size 2 --batch-sizes 16 --steps 2 --seq-len 8 --max-seq-len 16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
 import time
 import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -60,6 +76,8 @@ import fxrec
 from bench.feature_ops import seed_batch
 from bench.timing import machine, median_ms
 from examples.deepctr.model import DeepCTR, DenseModel
+from fxrec.distributed import reset_traffic, traffic
+from fxrec.distributed.ddp import wrap_ddp
 from fxrec.features.feature import Feature
 from fxrec.features.feature_engine import FeatureEngine
 from fxrec.features.op import Hash, SelectField
@@ -202,6 +220,83 @@ VARIANTS = [("fxrec eager", fxrec_variant, "eager"), ("fxrec passes", fxrec_vari
             ("torch compiled", torch_variant, "compiled")]
 
 
+SCALING_VARIANTS = ("eager", "passes")
+
+
+def _scaling_rank(rank: int, world: int, args: argparse.Namespace, store: str, out: str) -> None:
+    """One rank of ``--world-size``: its own batches, the fxrec eager / passes steps timed; writes
+    ``{variant/B: [ms, bytes a step]}`` (rank 0: the slowest rank's ms, all ranks' bytes)."""
+    cuda = torch.device(args.device).type == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method="file://" + store, rank=rank, world_size=world)
+    results = {}
+    for kind in SCALING_VARIANTS:
+        model, _, dense, sparse = fxrec_variant(kind, str(device), args.seq_len)
+        forward = wrap_ddp(model, device) or model
+        calls = [0]
+        inner = make_step(forward, dense, sparse)
+
+        def step(batch: dict) -> None:
+            calls[0] += 1
+            inner(batch)
+
+        for b in args.batch_sizes:
+            pool = [{k: v.to(device) for k, v in seed_batch(b, "cpu", seed=1000 * rank + i,
+                                                             max_seq_len=args.max_seq_len).items()}
+                    for i in range(args.pool)]
+            step(pool[0])  # grows the tables
+            turn, current = iter(range(1 << 30)), {}
+
+            def setup(pool=pool, turn=turn, current=current):
+                current["batch"] = pool[next(turn) % len(pool)]
+
+            reset_traffic()
+            calls[0] = 0
+            ms = median_ms(lambda: step(current["batch"]), str(device), reps=args.steps, warmup=args.warmup,
+                           setup=setup)
+            stats = torch.tensor([ms, sum(traffic().values()) / calls[0]], dtype=torch.float64)
+            if world > 1:
+                slowest, total = stats.clone(), stats.clone()
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                stats = torch.stack([slowest[0], total[1]])
+            results[f"{kind}/{b}"] = stats.tolist()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def scaling(args: argparse.Namespace) -> None:
+    """``--world-size`` (module docstring)."""
+    if torch.device(args.device).type == "cuda" and torch.cuda.device_count() < args.world_size:
+        raise ValueError(f"--world-size {args.world_size} needs that many GPUs, this machine has "
+                         f"{torch.cuda.device_count()}")
+    print(f"# {machine(args.device)}; scaling 1 -> {args.world_size} processes, B rows per rank, "
+          f"seq_len {args.seq_len}, {args.steps} timed steps (median of the slowest rank)")
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, args.world_size):
+            out = os.path.join(tmp, f"w{world}.json")
+            mp.spawn(_scaling_rank, args=(world, args, os.path.join(tmp, f"store{world}"), out), nprocs=world)
+            with open(out) as f:
+                runs[world] = json.load(f)
+    w = args.world_size
+    print()
+    print(f"| variant | B per rank | ms/step, 1 process | ms/step, {w} | samples/s, 1 | samples/s, {w} "
+          "| scaling efficiency | all-to-all bytes a step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind in SCALING_VARIANTS:
+        for b in args.batch_sizes:
+            one, many = runs[1][f"{kind}/{b}"], runs[w][f"{kind}/{b}"]
+            rate_one, rate_many = b / one[0] * 1e3, w * b / many[0] * 1e3
+            print(f"| fxrec {kind} | {b} | {one[0]:.3f} | {many[0]:.3f} | {rate_one:,.0f} | {rate_many:,.0f} "
+                  f"| {rate_many / (w * rate_one):.0%} | {many[1]:,.0f} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -212,9 +307,14 @@ def main(argv=None) -> None:
     parser.add_argument("--max-seq-len", type=int, default=2000, help="generated sequences are 1..this-1 long")
     parser.add_argument("--pool", type=int, default=3, help="distinct batches per size, rotated")
     parser.add_argument("--sync-debug", action="store_true", help="count each fxrec variant's host syncs (CUDA)")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="> 1: scaling of the fxrec steps from 1 to this many processes (module docstring)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.pool < 1 or args.seq_len < 1 or args.max_seq_len < 2:
-        raise ValueError("need --steps >= 1, --pool >= 1, --seq-len >= 1, --max-seq-len >= 2")
+    if args.steps < 1 or args.pool < 1 or args.seq_len < 1 or args.max_seq_len < 2 or args.world_size < 1:
+        raise ValueError("need --steps >= 1, --pool >= 1, --seq-len >= 1, --max-seq-len >= 2, --world-size >= 1")
+    if args.world_size > 1:
+        scaling(args)
+        return
     device = args.device
     print(f"# {machine(device)}")
     print(f"# seq_len {args.seq_len}, sequences 1..{args.max_seq_len - 1}, {args.steps} timed steps (median), "

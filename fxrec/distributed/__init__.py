@@ -4,6 +4,7 @@
 the device of a rank, and small collectives the Trainer needs (``all_true``).
 ``sharded``: row-wise sharded tables (SPEC §8): each id's owner rank, lookups and row gradients
 over all-to-all. ``checkpoint``: each rank saves its shard; loading reshards to any world size.
+``ddp``: a model's dense parameters under DistributedDataParallel, its tables left out.
 """
 
 from fxrec.distributed.env import all_true, default_device, init_distributed, is_distributed, rank, world_size

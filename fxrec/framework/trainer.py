@@ -82,7 +82,6 @@ Decisions (RecIS's bugs fixed as SPEC §7 decides; the rest written down here):
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import pathlib
@@ -95,6 +94,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fxrec.compiler import compile as fxrec_compile
+from fxrec.distributed.ddp import wrap_ddp
 from fxrec.distributed.env import all_true, collective_device, default_device, init_distributed, is_distributed
 from fxrec.distributed.env import rank as _rank
 from fxrec.distributed.env import world_size as _world_size
@@ -436,21 +436,7 @@ class Trainer:
         self._prepared = True
 
     def _wrap_ddp(self) -> None:
-        if not is_distributed() or not any(p.requires_grad for p in self.model.parameters()):
-            return
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ignore = [f"{prefix}.{name}" if prefix else name
-                  for prefix, module in self.model.named_modules() if isinstance(module, HashTable)
-                  for name, _ in module.named_buffers(recurse=False)]
-        DDP._set_params_and_buffers_to_ignore_for_model(self.model, ignore)
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        # No buffer sync in forward (broadcast_buffers=False; torch >= 2.13 names it
-        # forward_sync_buffers and deprecates the old name). The tables' buffers are ignored above,
-        # so DDP's one sync at construction only copies rank 0's small buffers (metric counters).
-        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                else {"broadcast_buffers": False})
-        self._ddp = DDP(self.model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters, **sync)
+        self._ddp = wrap_ddp(self.model, self.device, self.find_unused_parameters)
 
     # -- training -----------------------------------------------------------------------------------
 
