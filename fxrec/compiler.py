@@ -47,12 +47,24 @@ evaluation is rare enough not to need a second compiled graph.
 
 Takes a ``DistributedDataParallel`` module (the module itself goes to ``torch.compile``: Dynamo
 compiles the wrapped module's forward with its DDP graph splitting; a function calling a DDP module
-would break the graph; the tables are found in the wrapped module) — but NOT yet in a process
-group of several ranks: there the tables are row-wise sharded and every lookup is an all-to-all
-with split sizes read from the device (``fxrec.distributed.sharded``). Compiled around that
-exchange (a graph break per lookup), 2-rank DDP training gave dense weights unlike eager's, so
-``fxrec.compile`` raises ``NotImplementedError`` when the process group has several ranks, until
-the exchange is traced as functional collectives.
+would break the graph; the tables are found in the wrapped module).
+
+In a process group of several ranks the tables are row-wise sharded (``fxrec.distributed.sharded``)
+and every lookup is an all-to-all whose split sizes are read from the device. That exchange
+(``_sharded_rows``: the ids to their owners, the owners' lookup, the rows back) runs eagerly,
+outside the graphs (``torch.compiler.disable``): the graph breaks once per lookup there (and in
+DDP's forward wrapper, as in one process under DDP), everything else is compiled. The owner's
+lookup, running eagerly, reserves room for the ids every rank sent it itself (one sync), as an
+eager lookup does; the room reserved before the call covers this rank's own ids only. Each sharded
+lookup's gradient anchor is a copy of its sink's first ``U`` rows, not a view
+(``shared_grad_anchor``): it leaves the compiled graph that makes it for the one that reads it,
+and AOTAutograd regenerates a graph output that is a view of a graph input by ``as_strided``,
+whose backward over the stride-0 sink gives every row the mean of all rows' gradients (what made
+compiled 2-rank DDP training differ from eager before). Compiled sharded training equals eager
+sharded training: losses, dense weights and each rank's table shard (``tests/test_compile.py``,
+2 gloo ranks, separate and coalesced tables). The frames resumed after each exchange take the
+fetched rows as inputs whose sizes Dynamo first specializes, then makes dynamic when they change:
+a few recompiles over the first steps, not one graph for every batch as in one process.
 """
 
 from __future__ import annotations
@@ -65,7 +77,6 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fxrec.distributed.env import is_distributed
 from fxrec.features.feature_engine import FeatureEngine
 from fxrec.features.op import Bucketize, FeatureCross, Hash, Mod, SelectField, SelectFields, SequenceTruncate
 from fxrec.framework.metrics import clear_metrics
@@ -182,15 +193,6 @@ class CompiledModel:
         if "fullgraph" in compile_options or "dynamic" in compile_options:
             raise ValueError("fxrec.compile: fullgraph and dynamic are fxrec's to set (a DDP module cannot be "
                              "compiled fullgraph; dynamic dims are marked per batch)")
-        if is_distributed():
-            # Tables are row-wise sharded over the ranks (fxrec.distributed.sharded): a lookup is
-            # an all-to-all whose split sizes are read from the device. Compiled around that
-            # exchange, DDP training gave dense weights different from eager's (2 gloo ranks):
-            # refused until the exchange is traced (functional collectives), not run wrong.
-            raise NotImplementedError(
-                "fxrec.compile: the process group has several ranks, so the tables are sharded and every "
-                "lookup is an all-to-all, which fxrec does not compile yet; train eagerly (compile=False) there"
-            )
         self.model = model
         self.module = model.module if isinstance(model, DistributedDataParallel) else model
         self._keepers: dict[object, _RoomKeeper] = {}  # per TableStorage

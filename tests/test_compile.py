@@ -1,7 +1,8 @@
 """``fxrec.compile`` and ``TrainingArguments(compile=True)`` (SPEC §6): the tutorial's DeepCTR
 trained eagerly, with the engines' passes, and compiled gives the same losses, tables and dense
 weights; one graph, no graph breaks, over batches of every size (1 included) and ragged lengths;
-the Trainer trains compiled as it trains eagerly, in one process and under DDP (2 gloo ranks).
+the Trainer trains compiled as it trains eagerly, in one process and under DDP with row-wise
+sharded tables (2 gloo ranks; the graph breaks only at each sharded exchange and in DDP's wrapper).
 
 The oracle is the eager model. Compiling the DeepCTR forward + backward takes about a minute on
 a CPU, so one module-scoped fixture compiles it once and every check reads its results.
@@ -254,36 +255,76 @@ def test_trainer_compile_equals_eager(tmp_path):
 _DDP_WORKER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
+import torch
+import torch._dynamo
 import torch.distributed as dist
-from tests.trainer_util import make_batches, make_trainer
+from torch._dynamo.utils import counters
+from fxrec.framework.hooks import Hook
+from tests.trainer_util import ToyModel, make_batches, make_trainer, table_snapshot
+
+class Losses(Hook):
+    def __init__(self):
+        self.losses = []
+
+    def after_step(self, trainer, step, outputs):
+        self.losses.append(float(outputs["loss"]))
 
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo", init_method="file://" + os.path.join({out!r}, "store"), rank=rank, world_size=world)
 mine = [b for i, size in enumerate({sizes}) for b in make_batches(1, size, seed=20 + i)][rank::world]
-eager = make_trainer(os.path.join({out!r}, "out0"), mine, seed=rank, train_steps=len(mine))
-eager.train()
-trainer = make_trainer(os.path.join({out!r}, "out1"), mine, seed=rank, train_steps=len(mine), compile=True)
-try:
-    trainer.train()
-    error = None
-except NotImplementedError as e:
-    error = f"NotImplementedError: {{e}}"
+got = {{}}
+for coalesce in (False, True):
+    for compile in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        losses = Losses()
+        trainer = make_trainer(os.path.join({out!r}, f"out{{int(coalesce)}}{{int(compile)}}"), mine,
+                               model=ToyModel(rank, coalesce=coalesce), train_steps=len(mine), compile=compile,
+                               hooks=[losses])
+        trainer.train()
+        got[f"{{coalesce}} {{compile}}"] = {{
+            "losses": losses.losses,
+            "dense": {{k: v.tolist() for k, v in trainer.model.named_parameters()}},
+            "tables": {{n: {{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in t.items()}}
+                       for n, t in table_snapshot(trainer.model).items()}},
+            "graph_breaks": dict(counters["graph_break"]),
+            "graphs": counters["stats"]["unique_graphs"],
+        }}
 with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
-    json.dump({{"error": error, "trained_eagerly": eager.state.global_step == len(mine)}}, f)
+    json.dump(got, f)
 dist.barrier()  # no rank tears gloo down while another still uses it
 dist.destroy_process_group()
 """
 
 
-def test_compile_refuses_sharded_tables(tmp_path):
-    """2 gloo ranks: tables are sharded, every lookup is an all-to-all; fxrec.compile refuses
-    (NotImplementedError naming why) instead of compiling around the exchange — which gave dense
-    weights unlike eager's — and Trainer(compile=True) raises it; eager sharded training runs."""
+def _as_tensors(tree):
+    if isinstance(tree, dict):
+        return {k: _as_tensors(v) for k, v in tree.items()}
+    return torch.tensor(tree) if isinstance(tree, list) else tree
+
+
+def test_ddp_compile_sharded_two_ranks_equals_eager(tmp_path):
+    """2 gloo ranks, each its own batches of varying sizes: DDP over the dense weights, tables
+    row-wise sharded (every lookup an all-to-all), as separate tables and coalesced into one
+    storage. Compiled training gives the losses, dense weights (identical replicas) and each
+    rank's table shard of eager training. The graph breaks only where Dynamo cannot go: at each
+    sharded exchange (``_sharded_rows``, run eagerly) and in DDP's own forward wrapper."""
     out = str(tmp_path)
     script = tmp_path / "worker.py"
     script.write_text(_DDP_WORKER.format(repo=REPO, out=out, sizes=VARIED_SIZES))
     run_ranks(str(script), 2, out, timeout=600)
-    for r in range(2):
-        got = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert got["error"].startswith("NotImplementedError: fxrec.compile: the process group has several ranks")
-        assert got["trained_eagerly"]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for coalesce in (False, True):
+        eager = [got[f"{coalesce} False"] for got in ranks]
+        compiled = [got[f"{coalesce} True"] for got in ranks]
+        assert compiled[0]["dense"] == compiled[1]["dense"]  # bit-identical replicas
+        for e, c in zip(eager, compiled):
+            assert e["graph_breaks"] == {} and c["graphs"] >= 1
+            assert len(c["losses"]) == len(e["losses"]) == len(VARIED_SIZES) // 2
+            torch.testing.assert_close(torch.tensor(c["losses"]), torch.tensor(e["losses"]), rtol=1e-6, atol=0)
+            assert_same(_as_tensors(c["dense"]), _as_tensors(e["dense"]), exact=False, atol=1e-6)
+            assert_same(_as_tensors(c["tables"]), _as_tensors(e["tables"]), exact=False, atol=1e-6)
+            reasons = list(c["graph_breaks"])
+            assert any("_sharded_rows" in reason for reason in reasons), reasons
+            assert all("_sharded_rows" in reason or "DistributedDataParallel._inside_ddp_forward" in reason
+                       or "`Logger`" in reason for reason in reasons), reasons

@@ -182,10 +182,13 @@ def _local_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None) 
     return storage.lookup(uniq, storage.tags_of(uniq, first.tag) if tags is None else tags, tables)
 
 
+@torch.compiler.disable(reason="fxrec: a sharded lookup's all-to-all (split sizes read from the device) "
+                                "runs eagerly between compiled graphs")
 @torch.no_grad()
 def _sharded_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None) -> Tensor:
     """The ``[U, dim]`` rows of the distinct ids (or (tag, id) pairs) ``uniq`` from their owners
-    (module docstring)."""
+    (module docstring). Under ``torch.compile`` (``fxrec.compile``) it runs eagerly: the graph
+    breaks here, once per sharded lookup; the owner's lookup then reserves room as an eager one."""
     order, send_splits, recv_splits = _route(uniq)
     if tags is None:
         asked = _all_to_all(uniq[order], send_splits, recv_splits, "ids")

@@ -71,11 +71,12 @@ Decisions (RecIS's bugs fixed as SPEC §7 decides; the rest written down here):
   again, same type, as ``"Trainer: step <n> (epoch <e>): <the original message>"`` (n: the global
   step being run, 1-based), chained to the original (``from err``).
 - ``compile=True``: the forward (features, lookups, dense model, loss, metric updates) runs
-  compiled, ``fxrec.compile`` of the model (one process only: with several ranks the tables are
-  sharded and ``fxrec.compile`` raises ``NotImplementedError``): one Inductor
-  graph for every batch size and ragged length, whose backward AOTAutograd compiles with it. The
-  optimizer steps, the gradient rescaling and evaluation run as without it. Results equal the
-  eager ones up to float rounding. ``save_concurrency_per_rank`` is accepted and has no effect
+  compiled, ``fxrec.compile`` of the model (of its DDP wrapper under DDP): in one process one
+  Inductor graph for every batch size and ragged length, whose backward AOTAutograd compiles with
+  it; with several ranks the tables are sharded and each lookup's all-to-all runs eagerly between
+  compiled graphs (a graph break per lookup, ``fxrec.compile``). The optimizer steps, the gradient
+  rescaling and evaluation run as without it. Results equal the eager ones up to float rounding,
+  in one process and on several ranks (each rank's table shard included). ``save_concurrency_per_rank`` is accepted and has no effect
   yet (rank 0 writes each part file in turn).
 """
 

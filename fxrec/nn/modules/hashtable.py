@@ -31,7 +31,8 @@ Lookups:
   such a leaf outlives it, as a pending gradient does): ``fxrec.compile`` gives the table, before
   each step, one zero leaf per lookup, ``[bound, dim]`` (stride 0) with ``bound`` a host-known
   upper bound of the step's distinct ids (``grad_sinks``); the lookup's anchor is its first
-  ``U`` rows (a view), and ``take_grads`` reads the first ``U`` rows of its ``.grad``.
+  ``U`` rows (a view; for a sharded lookup a copy, ``shared_grad_anchor`` says why), and
+  ``take_grads`` reads the first ``U`` rows of its ``.grad``.
 - ``forward(ids) -> [*ids.shape, dim]``: the embeddings of ``ids`` (duplicates looked up once):
   ``table_combine`` with one item per output row (the ``tile`` combiner, ``tile_len=1``: a copy),
   so it trains through the same anchor. In a process group of several ranks it is a sharded
@@ -469,6 +470,13 @@ def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | Non
             table.grad_sinks = table.grad_sinks[1:]
         torch._check(rows.shape[0] <= leaf.shape[0])  # more distinct ids than fxrec.compile's bound: fails
         anchor = leaf.narrow(0, 0, rows.shape[0])
+        if ids is not None:
+            # A sharded lookup: its exchange breaks the graph (fxrec.distributed.sharded), so the
+            # anchor is returned from one compiled graph and consumed by the next. Returned as a
+            # view of the stride-0 leaf, AOTAutograd would regenerate it by as_strided, whose
+            # backward over that overlapping leaf averages the gradient (every row the mean of
+            # all). A copy (a [U, dim] tensor, as the rows fetched) keeps the per-row gradient.
+            anchor = anchor.clone(memory_format=torch.contiguous_format)
     else:
         leaf = anchor = first.embedding.new_zeros(()).expand(rows.shape[0], first.dim).requires_grad_()
     counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts
