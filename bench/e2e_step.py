@@ -47,7 +47,8 @@ Counted first (METHOD.md), B = 4096, seq_len 1000, float32:
 ``--world-size N`` (N > 1) measures scaling instead: the fxrec eager and passes steps at B rows
 per rank, in 1 process and in N processes (spawned here: NCCL on GPUs ``cuda:0..N-1``, gloo on
 the CPU), tables row-wise sharded over the N ranks and the dense weights under DDP, as the
-Trainer runs them (``fxrec.compile`` does not take several ranks yet). Printed per variant and
+Trainer runs them (compiled is left out: with several ranks its graph breaks at each lookup's
+all-to-all, which runs eagerly between the compiled pieces). Printed per variant and
 B: ms per step (the slowest rank's median), samples/s over all ranks, scaling efficiency
 (samples/s at N over N x samples/s in one process) and the bytes all ranks sent through
 all-to-all per step (``fxrec.distributed.sharded.traffic``: ids, tags, rows, gradients, sizes).
