@@ -304,6 +304,11 @@ def test_cuda_equals_cpu():
 # -- torch.compile -------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < (2, 13),
+                    reason="the whole step in one graph (loss.backward() inside it) needs torch >= 2.13: torch "
+                           "2.11's Dynamo breaks the graph at the in-graph gradient anchor's requires_grad_() "
+                           "(tests/test_compile_step.py says more); fxrec.compile of coalesced tables runs on 2.11 "
+                           "(tests/test_tutorial.py::test_example_trains_compiled_with_passes)")
 def test_compiled_training_step_equals_eager():
     """A training step over coalesced tables (one tagged lookup, per-row-seed init, SparseAdamWTF)
     compiles to ONE graph without breaks across batch sizes (B=1, empty rows) and equals eager."""

@@ -93,12 +93,18 @@ def unique_tagged(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Te
     """``torch.unique`` of the (tag, id) pairs of flat ``ids`` and ``tags``: ``(ids, tags,
     inverse, counts)`` of the distinct pairs, ascending by tag, then id. A lexicographic sort
     (two stable sorts) and run boundaries: ``torch.unique(dim=...)`` would do, but Inductor
-    miscompiles its strides (torch 2.13: ``assert_size_stride`` fails on ``aten.unique_dim``)."""
+    miscompiles its strides (torch 2.13: ``assert_size_stride`` fails on ``aten.unique_dim``).
+    Each pair is compared with its predecessor through a shifted copy (``cat`` then ``narrow`` to
+    the same length), not ``x[1:]``: torch 2.11's Inductor fails to lower that slice of an
+    unbacked length (``KeyError: 'unbacked_bindings'``)."""
     by_id = torch.sort(ids, stable=True).indices
     order = by_id[torch.sort(tags[by_id], stable=True).indices]
     sorted_ids, sorted_tags = ids[order], tags[order]
-    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
-    starts[1:] = (sorted_ids[1:] != sorted_ids[:-1]) | (sorted_tags[1:] != sorted_tags[:-1])
+    n = sorted_ids.shape[0]
+    prev_ids = torch.cat([sorted_ids.new_zeros(1), sorted_ids]).narrow(0, 0, n)
+    prev_tags = torch.cat([sorted_tags.new_zeros(1), sorted_tags]).narrow(0, 0, n)
+    first = torch.arange(n, device=ids.device) == 0
+    starts = first | (sorted_ids != prev_ids) | (sorted_tags != prev_tags)
     run = torch.cumsum(starts, 0) - 1
     inverse = torch.empty_like(run).scatter_(0, order, run)
     uniq_ids, uniq_tags = sorted_ids[starts], sorted_tags[starts]
