@@ -9,8 +9,9 @@ finished job), so work never pauses while the consumer catches up.
 
 The consumer never hangs: an exception in a thread travels through the queue and is re-raised
 in the consumer (with its traceback), threads that die without saying so are reported as an
-error, and closing the consumer's generator (``break``, garbage collection) stops the threads.
-Threads are daemons, so an abandoned reader never blocks interpreter exit.
+error, and closing the consumer's generator (``break``, garbage collection) stops the threads
+and waits for them (every pool sharing the ``stop`` event). Threads are daemons, so a reader
+that is never closed does not block interpreter exit.
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def ordered_parallel(
                 announced.notify_all()
 
     alive = lambda: running > 0  # noqa: E731
-    for _ in range(num_threads):
-        threading.Thread(target=worker, daemon=True, name="fxrec-io").start()
+    threads = [threading.Thread(target=worker, daemon=True, name="fxrec-io") for _ in range(num_threads)]
+    for thread in threads:
+        thread.start()
     try:
         number = 0
         while True:
@@ -166,6 +168,16 @@ def ordered_parallel(
                 del started[number]
             slots.release()
             number += 1
+    except GeneratorExit:
+        stop.set()  # the consumer went away: stop every pool that shares this event
+        raise
     finally:
         if owned:
             stop.set()
+        if stop.is_set():
+            # Wait until the threads are out of pyarrow / torch code (they poll ``stop``): a daemon
+            # thread still decoding when the interpreter exits aborts the process ("terminate
+            # called without an active exception", seen at the end of torchrun jobs that stopped
+            # mid-epoch).
+            for thread in threads:
+                thread.join()
