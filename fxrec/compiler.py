@@ -69,6 +69,7 @@ a few recompiles over the first steps, not one graph for every batch as in one p
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import torch
@@ -196,6 +197,10 @@ class CompiledModel:
         self.model = model
         self.module = model.module if isinstance(model, DistributedDataParallel) else model
         self._keepers: dict[object, _RoomKeeper] = {}  # per TableStorage
+        # Lookups per table (shared_name): the engines' options are fixed, so counted once here
+        # rather than by walking the model's modules for every table on every step.
+        self._lookups = collections.Counter(o.shared_name for e in self.module.modules()
+                                            if isinstance(e, EmbeddingEngine) for o in e.options.values())
 
         # The model itself, not a function calling it: Dynamo compiles a DDP module's forward
         # (torch.compile of DDP) but breaks the graph where a compiled function calls one.
@@ -222,10 +227,8 @@ class CompiledModel:
                 if buffer.dim() > 0 and buffer.shape[0] == table.capacity:
                     torch._dynamo.maybe_mark_dynamic(buffer, 0)
             if grad:
-                lookups = sum(o.shared_name == table.name for e in self.module.modules()
-                              if isinstance(e, EmbeddingEngine) for o in e.options.values())
                 zero = table.embedding.new_zeros(())
-                leaves = [zero.expand(bound, table.dim).requires_grad_() for _ in range(lookups)]
+                leaves = [zero.expand(bound, table.dim).requires_grad_() for _ in range(self._lookups[table.name])]
                 for leaf in leaves:
                     torch._dynamo.decorators.mark_unbacked(leaf, 0)
                 table.grad_sinks = leaves
