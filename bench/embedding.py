@@ -16,7 +16,9 @@ at dims 8, 16, 64, 128. For each case, combiner and dim, forward and backward:
             sum); F.embedding + torch.segment_reduce; for tile, F.embedding of the padded
             [B, tile_len] id matrix (built outside the timing; pad id 0 is the zero row and
             padding_idx, so it gets no gradient).
-            Also F.embedding alone (gather only) per case and dim.
+            Also F.embedding alone (gather only) per case and dim, and fxrec::gather_rows
+            (a plain Triton gather of the same rows into [N, dim]: the ceiling that random rows
+            of this width allow, next to which the combiners' % copy reads).
             For bag/sum and seq/tile also the embedding layer's path, with the batch's ids
             deduplicated into U unique rows (``rows [U]``, ``index`` into them): fxrec
             table_combine (table [rows, dim] read through ``table[rows[index[i]]]``) without an
@@ -30,6 +32,13 @@ at dims 8, 16, 64, 128. For each case, combiner and dim, forward and backward:
             calls it, DESIGN.md: no dense table gradient); autograd backward of embedding_bag
             (or of F.embedding for tile) with sparse=False (a dense [rows, dim] grad, zeroed
             every call) and sparse=True (one grad row per item, uncoalesced).
+
+Timing: each sample is ``--calls`` calls back to back (CUDA events around them, divided by the
+count): the host's dispatch of one call (custom-op dispatch, checks, Triton launch: ~0.1 ms)
+overlaps the GPU's work on the one before, as in a training step, so each row is the kernels'
+throughput; with one call per sample the same dispatch sits inside every timed interval (the
+first session's numbers: 0.15 ms of a 0.9 ms tile forward). The small cases stay launch-bound
+either way.
 
 Printed: the card, torch/triton versions and the device-to-device copy bandwidth (``dst.copy_(src)``
 of 1 GiB, read + written), then one table: median ms, MB counted, GB/s, % of the copy bandwidth
@@ -50,7 +59,7 @@ except the gradient's output rows, which differ by output):
                      read-modify-write traffic, the per-item row ids the CUDA kernel builds
                      (searchsorted, 16 N) and, for mean, the row-weight pass.
 
-    python -m bench.embedding [--rows 8388608] [--batch 4096] [--dims 8 16 64 128] [--reps 10]
+    python -m bench.embedding [--rows 8388608] [--batch 4096] [--dims 8 16 64 128] [--reps 10] [--calls 5]
     python -m bench.embedding --smoke    # CPU (the ops' torch kernels), tiny sizes, seconds
 """
 
@@ -196,8 +205,8 @@ def autograd_backward(emb: torch.Tensor, case: Case, combiner: str, grad: torch.
 
 
 class Table:
-    def __init__(self, device: str, reps: int, copy_gbs: float):
-        self.device, self.reps, self.copy_gbs = device, reps, copy_gbs
+    def __init__(self, device: str, reps: int, calls: int, copy_gbs: float):
+        self.device, self.reps, self.calls, self.copy_gbs = device, reps, calls, copy_gbs
         self.reference: dict[str, float] = {}  # fxrec ms of the current (case, combiner, dim), by output
         self.gather_16: list[tuple[int, float]] = []  # (N, GB/s) of F.embedding gathers at dim 16
         self.tile_16: list[float] = []  # GB/s of fxrec tile forward at dim 16
@@ -212,7 +221,7 @@ class Table:
         ``compare``: print this row's time over the recorded fxrec time of that output."""
         cells = [case.name, combiner, str(dim), pass_, op, f"{nbytes / 1e6:.1f}"]
         try:
-            ms = median_ms(fn, self.device, reps=self.reps)
+            ms = median_ms(fn, self.device, reps=self.reps, calls=self.calls)
         except RuntimeError as err:  # OOM (a RuntimeError too) or an unsupported baseline: the table goes on
             oom = isinstance(err, torch.OutOfMemoryError)
             if oom:
@@ -289,6 +298,8 @@ def bench_dim(t: Table, cases: list[Case], rows: int, dim: int, device: str) -> 
         gbs = t.row(case, "-", dim, "fwd", "F.embedding gather only", gather, lambda: F.embedding(case.index, emb))
         if dim == 16 and gbs is not None:
             t.gather_16.append((case.n, gbs))
+        t.row(case, "-", dim, "fwd", "fxrec gather_rows (plain Triton gather)", gather,
+              lambda: ops.gather_rows(emb, case.index))
         unique = torch.unique(case.index, return_inverse=True)
         for combiner in case.combiners:
             try:
@@ -298,8 +309,8 @@ def bench_dim(t: Table, cases: list[Case], rows: int, dim: int, device: str) -> 
                 print(f"| {case.name} | {combiner} | {dim} | - | OOM (setup) | - | - | - | - | - |")
 
 
-def run(rows: int, b: int, dims: list[int], reps: int, bag_max: int, seq_max: int, tile_len: int, device: str,
-        copy_bytes: int) -> None:
+def run(rows: int, b: int, dims: list[int], reps: int, calls: int, bag_max: int, seq_max: int, tile_len: int,
+        device: str, copy_bytes: int) -> None:
     print(f"## fxrec segment_combine: {machine(device)}")
     copy_gbs = copy_bandwidth(device, copy_bytes)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write, {copy_bytes >> 20} MiB); "
@@ -307,8 +318,8 @@ def run(rows: int, b: int, dims: list[int], reps: int, bag_max: int, seq_max: in
     cases = make_cases(rows, b, bag_max, seq_max, tile_len, device)
     print(f"table {rows:,} rows, B={b}, " + ", ".join(
         f"{c.name}: N={c.n:,}" + (f" (K={c.kept:,} in the tile of {c.tile_len})" if c.kept else "") for c in cases)
-        + f"; {reps} repeats (median)\n")
-    t = Table(device, reps, copy_gbs)
+        + f"; median of {reps} samples of {calls} calls back to back\n")
+    t = Table(device, reps, calls, copy_gbs)
     t.header()
     for dim in dims:
         try:
@@ -330,12 +341,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 16, 64, 128])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=5, help="calls back to back per timed sample")
     parser.add_argument("--smoke", action="store_true", help="CPU, 64K rows, B=256, short rows, 3 repeats")
     args = parser.parse_args()
     if args.smoke:
-        run(1 << 16, 256, [8, 16], 3, 39, 199, 100, "cpu", 1 << 24)
+        run(1 << 16, 256, [8, 16], 3, 1, 39, 199, 100, "cpu", 1 << 24)
     elif torch.cuda.is_available():
-        run(args.rows, args.batch, args.dims, args.reps, 39, 1999, 1000, "cuda", 1 << 30)
+        run(args.rows, args.batch, args.dims, args.reps, args.calls, 39, 1999, 1000, "cuda", 1 << 30)
     else:
         print("no CUDA device: run with --smoke for the CPU check")
 

@@ -9,10 +9,13 @@ import numpy as np
 import torch
 import triton
 
-def median_ms(fn, device: str, reps: int = 10, warmup: int = 3, setup=None) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` calls. ``setup()``
-    runs before each call, outside the timed region (CUDA: events recorded around ``fn`` only;
-    CPU: ``time.perf_counter``)."""
+def median_ms(fn, device: str, reps: int = 10, warmup: int = 3, setup=None, calls: int = 1) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` samples after ``warmup`` calls. ``setup()``
+    runs before each sample, outside the timed region (CUDA: events recorded around ``fn`` only;
+    CPU: ``time.perf_counter``). ``calls`` > 1: a sample is that many calls back to back, divided
+    by ``calls``: on CUDA the host's dispatch of the next call then overlaps the GPU's work on the
+    previous one, as in a training step, so a kernel that runs longer than its dispatch is timed
+    by its throughput, not by its launch latency."""
     cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):
         if setup is not None:
@@ -25,14 +28,16 @@ def median_ms(fn, device: str, reps: int = 10, warmup: int = 3, setup=None) -> f
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / calls)
         else:
             start_s = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start_s) * 1e3)
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - start_s) * 1e3 / calls)
     return float(np.median(times))
 
 
