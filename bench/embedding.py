@@ -55,9 +55,8 @@ except the gradient's output rows, which differ by output):
   backward           incoming gradient (B x dim x 4; tile: its K filled slots) + index, weights,
                      offsets as above + the gradient written once: out_rows x dim x 4 (sparse
                      outputs also 8 B of index per row). NOT counted: the zero fill before the
-                     atomic adds (dense outputs: another out_rows x dim x 4), the atomics'
-                     read-modify-write traffic, the per-item row ids the CUDA kernel builds
-                     (searchsorted, 16 N) and, for mean, the row-weight pass.
+                     atomic adds (dense outputs: another out_rows x dim x 4) and the atomics'
+                     read-modify-write traffic.
 
     python -m bench.embedding [--rows 8388608] [--batch 4096] [--dims 8 16 64 128] [--reps 10] [--calls 5]
     python -m bench.embedding --smoke    # CPU (the ops' torch kernels), tiny sizes, seconds

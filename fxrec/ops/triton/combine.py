@@ -12,11 +12,15 @@ combiner); semantics in ``fxrec/ops/combine.py``.
   ``anchor[index[i]]`` read through its strides (the expanded zero anchor a ``HashTable`` hands
   out has strides ``(0, 0)``: it is never materialized). With an anchor the sum is formed in the
   accumulation dtype (the tile "copy" then rounds it once to the output dtype).
-- backward: one program per (block of ``BLOCK_N`` items, tile of ``BLOCK_D`` columns); each
-  item adds its (weighted) row gradient into its embedding row with ``tl.atomic_add`` into an
-  fp32/fp64 buffer. Atomics make the summation order, hence the float rounding of duplicated
-  rows, run-dependent on the GPU: the result equals the CPU kernel's within rounding, not bit
-  for bit. (table_combine's gradient w.r.t. its anchor is this backward, unchanged.)
+- backward: laid out like the forward, so it needs no per-item row ids: sum/mean one program per
+  (row, tile of ``BLOCK_D`` columns) that loads the row's gradient once (mean: scaled by
+  ``1 / Σ w`` of the row, summed in the same program) and walks the row's items ``BLOCK_N`` at
+  a time; tile one program per (row, block of ``BLOCK_S`` slots). Each item adds its (weighted)
+  gradient into its embedding row with ``tl.atomic_add`` into a zeroed fp32/fp64 buffer: one
+  kernel after the zero fill, nothing computed on the host's side in between. Atomics make the
+  summation order, hence the float rounding of duplicated rows, run-dependent on the GPU: the
+  result equals the CPU kernel's within rounding, not bit for bit. (table_combine's gradient
+  w.r.t. its anchor is this backward, unchanged.)
 
 Nothing here syncs with the host and nothing reads outside the tensors: offsets are clamped to
 ``[0, N]``, index entries outside ``[0, U)`` are treated like ``-1`` (no embedding), and table
@@ -35,8 +39,8 @@ from torch import Tensor
 __all__ = ["segment_combine_triton", "segment_combine_backward_triton", "table_combine_triton"]
 
 _MAX_BLOCK_D = 128
-_BLOCK_N = 32  # items per step of a row's loop (sum/mean forward)
-_BLOCK_ELEMENTS = 4096  # elements per program of the tile copy and the backward scatter for narrow
+_BLOCK_N = 32  # items per step of a row's loop (sum/mean, forward and backward)
+_BLOCK_ELEMENTS = 4096  # elements per program of the tile kernels (forward and backward) for narrow
 # rows (dim <= 32): 64-byte rows need many rows per program to keep enough loads in flight; wide
 # rows do best with 16 rows per program (H200 sweep: tile copy at dim 16 / 64 / 128 reaches 62% /
 # 89% / 91% of the copy bandwidth this way)
@@ -55,7 +59,7 @@ def _block_d(dim: int) -> int:
 
 
 def _rows_per_program(block_d: int) -> int:
-    """Tile slots / backward items per program (see ``_BLOCK_ELEMENTS``)."""
+    """Tile slots per program (see ``_BLOCK_ELEMENTS``)."""
     return _BLOCK_ELEMENTS // block_d if block_d <= 32 else 16
 
 
@@ -149,28 +153,59 @@ def _segment_tile_kernel(
 
 
 @triton.jit
-def _segment_scatter_kernel(
-    grad, index, offsets, item_rows, weight, grad_emb, n_items, n_rows, n_emb_rows, dim, tile_len,
-    HAS_WEIGHT: tl.constexpr, TILE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _row_scatter_kernel(
+    grad, index, offsets, weight, grad_emb, n_items, n_emb_rows, dim,
+    HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """sum / mean backward: row ``row``'s gradient (times its items' weights; mean: over the row's
+    weight sum, 0 where that is 0) added into each of its items' embedding rows."""
+    row = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
-    in_range = i < n_items
-    row = tl.load(item_rows + i, mask=in_range, other=-1)
-    idx = tl.load(index + i, mask=in_range, other=-1)
-    ok = in_range & (row >= 0) & (row < n_rows) & (idx >= 0) & (idx < n_emb_rows)
-    if TILE:
-        slot = i - tl.load(offsets + row, mask=ok, other=0)
-        ok = ok & (slot < tile_len)
-        g_ptr = grad + (row * tile_len + slot)[:, None] * dim + d[None, :]
-    else:
-        g_ptr = grad + row[:, None] * dim + d[None, :]
-    mask = ok[:, None] & d_ok[None, :]
-    g = tl.load(g_ptr, mask=mask, other=0.0).to(ACC)
-    if HAS_WEIGHT:
-        g = g * tl.load(weight + i, mask=ok, other=0.0).to(ACC)[:, None]
-    tl.atomic_add(grad_emb + idx[:, None] * dim + d[None, :], g, mask=mask)
+    begin, end = _row_bounds(offsets, row, n_items)
+    g = tl.load(grad + row * dim + d, mask=d_ok, other=0.0).to(ACC)
+    if MEAN:
+        weight_sum = tl.zeros([BLOCK_N], dtype=ACC)
+        for start in range(begin, end, BLOCK_N):
+            i = start + tl.arange(0, BLOCK_N)
+            in_row = i < end
+            if HAS_WEIGHT:
+                weight_sum += tl.load(weight + i, mask=in_row, other=0.0).to(ACC)
+            else:
+                weight_sum += in_row.to(ACC)  # a -1 item's weight counts too, as in the forward
+        total = tl.sum(weight_sum, axis=0)
+        g = tl.where(total != 0, g / tl.where(total != 0, total, 1.0), 0.0)
+    for start in range(begin, end, BLOCK_N):
+        i = start + tl.arange(0, BLOCK_N)
+        in_row = i < end
+        idx = tl.load(index + i, mask=in_row, other=-1)
+        ok = in_row & (idx >= 0) & (idx < n_emb_rows)
+        mask = ok[:, None] & d_ok[None, :]
+        if HAS_WEIGHT:
+            item_grad = g[None, :] * tl.load(weight + i, mask=ok, other=0.0).to(ACC)[:, None]
+        else:
+            item_grad = tl.broadcast_to(g[None, :], (BLOCK_N, BLOCK_D))
+        tl.atomic_add(grad_emb + idx[:, None] * dim + d[None, :], item_grad, mask=mask)
+
+
+@triton.jit
+def _tile_scatter_kernel(
+    grad, index, offsets, grad_emb, n_items, n_emb_rows, dim, tile_len,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """tile backward: slot ``s`` of row ``row`` (filled by the row's item ``begin + s``) adds its
+    gradient into that item's embedding row."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    begin, end = _row_bounds(offsets, row, n_items)
+    present = (s < tile_len) & (begin + s < end)
+    idx = tl.load(index + begin + s, mask=present, other=-1)
+    ok = present & (idx >= 0) & (idx < n_emb_rows)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = ok[:, None] & (d < dim)[None, :]
+        g = tl.load(grad + (row * tile_len + s[:, None]) * dim + d[None, :], mask=mask, other=0.0).to(ACC)
+        tl.atomic_add(grad_emb + idx[:, None] * dim + d[None, :], g, mask=mask)
 
 
 def _combine_launch(
@@ -239,24 +274,18 @@ def segment_combine_backward_triton(
     grad_emb = torch.zeros((num_rows, dim), dtype=acc_dtype, device=grad.device)
     if grad_emb.numel() == 0 or n_items == 0 or n_rows == 0:
         return grad_emb.to(grad.dtype)
-    # Row of each index position (-1 before offsets[0], n_rows from offsets[-1] on): no host sync.
-    positions = torch.arange(n_items, device=grad.device)
-    item_rows = torch.searchsorted(offsets, positions, right=True) - 1
-    weight = None if tile or weight is None else weight.contiguous()
-    if combiner == "mean":
-        # d mean / d e_i = w_i / W_row: scale each row's gradient by 1 / W_row (0 where W_row == 0).
-        in_row = (item_rows >= 0) & (item_rows < n_rows)
-        item_weight = weight.to(acc_dtype) if weight is not None else torch.ones(n_items, dtype=acc_dtype,
-                                                                                 device=grad.device)
-        row_weight = torch.zeros(n_rows + 1, dtype=acc_dtype, device=grad.device).index_add_(
-            0, torch.where(in_row, item_rows, n_rows), item_weight
-        )[:n_rows, None]
-        grad = torch.where(row_weight != 0, grad.to(acc_dtype) / row_weight, 0.0).contiguous()
     block_d = _block_d(dim)
-    block_n = _rows_per_program(block_d)
-    _segment_scatter_kernel[(triton.cdiv(n_items, block_n), triton.cdiv(dim, block_d))](
-        grad, index, offsets, item_rows, weight if weight is not None else index, grad_emb,
-        n_items, n_rows, num_rows, dim, tile_len,
-        HAS_WEIGHT=weight is not None, TILE=tile, ACC=_tl_dtype(grad.dtype), BLOCK_N=block_n, BLOCK_D=block_d,
-    )
+    acc = _tl_dtype(grad.dtype)
+    if tile:
+        block_s = min(_rows_per_program(block_d), triton.next_power_of_2(tile_len))
+        _tile_scatter_kernel[(n_rows, triton.cdiv(tile_len, block_s))](
+            grad, index, offsets, grad_emb, n_items, num_rows, dim, tile_len, ACC=acc, BLOCK_S=block_s,
+            BLOCK_D=block_d,
+        )
+    else:
+        weight = weight.contiguous() if weight is not None else None
+        _row_scatter_kernel[(n_rows, triton.cdiv(dim, block_d))](
+            grad, index, offsets, weight if weight is not None else index, grad_emb, n_items, num_rows, dim,
+            HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", ACC=acc, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+        )
     return grad_emb.to(grad.dtype)
