@@ -6,7 +6,8 @@ calls, before the final synchronize), the wall time per call once the GPU has dr
 host syncs of one call (CUDA's sync debug mode) and the kernels and copies one call launches
 (``torch.profiler``). Baselines in the same run: ``torch.add`` (one aten op), a no-op
 ``torch.library.custom_op`` (the dispatch floor of the custom-op API fxrec registers its ops
-with) and a bare Triton kernel launch (the launch floor of every fxrec CUDA kernel).
+with), a bare Triton kernel launch (the launch floor of every fxrec CUDA kernel) and the same
+launch through ``torch.library.wrap_triton`` (how the ``triton_op`` kernels launch).
 
 Counted first (METHOD.md): the inputs are a few hundred bytes: every microsecond here is host
 work (Python, dispatch, launch, sync), none of it bandwidth. A step of the tutorial model calls
@@ -24,6 +25,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 from torch.profiler import ProfilerActivity, profile
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec)
@@ -75,6 +77,7 @@ def cases(device: str) -> list[tuple[str, object]]:
         ("baseline: torch.add", lambda: torch.add(x, 1)),
         ("baseline: no-op custom_op", lambda: _noop(x)),
         ("baseline: bare Triton launch", lambda: _empty_kernel[(1,)](x, 16, BLOCK=16)),
+        ("baseline: Triton launch through wrap_triton", lambda: wrap_triton(_empty_kernel)[(1,)](x, 16, BLOCK=16)),
         ("mod", lambda: ops.mod(ids, 1000)),
         ("bucketize", lambda: ops.bucketize(floats, bounds)),
         ("hash_bytes farm", lambda: ops.hash_bytes(strings, str_offsets, "farm")),
