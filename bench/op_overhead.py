@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from torch.profiler import ProfilerActivity, profile
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec)
+from bench.feature_ops import count_launches
 from bench.timing import machine
 from fxrec.ops.table import new_index
 
@@ -100,24 +99,6 @@ def cases(device: str) -> list[tuple[str, object]]:
     ]
 
 
-def syncs_of(fn) -> int:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def launches_of(fn) -> int:
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
@@ -139,8 +120,9 @@ def main() -> None:
         issued = time.perf_counter()
         torch.cuda.synchronize()
         drained = time.perf_counter()
+        kernels, copies, syncs = count_launches(fn)
         print(f"| {name} | {(issued - start) / args.calls * 1e6:.1f} | {(drained - start) / args.calls * 1e6:.1f} "
-              f"| {syncs_of(fn)} | {launches_of(fn)} |")
+              f"| {syncs} | {kernels + copies} |")
 
 
 if __name__ == "__main__":
