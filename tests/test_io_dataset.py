@@ -84,7 +84,7 @@ def test_batches_match_pyarrow(
 
 
 # -- exact resume ----------------------------------------------------------------------------------
-RESUME_KINDS = {"ids": "int_list", "s": "str_list", "d": "fixed_list", "kv": "kv_list"}
+RESUME_KINDS = {"ids": "int_list", "s": "str_list", "h": "hashed_str_list", "d": "fixed_list", "kv": "kv_list"}
 
 
 @settings(max_examples=60)
