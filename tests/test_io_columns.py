@@ -32,7 +32,7 @@ KV_TYPE = pa.list_(pa.struct([("key", pa.int64()), ("value", pa.float32())]))
 def column_for(kind: str, dtype=torch.float32):
     if kind in DEFAULTS:
         return FixedLenColumn(kind, DEFAULTS[kind], dtype)
-    return VarLenColumn(kind, None, 0, kind == "str_list", dtype)
+    return VarLenColumn(kind, "farm" if kind == "hashed_str_list" else None, 0, kind == "str_list", dtype)
 
 
 def decode(column, arr: pa.Array, first_row: int = 0):

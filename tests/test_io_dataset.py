@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from examples.deepctr.data import generate_data
 from examples.deepctr.dataset import IOArgs, get_dataset
 from fxrec.io import OrcDataset, ParquetDataset
+from fxrec.io.threads import ordered_parallel
 from fxrec.ragged import RaggedTensor
 from test_io_support import (
     FORMATS,
@@ -83,7 +84,7 @@ def test_batches_match_pyarrow(
 
 
 # -- exact resume ----------------------------------------------------------------------------------
-RESUME_KINDS = {"ids": "int_list", "s": "str_list", "d": "fixed_list", "kv": "kv_list"}
+RESUME_KINDS = {"ids": "int_list", "s": "str_list", "h": "hashed_str_list", "d": "fixed_list", "kv": "kv_list"}
 
 
 @settings(max_examples=60)
@@ -300,6 +301,24 @@ def test_reader_threads_stop_when_consumer_stops(small_files):
     while any(t.name == "fxrec-io" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "fxrec-io" for t in threading.enumerate())
+
+
+@pytest.mark.skipif(
+    torch.get_num_threads() < 2 or "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    reason="needs torch's OpenMP backend with several intra-op threads",
+)
+def test_reader_threads_run_torch_ops_on_one_core():
+    # N reader threads each starting an OpenMP team of every core oversubscribes the machine;
+    # only fxrec's own threads are limited, the caller's and later threads keep torch's count.
+    before = torch.get_num_threads()
+    jobs = [lambda put: put(torch.get_num_threads())] * 4
+    assert list(ordered_parallel(jobs, num_threads=2, max_ahead=2)) == [1] * 4
+    assert torch.get_num_threads() == before
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [before]
 
 
 def test_shuffle_is_per_epoch_and_deterministic(tmp_path):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -14,10 +15,12 @@ import torch
 
 from fxrec.io import OrcDataset, ParquetDataset
 from fxrec.ragged import RaggedTensor
+from oracles import hash_string
 
 FORMATS = {"orc": OrcDataset, "parquet": ParquetDataset}
 DIM = 3  # fixed-length columns of the random schemas
-KINDS = ("int_list", "float_list", "str_list", "kv_list", "fixed_list", "fixed_scalar")
+# str_list is read as trans_int8 bytes, hashed_str_list hashed at read time (farm)
+KINDS = ("int_list", "float_list", "str_list", "hashed_str_list", "kv_list", "fixed_list", "fixed_scalar")
 DEFAULTS = {"fixed_list": [-1.0, -2.0, -3.0], "fixed_scalar": [-7.0]}
 
 
@@ -44,7 +47,7 @@ def random_column(kind: str, n: int, rng: np.random.Generator, max_len: int = 5,
         items = pa.array(rng.integers(-(2**62), 2**62, total))
     elif kind in ("float_list", "fixed_list"):
         items = pa.array(rng.normal(size=total))
-    elif kind == "str_list":
+    elif kind in ("str_list", "hashed_str_list"):
         vocab = ["", "a", "bc", "héllo", "x" * 40] + [f"s{i}" for i in range(50)]
         items = pa.array([vocab[i] for i in rng.integers(0, len(vocab), total)], pa.string())
     elif kind == "kv_list":
@@ -82,6 +85,8 @@ def declare(ds, kinds: dict[str, str]) -> None:
             ds.fixedlen_feature(name, DEFAULTS[kind])
         elif kind == "str_list":
             ds.varlen_feature(name, trans_int8=True)
+        elif kind == "hashed_str_list":
+            ds.varlen_feature(name, hash_type="farm")
         else:
             ds.varlen_feature(name)
 
@@ -90,6 +95,11 @@ def declare(ds, kinds: dict[str, str]) -> None:
 def f32(x) -> float:
     """``x`` rounded to float32, as the python float that ``Tensor.tolist`` gives back."""
     return float(np.float32(x))
+
+
+@functools.cache
+def read_time_farm_id(s: bytes) -> int:
+    return hash_string(s, "farm") & (2**63 - 1)
 
 
 def expected_rows(kind: str, column: pa.Array | pa.ChunkedArray, float_dtype=f32) -> list:
@@ -103,6 +113,8 @@ def expected_rows(kind: str, column: pa.Array | pa.ChunkedArray, float_dtype=f32
         return [[float_dtype(x) for x in r] for r in rows]
     if kind == "str_list":
         return [[s.encode() if isinstance(s, str) else s for s in r] for r in rows]
+    if kind == "hashed_str_list":
+        return [[read_time_farm_id(s.encode()) for s in r] for r in rows]
     if kind == "kv_list":
         return [[(d["key"], float_dtype(d["value"])) for d in r] for r in rows]
     return rows

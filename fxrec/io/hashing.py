@@ -25,26 +25,15 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-# Strings per hash_bytes call. Small blocks keep the kernel's temporaries in cache (one call over
-# a 2M-string stripe was 2-3x slower per string) and keep its elementwise ops under torch's
-# intra-op grain size (32768), so hashing on reader threads does not also start OpenMP teams
-# that fight those threads for cores (measured on 2 cores: 1-10 s per pass with 128K-string
-# blocks, a steady ~1 s with 32K). Parallelism comes from read_threads_num instead.
-_BLOCK = 1 << 15
-
-
 def hash_strings(data: np.ndarray, string_offsets: np.ndarray, hash_type: str, hash_bucket: int) -> np.ndarray:
     """int64 ids of the strings ``data[string_offsets[i]:string_offsets[i + 1]]``.
 
     ``data``: int8 bytes; ``string_offsets``: absolute positions into ``data`` (n + 1 entries).
     """
-    values = _tensor(data)
+    # One call: fxrec.io's threads run torch ops on one core each (fxrec.io.threads), so the
+    # kernel's ops may be as large as it likes (few ops per string: little time under the GIL).
     offsets = torch.from_numpy(string_offsets.astype(np.int64))
-    num = len(string_offsets) - 1
-    hashes = np.empty(num, np.int64)
-    for start in range(0, num, _BLOCK):
-        stop = min(start + _BLOCK, num)
-        hashes[start:stop] = torch.ops.fxrec.hash_bytes(values, offsets[start : stop + 1], hash_type).numpy()
+    hashes = torch.ops.fxrec.hash_bytes(_tensor(data), offsets, hash_type).numpy()
     if hash_bucket == 0:
         return np.bitwise_and(hashes, _CLEAR_BIT_63, out=hashes)
     return (hashes.view(np.uint64) % np.uint64(hash_bucket)).view(np.int64)

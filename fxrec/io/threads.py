@@ -12,13 +12,20 @@ in the consumer (with its traceback), threads that die without saying so are rep
 error, and closing the consumer's generator (``break``, garbage collection) stops the threads
 and waits for them (every pool sharing the ``stop`` event). Threads are daemons, so a reader
 that is never closed does not block interpreter exit.
+
+Torch ops on these threads run on one core each: the threads themselves are the parallelism
+(``_one_intra_op_thread``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import queue
 import threading
 from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
 
 __all__ = ["ordered_parallel"]
 
@@ -35,6 +42,29 @@ class _Stopped(Exception):
 class _Failure:
     def __init__(self, error: BaseException):
         self.error = error
+
+
+@functools.cache
+def _omp_set_num_threads() -> Callable[[int], None] | None:
+    return getattr(ctypes.CDLL(None), "omp_set_num_threads", None)  # torch loads its OpenMP globally
+
+
+def _one_intra_op_thread() -> None:
+    """Run the calling thread's torch ops on one core, leaving every other thread as it is.
+
+    Each thread that runs a torch op over more than 32768 elements (hashing, casts, copies)
+    starts its own OpenMP team of ``torch.get_num_threads()`` threads: N reader threads made
+    N x cores threads that wait for one another at every op's barrier (read-time hashing stayed
+    at ~20K rows/s on 16 cores whatever read_threads_num; on 2 busy cores one reader hashed
+    0.5M strings/s instead of 20M). OpenMP's thread count belongs to the calling thread, but
+    torch only has a setter for the whole process (it would also change threads started later,
+    e.g. the trainer's), hence the runtime's own ``omp_set_num_threads``. ``get_num_threads``
+    first: torch sets each thread's count on its first parallel op, which would undo ours.
+    Without OpenMP (torch's native thread pool, shared by all threads) there is nothing to do.
+    """
+    set_num_threads = _omp_set_num_threads()
+    if torch.get_num_threads() > 1 and set_num_threads is not None:
+        set_num_threads(1)
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> None:
@@ -131,6 +161,7 @@ def ordered_parallel(
     def worker() -> None:
         nonlocal running
         try:
+            _one_intra_op_thread()
             while True:
                 while not slots.acquire(timeout=_POLL_S):
                     if stop.is_set():
