@@ -197,7 +197,7 @@ def _sharded_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None
     else:  # (id, tag) as 3 int32 words a pair: one message
         words = torch.cat([_as_int32(uniq), tags.to(torch.int32)[:, None]], 1)[order]
         got = _all_to_all(words, send_splits, recv_splits, {"ids": 8, "tags": 4})
-        asked = got[:, :2].contiguous().view(torch.int64).reshape(-1)
+        asked = _ids_of(got)
         owned, owned_tags, inverse, _ = unique_tagged(asked, got[:, 2].contiguous())
     local = _local_rows(tables, owned, owned_tags)
     rows = torch.ops.fxrec.gather_rows(tables[0].embedding, local)[inverse]
@@ -239,11 +239,19 @@ def _as_int32(t: Tensor) -> Tensor:
     return (t[:, None] if t.dim() == 1 else t).contiguous().view(torch.int32)
 
 
+def _ids_of(words: Tensor) -> Tensor:
+    """The ``[R]`` int64 ids in the first two int32 words of each row of ``words [R, k]``
+    (``_as_int32``'s). A row-major copy, not ``.contiguous()``: a single row keeps its stride
+    ``k`` there (it counts as contiguous), and an odd ``k`` cannot be viewed as int64 (an owner sent
+    one (id, tag) pair failed so)."""
+    return words[:, :2].clone(memory_format=torch.contiguous_format).view(torch.int64).reshape(-1)
+
+
 def _owner_grads(table: HashTable, got: Tensor, world: int) -> tuple[Tensor, Tensor]:
     """``(rows, grads)`` of this rank's table from the received ``[R, 2 + dim + 1]`` int32 words
     (id, gradient sum, count per row; several rows per id when several ranks sent it), reduced
     per ``grad_reduce_by`` (module docstring)."""
-    ids = got[:, :2].contiguous().view(torch.int64).reshape(-1)
+    ids = _ids_of(got)
     sums_counts = got[:, 2:].contiguous().view(torch.float32)
     owned, inverse = torch.unique(ids, return_inverse=True)
     merged = torch.zeros(owned.shape[0], table.dim + 1, dtype=torch.float32, device=got.device)
