@@ -21,7 +21,9 @@ Before each call, outside the graph and without reading anything back from the d
   of bounds. The leaf's gradient is ``[bound, dim]`` (rows past the lookup's ``U`` distinct ids
   are zero): bounded by the step's ids, never by the table's capacity.
   ``reserve`` reads a table's id count (a sync) only when the table's host-side upper bound of
-  that count (``_RoomKeeper``) says it might be too full; otherwise a step syncs nothing.
+  that count (``_RoomKeeper``) says it might be too full; otherwise a step syncs nothing (sharded,
+  the room is for every rank's ids: one all-reduce of the bounds, below; with NCCL that is a
+  round trip through the device).
 
 Dynamo config, set only while a ``CompiledModel`` runs (``torch._dynamo.config.patch`` around the
 call: Dynamo reads it while it traces; nothing global is left set):
@@ -50,21 +52,17 @@ compiles the wrapped module's forward with its DDP graph splitting; a function c
 would break the graph; the tables are found in the wrapped module).
 
 In a process group of several ranks the tables are row-wise sharded (``fxrec.distributed.sharded``)
-and every lookup is an all-to-all whose split sizes are read from the device. That exchange
-(``_sharded_rows``: the ids to their owners, the owners' lookup, the rows back) runs eagerly,
-outside the graphs (``torch.compiler.disable``): the graph breaks once per lookup there (and in
-DDP's forward wrapper, as in one process under DDP), everything else is compiled. The owner's
-lookup, running eagerly, reserves room for the ids every rank sent it itself (one sync), as an
-eager lookup does; the room reserved before the call covers this rank's own ids only. Each sharded
-lookup's gradient anchor is a copy of its sink's first ``U`` rows, not a view
-(``shared_grad_anchor``): it leaves the compiled graph that makes it for the one that reads it,
-and AOTAutograd regenerates a graph output that is a view of a graph input by ``as_strided``,
-whose backward over the stride-0 sink gives every row the mean of all rows' gradients (what made
-compiled 2-rank DDP training differ from eager before). Compiled sharded training equals eager
-sharded training: losses, dense weights and each rank's table shard (``tests/test_compile.py``,
-2 gloo ranks, separate and coalesced tables). The frames resumed after each exchange take the
-fetched rows as inputs whose sizes Dynamo first specializes, then makes dynamic when they change:
-a few recompiles over the first steps, not one graph for every batch as in one process.
+and every lookup is an exchange with the ids' owners (counts, ids, the owners' lookup, rows back),
+traced into the graph as functional all-to-alls whose split sizes are unbacked ints: the compiled
+forward is still ONE graph over every batch (the graph breaks only in DDP's own forward wrapper,
+as in one process under DDP). A rank's owner lookups insert the ids EVERY rank sends it, and a
+table cannot grow inside the graph: before each call the ranks sum their per-storage bounds (one
+all-reduce of host ints, ``sharded.owner_bounds``) and each storage reserves room for that sum;
+the gradient leaves stay bounded by this rank's own ids. The row gradients go to their owners at
+the sparse optimizer's step, outside the graph, as in eager training. Compiled sharded training
+equals eager sharded training: losses, dense weights and each rank's table shard
+(``tests/test_sharded_compile.py`` and ``tests/test_compile.py``, 2 gloo ranks, separate and
+coalesced tables).
 """
 
 from __future__ import annotations
@@ -78,6 +76,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fxrec.distributed import sharded
 from fxrec.features.feature_engine import FeatureEngine
 from fxrec.features.op import Bucketize, FeatureCross, Hash, Mod, SelectField, SelectFields, SequenceTruncate
 from fxrec.framework.metrics import clear_metrics
@@ -216,11 +215,14 @@ class CompiledModel:
         storage_bounds: dict[object, int] = {}
         for table, bound in bounds.items():
             storage_bounds[table.storage] = storage_bounds.get(table.storage, 0) + bound
-        for storage, bound in storage_bounds.items():
+        # Sharded, a storage's owner lookups insert the ids every rank sends this one: room for
+        # every rank's bound (one all-reduce; the sinks stay bounded by this rank's own ids).
+        room = sharded.owner_bounds(storage_bounds.values())
+        for storage, n in zip(storage_bounds, room):
             keeper = self._keepers.get(storage)
             if keeper is None:
                 keeper = self._keepers[storage] = _RoomKeeper(next(t for t in bounds if t.storage is storage))
-            keeper.reserve(bound)
+            keeper.reserve(n)
         for table in bounds:
             bound = storage_bounds[table.storage]
             for buffer in table.storage.buffers(recurse=False):  # the row buffers' capacity: a dynamic size

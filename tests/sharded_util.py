@@ -19,7 +19,7 @@ from torch import nn
 
 from fxrec.distributed.env import is_distributed
 from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
-from fxrec.nn.initializers import TruncNormalInitializer
+from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, TruncNormalInitializer
 from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
 from fxrec.nn.modules.hashtable import filter_out_sparse_param
 from fxrec.optim import SparseAdamWTF, SparseSGD
@@ -44,13 +44,14 @@ class ShardModel(nn.Module):
     """Features "a" and "b" share table "t"; "c" reads table "r" (ReadOnly when ``read_only``)."""
 
     def __init__(self, combiner: str, grad_reduce_by: str, filter_hook: FilterHook | None = None,
-                 read_only: bool = False, device: str = "cpu", passes: bool = False, b_trainable: bool = True):
+                 read_only: bool = False, device: str = "cpu", passes: bool = False, b_trainable: bool = True,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
         super().__init__()
         torch.manual_seed(0)
         init = TruncNormalInitializer(mean=0, std=0.1)
         kwargs = {"tile_len": TILE} if combiner == "tile" else None
         common = dict(embedding_dim=DIM, initializer=init, device=device, grad_reduce_by=grad_reduce_by,
-                      combiner=combiner, combiner_kwargs=kwargs)
+                      combiner=combiner, combiner_kwargs=kwargs, block_size=block_size)
         self.embedding = EmbeddingEngine({
             "a": EmbeddingOption(shared_name="t", filter_hook=filter_hook, **common),
             "b": EmbeddingOption(shared_name="t", filter_hook=filter_hook, trainable=b_trainable, **common),
@@ -64,6 +65,9 @@ class ShardModel(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         emb = self.embedding(batch)
         logit = self.dense(torch.cat([emb["a"], emb["b"], emb["c"]], -1)).reshape(-1)
+        # Compiled (fxrec.compile), the logits' length (from the ragged offsets) and the labels'
+        # are two unbacked sizes: this tells the compiler they agree, as the loss requires.
+        torch._check(logit.shape[0] == batch["label"].shape[0])
         return F.binary_cross_entropy_with_logits(logit, batch["label"])
 
 
@@ -75,15 +79,22 @@ def _ragged(rng: np.random.Generator, rows: int, vocab: int, empty: bool) -> Rag
         pick = rng.random(n) < 0.2
         values[pick] = rng.choice(_EXTREMES, size=int(pick.sum()))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return RaggedTensor(torch.from_numpy(values.astype(np.int64)), torch.from_numpy(offsets.astype(np.int64)))
+    # From lists: torch.from_numpy (and torch.tensor) of an empty array gives stride 0, which a
+    # compiled graph guards on (a recompile for a batch of no ids).
+    return RaggedTensor(torch.tensor(values.tolist(), dtype=torch.int64),
+                        torch.tensor(offsets.tolist(), dtype=torch.int64))
 
 
 def rank_batch(step: int, rank: int, world: int, device: str = "cpu") -> dict:
     """Rank ``rank``'s batch of ``step``: B=1 on the last rank at step 1, no ids at all on rank 0
     at step 2; else B=4."""
-    rng = np.random.default_rng(1000 * step + rank)
-    rows = 1 if (step == 1 and rank == world - 1) else 4
-    empty = step == 2 and rank == 0
+    return sized_batch(1000 * step + rank, 1 if (step == 1 and rank == world - 1) else 4, step == 2 and rank == 0,
+                       device)
+
+
+def sized_batch(seed: int, rows: int, empty: bool, device: str = "cpu") -> dict:
+    """A batch of ``rows`` rows drawn from ``seed``; ``empty``: no ids at all."""
+    rng = np.random.default_rng(seed)
     batch = {
         "a": _ragged(rng, rows, 30, empty),
         "b": _ragged(rng, rows, 30, empty),
@@ -110,15 +121,17 @@ def _average_dense_grads(model: nn.Module) -> None:
         p.grad /= world
 
 
-def train_step(model, dense, sparse, batches: list[dict], micro: int = 1) -> float:
+def train_step(model, dense, sparse, batches: list[dict], micro: int = 1, forward=None) -> float:
     """One step on this process's batches (sharded: ``micro`` batches, a gradient-accumulation
     group) or on every rank's (the reference: ``micro`` batches per rank, rank-major); the loss of
     each micro-batch is scaled by 1/micro, as the Trainer does. Returns the mean over ranks (and
-    micro-batches) of the losses."""
+    micro-batches) of the losses. ``forward``: what computes a batch's loss (default ``model``;
+    ``fxrec.compile(model)``)."""
+    forward = model if forward is None else forward
     ranks = len(batches) // micro
     total = 0.0
     for m in range(micro):
-        loss = torch.stack([model(batches[r * micro + m]) for r in range(ranks)]).mean() / micro
+        loss = torch.stack([forward(batches[r * micro + m]) for r in range(ranks)]).mean() / micro
         loss.backward()
         total = total + loss.detach()
     if is_distributed():
@@ -239,3 +252,20 @@ def cap_batch(step: int, rank: int, world: int, device: str = "cpu") -> dict:
 
 # ids of the traffic count: duplicates, negatives, structured ids
 TRAFFIC_IDS = torch.tensor([[5, 5, -3, 1 << 16], [7 << 16, 0, 5, -(2**63)]], dtype=torch.int64)
+
+# fxrec.compile of a sharded model (tests/test_sharded_compile.py): per step, (rank 0's B, rank 1's
+# B); B=1 on either rank and on both, a rank far larger than the other (its ids fill the small
+# rank's table past the room it reserved for its own: the owners must reserve for every rank's)
+COMPILE_SIZES = [(1, 20), (3, 5), (6, 1), (1, 1), (9, 2), (4, 12), (2, 1), (12, 3), (5, 5), (1, 8), (7, 4)]
+COMPILE_EMPTY = {(3, 0), (7, 1)}  # (step, rank): a batch of no ids at all (every row empty)
+# (name, config, model kwargs): separate tables; "t" and "r" coalesced into one storage with "b"
+# not trainable (merged lookups of (tag, id) pairs); tiny tables that grow every few steps
+COMPILE_RUNS = [
+    ("separate", ("mean", "id", "adamwtf"), {"block_size": 2}),
+    ("coalesced", ("tile", "worker", "sgd"), {"block_size": 2, "passes": True, "b_trainable": False}),
+]
+
+
+def compile_batch(step: int, rank: int, device: str = "cpu") -> dict:
+    """Rank ``rank``'s batch of ``step`` of the compiled runs (``COMPILE_SIZES``, ``COMPILE_EMPTY``)."""
+    return sized_batch(5000 + 1000 * step + rank, COMPILE_SIZES[step][rank], (step, rank) in COMPILE_EMPTY, device)

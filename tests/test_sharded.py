@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxrec.framework.checkpoint import CheckpointManager
-from fxrec.distributed.sharded import NUM_SLICES, mix64, owner_of, slice_of, slice_range
+from fxrec.distributed.sharded import (NUM_SLICES, _as_int32, _ids_of, mix64, owner_bounds, owner_of, slice_of,
+                                      slice_range)
 from fxrec.nn.modules.hashtable import MAX_ROWS_ENV, HashTable
 from tests.sharded_util import (
     CAP_IDS,
@@ -80,6 +81,25 @@ def test_bad_world_size():
         owner_of(torch.zeros(1, dtype=torch.int64), 0)
     with pytest.raises(TypeError, match="int64"):
         owner_of(torch.zeros(1, dtype=torch.int32), 2)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4])
+def test_ids_round_trip_through_int32_words(n):
+    """Ids sent as int32 words beside a tag word (an odd row width) decode to themselves, for one
+    row too (``.contiguous()`` keeps a lone row's stride, which int64 cannot view)."""
+    ids = torch.tensor([-(2**63), 2**63 - 1, 7 << 16, -1][:n], dtype=torch.int64)
+    words = torch.cat([_as_int32(ids), torch.arange(n, dtype=torch.int32)[:, None]], 1)
+    assert torch.equal(_ids_of(words), ids)
+
+
+def test_owner_bounds_checks_its_input_and_is_the_identity_in_one_process():
+    assert owner_bounds([3, 0, 7]) == [3, 0, 7] and owner_bounds([]) == []
+    with pytest.raises(ValueError, match="owner_bounds"):
+        owner_bounds([2, -1])
+    with pytest.raises(TypeError, match="owner_bounds"):
+        owner_bounds([2.0])
+    with pytest.raises(TypeError, match="owner_bounds"):
+        owner_bounds([True])
 
 
 def _run_sharded(directory, world: int, device: str = "cpu") -> list[dict]:

@@ -18,7 +18,7 @@ One lookup of the distinct ids ``uniq [U]`` of a batch (``lookup_rows``):
 
 1. each id goes to its owner: ids sorted by owner, the per-rank counts exchanged first (an
    all-to-all of ``W`` sizes; the split sizes are host ints, one sync), then the ids
-   (``all_to_all_single``);
+   (``all_to_all_single``, a functional collective: below);
 2. the owner deduplicates what it received (two ranks may ask for one id) and looks the ids up in
    its table: ``HashTable.lookup`` — find-or-insert in training mode (new rows initialized from
    (table seed, id), ``last_seen`` updated: eviction runs on the owner), find only in eval mode
@@ -29,6 +29,22 @@ The received ``[U, dim]`` rows are what ``fxrec::table_combine`` reads as its "t
 ``arange(U)`` (``lookup_rows`` returns both), so the fused combiners run unchanged. The gradient
 anchor (``grad_anchor``) is recorded by id instead of by row (``HashTable.grad_anchor(...,
 ids=uniq)``): after ``backward()`` its ``[U, dim]`` gradient is per id.
+
+Under ``torch.compile`` (``fxrec.compile``) the whole exchange is traced into the model's graph:
+one implementation, eager and compiled. The all-to-alls are functional collectives
+(``torch.distributed._functional_collectives.all_to_all_single``, a graph node); the split sizes'
+``.tolist()`` gives unbacked ints (``capture_scalar_outputs``), which size the received tensors.
+What that asks of the code: the per-rank counts are a ``scatter_add`` into ``W`` zeros, not
+``bincount(minlength=W)``, whose length is data-dependent (``.tolist()`` of it cannot be traced);
+the answered rows return to ``uniq`` order by a gather through the inverse permutation, not by
+``out[order] = rows`` (Inductor lowers that ``index_put`` of an unbacked row count into a kernel
+that divides by zero for no rows: ``fxrec/ops/gather.py``); the traffic counters are a tensor
+(Dynamo guards on the values of a dict of ints: a recompile every step). The owner's
+find-or-insert cannot grow its table inside a graph, and a rank receives ids from every rank:
+``fxrec.compile`` reserves room before each call for every rank's bound of the step's ids
+(``owner_bounds``: one all-reduce of host ints). The fetched rows carry no gradient in either mode
+(the exchange runs under ``no_grad``); the anchor does, and the backward's exchange stays outside
+the graph, eager, at the sparse optimizer's step:
 
 Backward, at the sparse optimizer's step (``reduce_grads_to_owners``, a collective over every
 table, called before the update; its docstring says which messages): each rank sums its pending gradients per id over its
@@ -69,6 +85,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from fxrec.distributed.env import collective_device, is_distributed
@@ -77,8 +94,8 @@ from fxrec.ops.table import unique_tagged
 if TYPE_CHECKING:
     from fxrec.nn.modules.hashtable import HashTable
 
-__all__ = ["NUM_SLICES", "anchor_ids", "grad_anchor", "lookup_rows", "mix64", "owner_of", "reduce_grads_to_owners",
-           "reset_traffic", "slice_of", "slice_range", "traffic"]
+__all__ = ["NUM_SLICES", "anchor_ids", "grad_anchor", "lookup_rows", "mix64", "owner_bounds", "owner_of",
+           "reduce_grads_to_owners", "reset_traffic", "slice_of", "slice_range", "traffic"]
 
 NUM_SLICES = 1 << 16
 _SLICE_BITS = 16
@@ -87,7 +104,9 @@ _SLICE_BITS = 16
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _M2 = 0x94D049BB133111EB - (1 << 64)
 
-_traffic = {"sizes": 0, "ids": 0, "tags": 0, "rows": 0, "grads": 0}
+# bytes sent, by kind: a tensor that a compiled graph adds to (module docstring: compiled)
+_KINDS = ("sizes", "ids", "tags", "rows", "grads")
+_traffic = torch.zeros(len(_KINDS), dtype=torch.int64)
 
 
 def _shr(x: Tensor, s: int) -> Tensor:
@@ -132,27 +151,28 @@ def slice_range(rank: int, world: int) -> tuple[int, int]:
 def traffic() -> dict[str, int]:
     """Bytes this process sent to other ranks through all-to-all since ``reset_traffic``, by kind
     (module docstring)."""
-    return dict(_traffic)
+    return dict(zip(_KINDS, _traffic.tolist()))
 
 
 def reset_traffic() -> None:
-    for kind in _traffic:
-        _traffic[kind] = 0
+    _traffic.zero_()
 
 
 def _all_to_all(send: Tensor, send_splits: list[int], recv_splits: list[int], kind: str | dict[str, int]) -> Tensor:
     """``all_to_all_single`` of ``send`` (rows split by ``send_splits``, one part per rank), on the
     backend's device for ``send``'s; the received rows on ``send``'s device. ``kind``: the traffic
-    counter the bytes go to, or ``{kind: bytes of each row}`` for rows of several kinds."""
+    counter the bytes go to, or ``{kind: bytes of each row}`` for rows of several kinds. A
+    functional collective, traced by ``torch.compile``; the split sizes may be unbacked ints there
+    (module docstring)."""
     comm = collective_device(send.device)
-    out = torch.empty((sum(recv_splits), *send.shape[1:]), dtype=send.dtype, device=comm)
-    dist.all_to_all_single(out, send.contiguous().to(comm), recv_splits, send_splits)
+    out = funcol.wait_tensor(funcol.all_to_all_single(send.contiguous().to(comm), recv_splits, send_splits,
+                                                      dist.group.WORLD))
     me = dist.get_rank()
     sent = sum(send_splits) - send_splits[me]
     if isinstance(kind, str):
         kind = {kind: send.element_size() * math.prod(send.shape[1:])}
     for k, row_bytes in kind.items():
-        _traffic[k] += sent * row_bytes
+        _traffic[_KINDS.index(k)] += sent * row_bytes
     return out.to(send.device)
 
 
@@ -168,7 +188,8 @@ def _route(ids: Tensor) -> tuple[Tensor, list[int], list[int]]:
     world = dist.get_world_size()
     owners = owner_of(ids, world)
     order = torch.argsort(owners, stable=True)
-    counts = torch.bincount(owners, minlength=world)
+    # not bincount(minlength=world): its length is data-dependent, and compiled, .tolist() needs a known one
+    counts = torch.zeros(world, dtype=torch.int64, device=ids.device).scatter_add_(0, owners, torch.ones_like(owners))
     return order, counts.tolist(), _exchange_counts(counts)
 
 
@@ -182,13 +203,12 @@ def _local_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None) 
     return storage.lookup(uniq, storage.tags_of(uniq, first.tag) if tags is None else tags, tables)
 
 
-@torch.compiler.disable(reason="fxrec: a sharded lookup's all-to-all (split sizes read from the device) "
-                                "runs eagerly between compiled graphs")
 @torch.no_grad()
 def _sharded_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None) -> Tensor:
     """The ``[U, dim]`` rows of the distinct ids (or (tag, id) pairs) ``uniq`` from their owners
-    (module docstring). Under ``torch.compile`` (``fxrec.compile``) it runs eagerly: the graph
-    breaks here, once per sharded lookup; the owner's lookup then reserves room as an eager one."""
+    (module docstring), eagerly or traced into a compiled graph. Eager, the owner's lookup
+    reserves room for the ids it received (``TableStorage.lookup``); compiled, ``fxrec.compile``
+    reserved it before the call (``owner_bounds``)."""
     order, send_splits, recv_splits = _route(uniq)
     if tags is None:
         asked = _all_to_all(uniq[order], send_splits, recv_splits, "ids")
@@ -197,14 +217,14 @@ def _sharded_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None
     else:  # (id, tag) as 3 int32 words a pair: one message
         words = torch.cat([_as_int32(uniq), tags.to(torch.int32)[:, None]], 1)[order]
         got = _all_to_all(words, send_splits, recv_splits, {"ids": 8, "tags": 4})
-        asked = got[:, :2].contiguous().view(torch.int64).reshape(-1)
+        asked = _ids_of(got)
         owned, owned_tags, inverse, _ = unique_tagged(asked, got[:, 2].contiguous())
     local = _local_rows(tables, owned, owned_tags)
     rows = torch.ops.fxrec.gather_rows(tables[0].embedding, local)[inverse]
     answered = _all_to_all(rows, recv_splits, send_splits, "rows")
-    out = torch.empty_like(answered)
-    out[order] = answered
-    return out
+    # back to uniq order by a gather through the inverse permutation (module docstring: compiled)
+    back = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    return answered[back]
 
 
 def lookup_rows(tables: HashTable | Sequence[HashTable], uniq: Tensor, tags: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -219,6 +239,25 @@ def lookup_rows(tables: HashTable | Sequence[HashTable], uniq: Tensor, tags: Ten
         rows = _local_rows(tables, uniq, tags)
         return tables[0].embedding, rows
     return _sharded_rows(tables, uniq, tags), torch.arange(uniq.shape[0], dtype=torch.int64, device=uniq.device)
+
+
+def owner_bounds(bounds: Sequence[int]) -> list[int]:
+    """``fxrec.compile``'s room (module docstring: compiled): given this rank's upper bounds of the
+    distinct ids its lookups of each storage send in a step (one int per storage, in the order
+    every rank uses), the upper bounds of the ids its owner lookups of each can receive: every
+    rank's bounds summed, by one all-reduce of host ints (a collective: every rank calls it). One
+    process: ``bounds``."""
+    bounds = list(bounds)
+    for b in bounds:
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise TypeError(f"owner_bounds: bounds must be ints, got {b!r} in {bounds}")
+        if b < 0:
+            raise ValueError(f"owner_bounds: bounds must be >= 0, got {b} in {bounds}")
+    if not is_distributed():
+        return bounds
+    total = torch.tensor(bounds, dtype=torch.int64, device=collective_device())
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def anchor_ids(uniq: Tensor) -> Tensor | None:
@@ -239,11 +278,19 @@ def _as_int32(t: Tensor) -> Tensor:
     return (t[:, None] if t.dim() == 1 else t).contiguous().view(torch.int32)
 
 
+def _ids_of(words: Tensor) -> Tensor:
+    """The ``[R]`` int64 ids in the first two int32 words of each row of ``words [R, k]``
+    (``_as_int32``'s). A row-major copy, not ``.contiguous()``: a single row keeps its stride
+    ``k`` there (it counts as contiguous), and an odd ``k`` cannot be viewed as int64 (an owner sent
+    one (id, tag) pair failed so)."""
+    return words[:, :2].clone(memory_format=torch.contiguous_format).view(torch.int64).reshape(-1)
+
+
 def _owner_grads(table: HashTable, got: Tensor, world: int) -> tuple[Tensor, Tensor]:
     """``(rows, grads)`` of this rank's table from the received ``[R, 2 + dim + 1]`` int32 words
     (id, gradient sum, count per row; several rows per id when several ranks sent it), reduced
     per ``grad_reduce_by`` (module docstring)."""
-    ids = got[:, :2].contiguous().view(torch.int64).reshape(-1)
+    ids = _ids_of(got)
     sums_counts = got[:, 2:].contiguous().view(torch.float32)
     owned, inverse = torch.unique(ids, return_inverse=True)
     merged = torch.zeros(owned.shape[0], table.dim + 1, dtype=torch.float32, device=got.device)
