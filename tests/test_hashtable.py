@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
 from fxrec.nn.initializers import TruncNormalInitializer, UniformInitializer
 from fxrec.nn.modules.hashtable import HashTable, filter_out_sparse_param
-from fxrec.ops.table import FILLED
+from fxrec.ops.table import EMPTY, FILLED
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DIM = 3
@@ -95,6 +95,8 @@ def test_table_matches_dict_oracle(ops, filter_step, block_size):
             assert table.evict_stale() == oracle.evict()
         assert len(table) == len(oracle.rows)
         assert 2 * len(table) <= table.capacity
+        # free rows hold the slot's initial value: what an insert leaves a new id's slot at
+        assert (table.slots()["m"][table.state == EMPTY] == 0.5).all()
     content = table_content(table)
     assert content.keys() == oracle.rows.keys()
     for i, (emb, slot, seen) in oracle.rows.items():
@@ -240,6 +242,24 @@ def test_state_dict_round_trip():
     assert fresh.slot("exp_avg", 4) is fresh.slots()["exp_avg"]
     new = fresh.lookup(torch.tensor([999]))  # new ids get the slot's init
     assert torch.equal(fresh.slots()["exp_avg"][new], torch.zeros(1, 4))
+
+
+def test_new_ids_take_a_slot_init_named_after_a_load():
+    # a slot restored by load_state_dict (init 0 until told) then named by an optimizer with
+    # another init: ids inserted afterwards start at that init, the loaded ones keep their values
+    src = HashTable(3, name="t")
+    src.slot("acc", 3, init=0.0)
+    src.train()
+    rows = src.lookup(torch.tensor([1, 2]))
+    src.slots()["acc"][rows] = 7.0
+    dst = HashTable(3, name="t")
+    dst.load_state_dict(src.state_dict())
+    dst.slot("acc", 3, init=0.25)
+    dst.train()
+    rows = dst.lookup(torch.tensor([1, 2, 3, 4]))
+    acc = dst.slots()["acc"]
+    assert (acc[rows[:2]] == 7.0).all() and (acc[rows[2:]] == 0.25).all()
+    assert (acc[dst.state == EMPTY] == 0.25).all()
 
 
 def test_state_dict_errors():
