@@ -95,6 +95,7 @@ def test_table_matches_dict_oracle(ops, filter_step, block_size):
             assert table.evict_stale() == oracle.evict()
         assert len(table) == len(oracle.rows)
         assert 2 * len(table) <= table.capacity
+        assert table.storage.size_bound >= len(table)  # the host's bound (reserve) never undercounts
         # free rows hold the slot's initial value: what an insert leaves a new id's slot at
         assert (table.slots()["m"][table.state == EMPTY] == 0.5).all()
     content = table_content(table)
@@ -279,6 +280,20 @@ def test_state_dict_round_trip():
     assert fresh.slot("exp_avg", 4) is fresh.slots()["exp_avg"]
     new = fresh.lookup(torch.tensor([999]))  # new ids get the slot's init
     assert torch.equal(fresh.slots()["exp_avg"][new], torch.zeros(1, 4))
+
+
+def test_reserve_reads_the_count_only_when_its_bound_runs_out():
+    table = HashTable(2, block_size=64, name="t")  # capacity 64: room for 32 ids
+    table.train()
+    ids = torch.arange(10)
+    bounds = []
+    for _ in range(4):
+        table.lookup(ids)
+        bounds.append(table.storage.size_bound)
+    # each lookup books its 10 ids; the 4th would exceed 32: it reads the count (10) and books on
+    assert bounds == [10, 20, 30, 20] and table.capacity == 64 and len(table) == 10
+    table.lookup(torch.arange(100, 125))  # 10 + 25 ids > 32: grows
+    assert table.capacity == 128 and len(table) == 35 and table.storage.size_bound == 35
 
 
 def test_new_ids_take_a_slot_init_named_after_a_load():

@@ -59,8 +59,9 @@ per LOGICAL table: a table coalesced with others counts its own ids (``count``),
 storage's.
 
 Host syncs: the table counts its ids on the device (``count``, a 0-d int64 tensor, its entry of
-the storage's ``counts``); an eager
-training lookup reads it to keep the load bound (``reserve``) — one sync per lookup. Under
+the storage's ``counts``); an eager training lookup reserves room for its ids (``reserve``),
+which reads that count (one sync) only when the host's upper bound of the ids held (the last
+count plus every reservation since) leaves no room: in a steady state, a sync every few lookups. Under
 ``torch.compile`` the lookup does not reserve (growth replaces buffers, which a graph cannot): the
 caller reserves room for a step's ids before the compiled step, and the lookup syncs nothing.
 """
@@ -265,7 +266,8 @@ class HashTable(nn.Module):
             )
 
     def reserve(self, n: int) -> None:
-        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2 (a host sync)."""
+        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2 (a host sync when the host's
+        bound of the ids held leaves no room: ``TableStorage.reserve``)."""
         self.storage.reserve(n)
 
     def lookup(self, ids: Tensor) -> Tensor:

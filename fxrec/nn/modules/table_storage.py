@@ -89,6 +89,8 @@ class TableStorage(nn.Module):
         # per member, on the device: inserts count into them without a host sync
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64, device=device))
         self.register_buffer("seeds", torch.zeros(0, dtype=torch.int64, device=device))
+        # >= the ids held (counts.sum()), known on the host: inserts come after a reserve (``reserve``)
+        self.size_bound = 0
 
     @property
     def capacity(self) -> int:
@@ -97,6 +99,7 @@ class TableStorage(nn.Module):
     def add_member(self, table: HashTable, count: int = 0) -> int:
         """Make ``table`` a member holding ``count`` ids (already in the index); its tag."""
         self.members.append(table)
+        self.size_bound += count
         device = self.keys.device
         self.counts = torch.cat([self.counts, torch.tensor([count], dtype=torch.int64, device=device)])
         self.seeds = torch.cat([self.seeds, torch.tensor([table.seed], dtype=torch.int64, device=device)])
@@ -128,10 +131,15 @@ class TableStorage(nn.Module):
     # -- lookup -------------------------------------------------------------------------------------
 
     def reserve(self, n: int) -> None:
-        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2 (a host sync)."""
-        size = int(self.counts.sum())
-        if 2 * (size + n) > self.capacity:
-            self.rebuild(capacity_for(size + n), self.state != EMPTY)
+        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2, and book them: the host
+        keeps an upper bound of the ids held (``size_bound``: exact after a count or a rebuild,
+        plus every reservation since), and reads the device count (a host sync) only when that
+        bound leaves no room for ``n`` more."""
+        if 2 * (self.size_bound + n) > self.capacity:
+            self.size_bound = int(self.counts.sum())
+            if 2 * (self.size_bound + n) > self.capacity:
+                self.rebuild(capacity_for(self.size_bound + n), self.state != EMPTY)
+        self.size_bound += n
 
     @torch.no_grad()
     def lookup(self, ids: Tensor, tags: Tensor | None, members: Sequence[HashTable]) -> Tensor:
@@ -201,6 +209,7 @@ class TableStorage(nn.Module):
             setattr(self, name, moved)
         self.keys, self.state = keys, state
         self.counts = torch.bincount(tags.long(), minlength=len(self.members))
+        self.size_bound = old_rows.numel()
         for table in self.members:
             table.remap_pending(remap)
 
@@ -214,6 +223,7 @@ class TableStorage(nn.Module):
         self.rebuild(capacity_for(others + ids.numel()), keep)
         rows, _ = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids, self.tags_of(ids, tag))
         self.counts[tag] = ids.numel()
+        self.size_bound += ids.numel()
         return rows
 
 
