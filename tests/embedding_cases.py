@@ -136,6 +136,7 @@ def loss_of(out: dict) -> torch.Tensor:
 def grads_by_id(table):
     """``(ids, grads)`` of ``table.take_grads()``, ordered by id (rows are not comparable)."""
     rows, grads = table.take_grads()
+    rows, grads = rows[rows >= 0], grads[rows >= 0]  # -1: padding
     ids = table.keys[rows]
     order = torch.argsort(ids)
     return ids[order], grads[order]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
 from fxrec.nn.initializers import TruncNormalInitializer, UniformInitializer
 from fxrec.nn.modules.hashtable import HashTable, filter_out_sparse_param
-from fxrec.ops.table import FILLED
+from fxrec.ops.table import EMPTY, FILLED
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DIM = 3
@@ -95,6 +95,9 @@ def test_table_matches_dict_oracle(ops, filter_step, block_size):
             assert table.evict_stale() == oracle.evict()
         assert len(table) == len(oracle.rows)
         assert 2 * len(table) <= table.capacity
+        assert table.storage.size_bound >= len(table)  # the host's bound (reserve) never undercounts
+        # free rows hold the slot's initial value: what an insert leaves a new id's slot at
+        assert (table.slots()["m"][table.state == EMPTY] == 0.5).all()
     content = table_content(table)
     assert content.keys() == oracle.rows.keys()
     for i, (emb, slot, seen) in oracle.rows.items():
@@ -125,6 +128,7 @@ def test_forward_gathers_duplicates_and_grads_sum_over_occurrences():
     weights = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)
     (emb * weights).sum().backward()
     rows, grads = table.take_grads()
+    rows, grads = rows[rows >= 0], grads[rows >= 0]  # -1: padding
     got = {int(table.keys[r]): g for r, g in zip(rows.tolist(), grads)}
     flat_ids, flat_w = ids.reshape(-1).tolist(), weights.reshape(-1, 2)
     expected = {}
@@ -136,10 +140,42 @@ def test_forward_gathers_duplicates_and_grads_sum_over_occurrences():
     assert table.take_grads()[0].numel() == 0  # taken once
 
 
+@given(lookups=st.lists(st.lists(st.integers(-4, 4), max_size=6), min_size=1, max_size=4),
+       reduce=st.sampled_from(["worker", "id"]), data=st.data())
+def test_take_grads_merges_lookups_without_a_sync(lookups, reduce, data):
+    """Several lookups of one table: ``take_grads`` gives each touched row once (the rest -1
+    padding, as many entries as the lookups' distinct ids together), its gradient summed over
+    every occurrence (``"id"``: divided by their number); an unused lookup is left out."""
+    table = HashTable(2, name="t", grad_reduce_by=reduce)
+    loss, expected, occurrences, entries = 0.0, {}, {}, 0
+    for ids in lookups:
+        weights = torch.tensor(data.draw(st.lists(st.integers(-3, 3), min_size=2 * len(ids), max_size=2 * len(ids))),
+                               dtype=torch.float32).reshape(len(ids), 2)
+        emb = table(torch.tensor(ids, dtype=torch.int64))
+        if not data.draw(st.booleans(), label="used"):
+            continue  # no gradient reaches this lookup's anchor
+        loss = loss + (emb * weights).sum()
+        entries += len(set(ids))
+        for i, w in zip(ids, weights):
+            expected[i] = expected.get(i, torch.zeros(2)) + w
+            occurrences[i] = occurrences.get(i, 0) + 1
+    if isinstance(loss, torch.Tensor):
+        loss.backward()
+    rows, grads = table.take_grads()
+    assert rows.shape == (entries,) and grads.shape == (entries, 2)
+    present = rows >= 0
+    got = {int(table.keys[r]): g for r, g in zip(rows[present].tolist(), grads[present])}
+    assert len(got) == int(present.sum())  # each row once
+    assert got.keys() == expected.keys()
+    for i, g in expected.items():
+        torch.testing.assert_close(got[i], g / occurrences[i] if reduce == "id" else g, rtol=1e-6, atol=0)
+
+
 def test_grad_reduce_by_id_averages_over_occurrences():
     table = HashTable(1, name="t", grad_reduce_by="id")
     table(torch.tensor([5, 5, 5, 9])).sum().backward()
     rows, grads = table.take_grads()
+    rows, grads = rows[rows >= 0], grads[rows >= 0]  # -1: padding
     got = {int(table.keys[r]): float(g) for r, g in zip(rows.tolist(), grads)}
     assert got == {5: 1.0, 9: 1.0}
 
@@ -153,6 +189,7 @@ def test_pending_grads_follow_rows_through_growth_and_eviction():
     assert table.capacity > capacity
     (first.sum() * 2 + second.sum()).backward()
     rows, grads = table.take_grads()
+    rows, grads = rows[rows >= 0], grads[rows >= 0]  # -1: padding
     by_id = {int(table.keys[r]): g for r, g in zip(rows.tolist(), grads)}
     assert torch.equal(by_id[1], torch.full((2,), 2.0)) and torch.equal(by_id[150], torch.ones(2))
     third = table(torch.tensor([1, 100]))
@@ -161,6 +198,7 @@ def test_pending_grads_follow_rows_through_growth_and_eviction():
     assert table.evict_stale() == 101  # 1, 2 and 101..199: not looked up in the last step
     third.sum().backward()
     rows, _ = table.take_grads()
+    rows = rows[rows >= 0]  # -1: padding
     assert table.keys[rows].tolist() == [100]  # the evicted id's gradient is dropped
 
 
@@ -177,6 +215,7 @@ def test_grad_anchor_is_a_stride_zero_leaf_only_when_training_with_grad():
     out.sum().backward()
     assert table.embedding.grad is None and anchor.grad.shape == (2, 3)
     got_rows, grads = table.take_grads()
+    got_rows, grads = got_rows[got_rows >= 0], grads[got_rows >= 0]  # -1: padding
     by_id = {int(table.keys[r]): g.tolist() for r, g in zip(got_rows.tolist(), grads)}
     assert by_id == {4: [1.0] * 3, 5: [2.0] * 3}  # summed over the items
     with torch.no_grad():
@@ -212,6 +251,7 @@ def test_no_insert_when_not_admitting(mode):
     if mode == "read_only":  # training still trains the seen ids, never the unseen
         emb.sum().backward()
         rows, _ = table.take_grads()
+        rows = rows[rows >= 0]  # -1: padding
         assert table.keys[rows].tolist() == [3]
     else:
         assert not emb.requires_grad
@@ -240,6 +280,38 @@ def test_state_dict_round_trip():
     assert fresh.slot("exp_avg", 4) is fresh.slots()["exp_avg"]
     new = fresh.lookup(torch.tensor([999]))  # new ids get the slot's init
     assert torch.equal(fresh.slots()["exp_avg"][new], torch.zeros(1, 4))
+
+
+def test_reserve_reads_the_count_only_when_its_bound_runs_out():
+    table = HashTable(2, block_size=64, name="t")  # capacity 64: room for 32 ids
+    table.train()
+    ids = torch.arange(10)
+    bounds = []
+    for _ in range(4):
+        table.lookup(ids)
+        bounds.append(table.storage.size_bound)
+    # each lookup books its 10 ids; the 4th would exceed 32: it reads the count (10) and books on
+    assert bounds == [10, 20, 30, 20] and table.capacity == 64 and len(table) == 10
+    table.lookup(torch.arange(100, 125))  # 10 + 25 ids > 32: grows
+    assert table.capacity == 128 and len(table) == 35 and table.storage.size_bound == 35
+
+
+def test_new_ids_take_a_slot_init_named_after_a_load():
+    # a slot restored by load_state_dict (init 0 until told) then named by an optimizer with
+    # another init: ids inserted afterwards start at that init, the loaded ones keep their values
+    src = HashTable(3, name="t")
+    src.slot("acc", 3, init=0.0)
+    src.train()
+    rows = src.lookup(torch.tensor([1, 2]))
+    src.slots()["acc"][rows] = 7.0
+    dst = HashTable(3, name="t")
+    dst.load_state_dict(src.state_dict())
+    dst.slot("acc", 3, init=0.25)
+    dst.train()
+    rows = dst.lookup(torch.tensor([1, 2, 3, 4]))
+    acc = dst.slots()["acc"]
+    assert (acc[rows[:2]] == 7.0).all() and (acc[rows[2:]] == 0.25).all()
+    assert (acc[dst.state == EMPTY] == 0.25).all()
 
 
 def test_state_dict_errors():
@@ -316,3 +388,22 @@ def test_cuda_table_equals_cpu_table():
     assert torch.equal(cpu["embedding"][order_cpu], cuda["embedding"].cpu()[order_cuda])
     ids = torch.cat(batches)
     assert torch.equal(tables["cpu"](ids), tables["cuda"](ids.cuda()).cpu())
+
+
+@pytest.mark.gpu
+def test_cuda_take_grads_equals_cpu():
+    # several lookups (merged by a sort on the device, padding -1) and "id" reduction: per id equal
+    torch.manual_seed(0)
+    lookups = [torch.randint(-50, 50, (n,)) for n in (300, 1, 0, 700)]
+    got = {}
+    for d in ("cpu", "cuda"):
+        table = HashTable(8, name="t", grad_reduce_by="id", initializer=TruncNormalInitializer(0, 0.01), device=d)
+        loss = sum((table(ids.to(d)) * torch.arange(8.0, device=d)).sum() * (k + 1) for k, ids in enumerate(lookups))
+        loss.backward()
+        rows, grads = table.take_grads()
+        keep = rows >= 0
+        ids = table.keys[rows[keep]].cpu()
+        order = ids.argsort()
+        got[d] = (ids[order], grads[keep].cpu()[order])
+    assert torch.equal(got["cpu"][0], got["cuda"][0])
+    torch.testing.assert_close(got["cuda"][1], got["cpu"][1], rtol=1e-6, atol=1e-6)

@@ -1,7 +1,9 @@
 """torch.ops.fxrec.init_rows and fxrec.nn.initializers.
 
 The oracle draws the words with a pure-Python splitmix64 and maps them with float64 math
-(``torch.special.erfinv`` in float64 for the normals), sharing no code with fxrec.
+(``torch.special.erfinv`` in float64 for the normals), sharing no code with fxrec. The op writes
+rows in place (``out[rows[i]]``, rows -1 skipped); ``init_rows`` below reads plain values through
+it (rows ``arange(n)`` of a fresh tensor), and the in-place tests check which rows it writes.
 """
 
 import math
@@ -59,8 +61,22 @@ def tensor(ids, device="cpu"):
     return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
-def init_rows(ids, dim, seed, kind, params, dtype=torch.float32):
-    return torch.ops.fxrec.init_rows(ids, dim, seed, kind, params, dtype)
+def init_rows(ids, dim, seed, kind, params, dtype=torch.float32, seeds=None):
+    """The rows ``[*ids.shape, dim]`` of ``ids`` through the op: written at rows ``arange(n)`` of a
+    fresh tensor."""
+    flat = ids.reshape(-1)
+    out = torch.empty(flat.numel(), dim, dtype=dtype, device=ids.device)
+    rows = torch.arange(flat.numel(), device=ids.device)
+    assert torch.ops.fxrec.init_rows(out, rows, flat, seed, kind, params,
+                                     None if seeds is None else seeds.reshape(-1)) is None
+    return out.reshape(*ids.shape, dim)
+
+
+def triton_rows(ids, dim, recipe, seeds=None):
+    """``init_rows`` through the Triton launcher (the interpreter on CPU tensors without CUDA)."""
+    out = torch.empty(ids.numel(), dim, dtype=torch.float32, device=ids.device)
+    init_rows_triton(out, torch.arange(ids.numel(), device=ids.device), ids, recipe, seeds)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +269,7 @@ def test_trunc_normal_distribution(mean, std, a, b):
 def test_triton_matches_cpu(ids, seed, dim, spec):
     recipe = row_recipe(seed, *spec)
     expect = init_rows_torch(tensor(ids), dim, recipe)
-    out = init_rows_triton(tensor(ids, TRITON_DEVICE), dim, recipe)
+    out = triton_rows(tensor(ids, TRITON_DEVICE), dim, recipe)
     assert torch.equal(out.cpu(), expect)
 
 
@@ -263,19 +279,102 @@ def test_triton_matches_cpu_tiles():
     for dim, spec in [(2, SPECS[5]), (1030, SPECS[7]), (1030, SPECS[3])]:
         recipe = row_recipe(99, *spec)
         expect = init_rows_torch(ids[:8] if dim > 1024 else ids, dim, recipe)
-        out = init_rows_triton((ids[:8] if dim > 1024 else ids).to(TRITON_DEVICE), dim, recipe)
+        out = triton_rows((ids[:8] if dim > 1024 else ids).to(TRITON_DEVICE), dim, recipe)
         assert torch.equal(out.cpu(), expect)
 
 
 def test_opcheck():
+    def case(ids, rows, n_out, dim, seed, kind, params, dtype, seeds=None):
+        out = torch.full((n_out, dim), 7.0, dtype=dtype)
+        return (out, tensor(rows), ids, seed, kind, params, seeds)
+
     cases = [
-        (tensor([0, -1, INT64_MIN, INT64_MAX, 5, 5]), 4, 3, "trunc_normal", [0.0, 0.01, -2.0, 2.0], torch.float32),
-        (tensor([1, 2, 3]), 2, -7, "uniform", [-1.0, 1.0], torch.float64),
-        (torch.arange(6, dtype=torch.int64).reshape(2, 3), 3, 0, "normal", [0.0, 1.0], torch.float32),
-        (tensor([]), 8, 0, "constant", [0.5], torch.float32),
+        case(tensor([0, -1, INT64_MIN, INT64_MAX, 5, 5]), [0, 1, 2, 3, 4, 5], 6, 4, 3, "trunc_normal",
+             [0.0, 0.01, -2.0, 2.0], torch.float32),
+        case(tensor([1, 2, 3]), [4, -1, 0], 6, 2, -7, "uniform", [-1.0, 1.0], torch.float64),
+        case(tensor([1, 2, 3]), [-1, -1, -1], 2, 3, 0, "normal", [0.0, 1.0], torch.float32),
+        case(tensor([1, 2]), [1, 0], 2, 3, 0, "normal", [0.0, 1.0], torch.float32, tensor([5, INT64_MIN])),
+        case(tensor([]), [], 3, 8, 0, "constant", [0.5], torch.float32),
     ]
     for args in cases:
         torch.library.opcheck(torch.ops.fxrec.init_rows.default, args)
+
+
+# -- in place: only rows >= 0 are written, each with its id's row --------------------------------
+
+
+def written(n_out, dim, rows, ids, seed, spec, dtype=torch.float32, device="cpu", seeds=None):
+    """``out`` (filled with a marker first) after the op writes ``ids`` at ``rows``."""
+    out = torch.full((n_out, dim), -123.0, dtype=dtype, device=device)
+    torch.ops.fxrec.init_rows(out, tensor(rows, device), tensor(ids, device), seed, *spec,
+                              None if seeds is None else tensor(seeds, device))
+    return out
+
+
+@st.composite
+def placements(draw, max_ids=12):
+    """``(n_out, rows, ids)``: distinct output rows (or -1) for ids."""
+    ids = draw(st.lists(ids_st, max_size=max_ids))
+    n_out = draw(st.integers(len(ids), len(ids) + 5))
+    slots = draw(st.permutations(range(n_out)))[:len(ids)]
+    rows = [r if draw(st.booleans()) else -1 for r in slots]
+    return n_out, rows, ids
+
+
+@given(placed=placements(), seed=seeds, dim=st.integers(1, 6), spec=specs)
+def test_in_place_writes_only_the_given_rows(placed, seed, dim, spec):
+    n_out, rows, ids = placed
+    out = written(n_out, dim, rows, ids, seed, spec)
+    targets = {r: i for r, i in zip(rows, ids) if r >= 0}
+    for r in range(n_out):
+        if r in targets:
+            assert_close_to_oracle(out[r:r + 1], seed, [targets[r]], dim, *spec)
+        else:
+            assert (out[r] == -123.0).all()  # untouched (rows -1 and rows not named)
+
+
+@given(placed=placements(), seed=seeds, dim=st.sampled_from([1, 3, 16, 33]), spec=specs,
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]), with_seeds=st.booleans())
+def test_triton_in_place_matches_cpu(placed, seed, dim, spec, dtype, with_seeds):
+    n_out, rows, ids = placed
+    row_seeds = [i * 7 + 1 for i in range(len(ids))] if with_seeds else None
+    expect = written(n_out, dim, rows, ids, seed, spec, dtype, seeds=row_seeds)
+    out = torch.full((n_out, dim), -123.0, dtype=dtype, device=TRITON_DEVICE)
+    init_rows_triton(out, tensor(rows, TRITON_DEVICE), tensor(ids, TRITON_DEVICE), row_recipe(seed, *spec),
+                     None if row_seeds is None else tensor(row_seeds, TRITON_DEVICE))
+    assert torch.equal(out.cpu(), expect)
+
+
+def test_in_place_strided_out_and_casts():
+    ids = tensor([4, -4, 9])
+    values = init_rows(ids, 3, 5, "normal", [0.0, 1.0])
+    wide = torch.zeros(4, 6, dtype=torch.float64)
+    torch.ops.fxrec.init_rows(wide[:, 1:4], tensor([3, -1, 0]), ids, 5, "normal", [0.0, 1.0])
+    assert torch.equal(wide[3, 1:4], values[0].double()) and torch.equal(wide[0, 1:4], values[2].double())
+    assert (wide[1:3] == 0).all() and (wide[:, [0, 4, 5]] == 0).all()
+    out = torch.zeros(3, 3, dtype=torch.float64, device=TRITON_DEVICE)
+    init_rows_triton(out[:, :3], tensor([3, -1, 0], TRITON_DEVICE)[[0, 2]], ids.to(TRITON_DEVICE)[[0, 2]],
+                     row_recipe(5, "normal", [0.0, 1.0]))  # row 3 is out of range: skipped
+    assert torch.equal(out[0].cpu(), values[2].double()) and (out[1:] == 0).all()
+
+
+def test_in_place_rejects_rows_out_of_range():
+    out = torch.zeros(3, 2)
+    for bad in ([3], [-2]):
+        with pytest.raises(ValueError, match=r"row numbers must be in \[-1, 3\)"):
+            torch.ops.fxrec.init_rows(out, tensor(bad), tensor([1]), 0, "normal", [0.0, 1.0])
+    assert (out == 0).all()
+    with pytest.raises(ValueError, match="rows"):
+        torch.ops.fxrec.init_rows(out, tensor([0, 1]), tensor([1]), 0, "normal", [0.0, 1.0])
+    with pytest.raises(TypeError, match="rows must be a 1-D int64"):
+        torch.ops.fxrec.init_rows(out, tensor([0]).int(), tensor([1]), 0, "normal", [0.0, 1.0])
+
+
+def test_recipe_is_derived_once_and_keeps_the_sign_of_zero():
+    assert row_recipe(3, "normal", [0.0, 1.0]) is row_recipe(3, "normal", (0.0, 1.0))
+    assert row_recipe(3, "constant", [-0.0]).p[0] == 0.0
+    assert math.copysign(1.0, row_recipe(3, "constant", [-0.0]).p[0]) == -1.0
+    assert math.copysign(1.0, row_recipe(3, "constant", [0.0]).p[0]) == 1.0
 
 
 # -- per-id seeds (coalesced tables): each row as its own table's seed gives it --------------------
@@ -289,10 +388,10 @@ def wrap64(x: int) -> int:
 @given(rows=st.lists(st.tuples(ids_st, seeds), max_size=12), seed=seeds, dim=st.sampled_from([1, 3, 16]), spec=specs)
 def test_per_id_seeds_equal_per_table_calls(rows, seed, dim, spec):
     ids, row_seeds = tensor([i for i, _ in rows]), tensor([s for _, s in rows])
-    got = torch.ops.fxrec.init_rows(ids, dim, seed, *spec, torch.float32, row_seeds)
+    got = init_rows(ids, dim, seed, *spec, seeds=row_seeds)
     for k, (i, s) in enumerate(rows):
-        assert torch.equal(got[k], torch.ops.fxrec.init_rows(tensor([i]), dim, wrap64(seed + s), *spec, torch.float32)[0])
-    triton = init_rows_triton(ids.to(TRITON_DEVICE), dim, row_recipe(seed, *spec), row_seeds.to(TRITON_DEVICE))
+        assert torch.equal(got[k], init_rows(tensor([i]), dim, wrap64(seed + s), *spec)[0])
+    triton = triton_rows(ids.to(TRITON_DEVICE), dim, row_recipe(seed, *spec), row_seeds.to(TRITON_DEVICE))
     assert torch.equal(triton.cpu(), got)
 
 
@@ -302,21 +401,31 @@ def test_per_id_seeds_initializer_and_validation():
     got = init.init_rows(ids, 4, 0, seeds=tensor([11, -2, 11]))
     for k, s in enumerate([11, -2, 11]):
         assert torch.equal(got[k], init.init_rows(ids[k:k + 1], 4, s)[0])
-    with pytest.raises(TypeError, match="seeds must be int64"):
-        torch.ops.fxrec.init_rows(ids, 4, 0, "normal", [0.0, 1.0], torch.float32, ids.int())
+    out, rows = torch.zeros(3, 4), tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="seeds must be a 1-D int64"):
+        torch.ops.fxrec.init_rows(out, rows, ids, 0, "normal", [0.0, 1.0], ids.int())
     with pytest.raises(ValueError, match=r"seeds has shape \(2,\)"):
-        torch.ops.fxrec.init_rows(ids, 4, 0, "normal", [0.0, 1.0], torch.float32, ids[:2])
-    torch.library.opcheck(torch.ops.fxrec.init_rows.default,
-                          (ids, 3, 7, "uniform", [-1.0, 1.0], torch.float32, tensor([1, 2, INT64_MIN])))
+        torch.ops.fxrec.init_rows(out, rows, ids, 0, "normal", [0.0, 1.0], ids[:2])
+    with pytest.raises(ValueError, match=r"seeds has shape \(2,\)"):
+        init.init_rows(ids, 4, 0, seeds=ids[:2])
 
 
 @pytest.mark.gpu
 @given(rows=st.lists(st.tuples(ids_st, seeds), max_size=300), seed=seeds, dim=st.integers(1, 70), spec=specs)
 def test_cuda_per_id_seeds_match_cpu(rows, seed, dim, spec):
     ids, row_seeds = tensor([i for i, _ in rows]), tensor([s for _, s in rows])
-    cpu = torch.ops.fxrec.init_rows(ids, dim, seed, *spec, torch.float32, row_seeds)
-    cuda = torch.ops.fxrec.init_rows(ids.cuda(), dim, seed, *spec, torch.float32, row_seeds.cuda())
+    cpu = init_rows(ids, dim, seed, *spec, seeds=row_seeds)
+    cuda = init_rows(ids.cuda(), dim, seed, *spec, seeds=row_seeds.cuda())
     assert torch.equal(cuda.cpu(), cpu)
+
+
+@pytest.mark.gpu
+@given(placed=placements(max_ids=300), seed=seeds, dim=st.integers(1, 70), spec=specs,
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+def test_cuda_in_place_matches_cpu(placed, seed, dim, spec, dtype):
+    n_out, rows, ids = placed
+    cpu = written(n_out, dim, rows, ids, seed, spec, dtype)
+    assert torch.equal(written(n_out, dim, rows, ids, seed, spec, dtype, "cuda").cpu(), cpu)
 
 
 @pytest.mark.gpu
@@ -364,10 +473,10 @@ def test_op_rejects_bad_params(kind, params):
 def test_op_rejects_bad_args():
     with pytest.raises(TypeError, match="int64"):
         init_rows(torch.tensor([1], dtype=torch.int32), 4, 0, "normal", [0.0, 1.0])
-    with pytest.raises(ValueError, match="dim"):
-        init_rows(tensor([1]), 0, 0, "normal", [0.0, 1.0])
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="floating"):
         init_rows(tensor([1]), 4, 0, "normal", [0.0, 1.0], torch.int64)
+    with pytest.raises(ValueError, match="2-D"):
+        torch.ops.fxrec.init_rows(torch.zeros(4), tensor([0]), tensor([1]), 0, "normal", [0.0, 1.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,5 +574,9 @@ def test_initializer_rejects_bad_params(make):
 def test_initializer_rejects_bad_dims():
     with pytest.raises(ValueError, match="dim"):
         NormalInitializer().init_rows(tensor([1]), 0, 0)
+    with pytest.raises(ValueError, match="dim"):
+        NormalInitializer().init_rows(tensor([1]), -1, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        NormalInitializer().init_rows(tensor([1]), 4, 0, dtype=torch.int64)
     with pytest.raises(ValueError, match="block_size"):
         XavierNormalInitializer().init_rows(tensor([1]), 4, 0, block_size=0)

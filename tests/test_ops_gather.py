@@ -1,4 +1,4 @@
-"""fxrec::gather_rows and fxrec::scatter_rows against row-by-row numpy oracles, their Triton
+"""fxrec::gather_rows against a row-by-row numpy oracle, their Triton
 kernels (under the interpreter on CPU, and on CUDA when there is one), opcheck and errors."""
 
 import numpy as np
@@ -8,10 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec.*)
-from fxrec.ops.triton.gather import gather_rows_triton, scatter_rows_triton
+from fxrec.ops.triton.gather import gather_rows_triton
 
 gather_rows = torch.ops.fxrec.gather_rows
-scatter_rows = torch.ops.fxrec.scatter_rows
 HAS_CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -87,75 +86,3 @@ def test_cuda_equals_cpu_large():
         table = torch.randn(100_000, dim, generator=gen)
         rows = torch.randint(-1, 100_000, (300_000,), generator=gen)
         assert torch.equal(gather_rows(table.cuda(), rows.cuda()).cpu(), gather_rows(table, rows))
-
-
-@st.composite
-def scatter_cases(draw, max_rows=12, max_dim=70):
-    """(dst, distinct rows incl. -1 entries, src): a row written once (as a table's insert does)."""
-    n_dst = draw(st.integers(0, max_rows))
-    dim = draw(st.integers(1, max_dim))
-    dst = np.arange(n_dst * dim, dtype=np.float32).reshape(n_dst, dim)
-    written = draw(st.lists(st.integers(0, n_dst - 1), unique=True, max_size=n_dst) if n_dst else st.just([]))
-    rows = draw(st.permutations(written + [-1] * draw(st.integers(0, 3))))
-    src = np.array(draw(st.lists(st.floats(-1e3, 1e3, width=32) | st.just(float("nan")),
-                                 min_size=len(rows) * dim, max_size=len(rows) * dim)), dtype=np.float32)
-    return dst, rows, src.reshape(len(rows), dim)
-
-
-def scatter_oracle(dst: np.ndarray, rows: list[int], src: np.ndarray) -> np.ndarray:
-    out = dst.copy()
-    for i, r in enumerate(rows):
-        if r >= 0:
-            out[r] = src[i]
-    return out
-
-
-@given(case=scatter_cases())
-def test_scatter_cpu_matches_oracle(case):
-    dst, rows, src = case
-    t = torch.from_numpy(dst.copy())
-    assert scatter_rows(t, torch.tensor(rows, dtype=torch.int64), torch.from_numpy(src)) is None
-    np.testing.assert_array_equal(t.numpy(), scatter_oracle(dst, rows, src))
-
-
-@given(case=scatter_cases(max_rows=6, max_dim=40))
-def test_scatter_triton_equals_oracle(case):
-    dst, rows, src = case
-    t = torch.from_numpy(dst.copy()).to(TRITON_DEVICE)
-    scatter_rows_triton(t, torch.tensor(rows, dtype=torch.int64, device=TRITON_DEVICE),
-                        torch.from_numpy(src).to(TRITON_DEVICE))
-    np.testing.assert_array_equal(t.cpu().numpy(), scatter_oracle(dst, rows, src))
-
-
-def test_scatter_errors():
-    t = torch.zeros(4, 2)
-    with pytest.raises(ValueError, match=r"\[-1, 4\)"):
-        scatter_rows(t, torch.tensor([4]), torch.zeros(1, 2))
-    with pytest.raises(TypeError, match="rows must be a 1-D int64"):
-        scatter_rows(t, torch.tensor([0], dtype=torch.int32), torch.zeros(1, 2))
-    with pytest.raises(ValueError, match=r"src must be torch.float32 \[1, 2\]"):
-        scatter_rows(t, torch.tensor([0]), torch.zeros(1, 3))
-    with pytest.raises(ValueError, match="contiguous 2-D"):
-        scatter_rows(torch.zeros(4), torch.tensor([0]), torch.zeros(1, 1))
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_scatter_opcheck(device):
-    for rows in ([0, -1, 6, 3], []):
-        dst = torch.randn(7, 5, device=device)
-        src = torch.randn(len(rows), 5, device=device)
-        torch.library.opcheck(scatter_rows, (dst, torch.tensor(rows, dtype=torch.int64, device=device), src))
-
-
-@pytest.mark.gpu
-def test_scatter_cuda_equals_cpu_large():
-    gen = torch.Generator().manual_seed(0)
-    for dim in (1, 8, 16, 64, 130):
-        dst = torch.randn(100_000, dim, generator=gen)
-        rows = torch.randperm(100_000, generator=gen)[:30_000]
-        rows[::7] = -1
-        src = torch.randn(rows.shape[0], dim, generator=gen)
-        got = dst.cuda()
-        scatter_rows(got, rows.cuda(), src.cuda())
-        scatter_rows(dst, rows, src)
-        assert torch.equal(got.cpu(), dst)

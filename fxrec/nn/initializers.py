@@ -3,7 +3,8 @@
 An initializer gives the initial row of every id of a table: ``init.init_rows(ids, dim, seed)``,
 a pure function of (table seed, id, column) computed by ``torch.ops.fxrec.init_rows`` (counter-
 based RNG, identical on CPU and CUDA, independent of batch composition and insertion order;
-SPEC §4.4). RecIS drew a whole ``[block_size, dim]`` block from a ``torch.Generator`` instead,
+SPEC §4.4); ``init.write_rows(out, rows, ids, seed)`` writes them straight into a table's rows
+(the insert's one op). RecIS drew a whole ``[block_size, dim]`` block from a ``torch.Generator`` instead,
 so a row depended on when its id was inserted; fxrec keeps RecIS's constructors, not that.
 
 Decisions (RecIS differs or is unclear):
@@ -110,13 +111,35 @@ class Initializer(ABC):
         """Initial rows ``[*ids.shape, dim]`` of ``dtype`` for int64 ``ids`` of a table seeded
         ``seed`` (an int64); on the device of ``ids``. ``seeds`` (int64, ``ids``' shape): id ``i``
         is of a table seeded ``seed + seeds[i]`` (mod 2**64; tables coalesced into one)."""
-        if dim < 1 or block_size < 1:
-            raise ValueError(f"{self!r}: dim and block_size must be positive, got {dim}, {block_size}")
+        self._check_sizes(dim, block_size)
+        if not dtype.is_floating_point:
+            raise ValueError(f"{self!r}: dtype must be a floating dtype, got {dtype}")
+        if seeds is not None and seeds.shape != ids.shape:
+            raise ValueError(f"{self!r}: seeds has shape {tuple(seeds.shape)}, ids {tuple(ids.shape)}: they must match")
+        flat = ids.reshape(-1)
+        out = torch.empty((flat.shape[0], dim), dtype=dtype, device=ids.device)
+        rows = torch.arange(flat.shape[0], dtype=torch.int64, device=ids.device)
+        self.write_rows(out, rows, flat, seed, block_size, None if seeds is None else seeds.reshape(-1))
+        return out.reshape(*ids.shape, dim)
+
+    def write_rows(
+        self, out: Tensor, rows: Tensor, ids: Tensor, seed: int, block_size: int = DEFAULT_BLOCK_SIZE,
+        seeds: Tensor | None = None,
+    ) -> None:
+        """In place: ``out[rows[i]] =`` the initial row of ``ids[i]`` (1-D int64 ``rows`` and
+        ``ids`` of one length; rows -1 skipped) for a table of ``out``'s width seeded ``seed``
+        (``seeds``: per id, as in ``init_rows``). What a table's insert runs: one op."""
+        dim = out.shape[1] if out.dim() == 2 else 0
+        self._check_sizes(dim, block_size)
         kind, params = self.row_spec(dim, block_size)
         if self._generator_seed is not None:
             seed = (seed + (self._generator_seed + 1) * GAMMA) % (1 << 64)
             seed -= (seed >> 63) << 64
-        return torch.ops.fxrec.init_rows(ids, dim, seed, kind, params, dtype, seeds)
+        torch.ops.fxrec.init_rows(out, rows, ids, seed, kind, params, seeds)
+
+    def _check_sizes(self, dim: int, block_size: int) -> None:
+        if dim < 1 or block_size < 1:
+            raise ValueError(f"{self!r}: dim and block_size must be positive, got {dim}, {block_size}")
 
     def _key(self) -> tuple:
         return (type(self), tuple(sorted(self._config.items())), self._generator_seed)

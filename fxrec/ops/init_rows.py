@@ -1,9 +1,22 @@
-"""``fxrec::init_rows``: the initial embedding row of each id, a pure function of (seed, id, column).
+"""``fxrec::init_rows``: initial embedding rows, each a pure function of (seed, id, column),
+written in place into the rows of a table.
 
-``init_rows(ids, dim, seed, kind, params, dtype, seeds=None) -> [*ids.shape, dim]`` of ``dtype``.
-``seeds`` (optional int64, ``ids``' shape) gives each id its own seed ``seed + seeds[i]`` (mod
-2**64): several tables coalesced into one (``table_coalesce``) initialize their new rows in one
-call, each row with its own table's seed, so a row's value is what its table alone would give.
+``init_rows(out, rows, ids, seed, kind, params, seeds=None)`` (mutates ``out [R, dim]``, any
+floating dtype): ``out[rows[i]] =`` the initial row of ``ids[i]``, computed in float32 and cast to
+``out``'s dtype; rows ``-1`` are skipped (ids a table lookup did not insert); every other row of
+``out`` is left untouched. ``rows``, ``ids`` (and ``seeds``) are 1-D int64 of one length. What a
+table's insert runs (``TableStorage.lookup``): ONE op for the new rows of a lookup, rows -1 for the
+ids already present, so neither a host sync (a boolean index of the new ids) nor a ``[U, dim]``
+temporary and a scatter. An opaque op, not ``out[rows] = values``: Inductor (torch 2.11, CUDA)
+compiles that ``index_put`` with an unbacked row count into a kernel whose launch grid divides by
+zero when no row is new; this op launches nothing for zero rows. ``Initializer.init_rows`` gets plain values by writing into a fresh
+tensor with ``rows = arange(n)``. The CPU kernel rejects row numbers outside ``[-1, R)`` and
+computes only the rows it writes (none: no work); the CUDA kernel does not sync to check and
+skips rows outside ``[0, R)``. A row given twice gets one of its values.
+
+``seeds`` (optional) gives each id its own seed ``seed + seeds[i]`` (mod 2**64): several tables
+coalesced into one (``table_coalesce``) initialize their new rows in one call, each row with its
+own table's seed, so a row's value is what its table alone would give.
 Row ``id``
 does not depend on the other ids of the call, their order, duplicates, the device, or ``dim``
 beyond its length (the row for ``dim=8`` is the first 8 columns of the row for ``dim=16``): this
@@ -42,10 +55,12 @@ M. Giles' single-precision approximation: the normal value of every ``u`` is wit
 kernel here and the Triton kernel (``fxrec.ops.triton.init_rows``, launched with
 ``enable_fp_fusion=False``) are bit-identical (checked under Triton's interpreter; on CUDA by the
 ``gpu`` tests).
-Scalar parameters are derived in float64 on the host and rounded once to float32. Results are
-computed in float32 and cast to ``dtype`` (a floating dtype).
+Scalar parameters are derived in float64 on the host and rounded once to float32, once per
+``(seed, kind, params)`` (``row_recipe`` is cached: a table's inserts reuse it; no tensor work on
+the host). Results are computed in float32 and cast to ``out``'s dtype.
 """
 
+import functools
 import math
 import struct
 from typing import NamedTuple
@@ -55,7 +70,7 @@ import torch
 from torch import Tensor
 
 from fxrec.ops.triton.init_rows import CONSTANT, GAUSSIAN, UNIFORM, init_rows_triton
-from fxrec.ops.uint64 import GAMMA, as_int64, mix64, shr
+from fxrec.ops.uint64 import GAMMA, as_int64, mix64, mix64_int, shr
 
 __all__ = ["INIT_KINDS", "RowRecipe", "init_rows", "init_rows_torch", "row_recipe"]
 
@@ -101,10 +116,18 @@ def _check_params(kind: str, params: list[float]) -> None:
 
 
 def row_recipe(seed: int, kind: str, params: list[float]) -> RowRecipe:
-    """The kernel arguments for ``(seed, kind, params)`` (validated here)."""
+    """The kernel arguments for ``(seed, kind, params)`` (validated here; derived once per distinct
+    arguments: cached)."""
+    params = tuple(params)
+    # the signs too: 0.0 == -0.0, but a constant -0.0 writes other bits than 0.0
+    return _row_recipe(seed, kind, params, tuple(math.copysign(1.0, p) for p in params))
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_recipe(seed: int, kind: str, params: tuple[float, ...], signs: tuple[float, ...]) -> RowRecipe:
     _check_params(kind, params)
     seed_word = as_int64(seed + GAMMA)
-    key = int(mix64(torch.tensor(seed_word)))
+    key = as_int64(mix64_int(seed_word))
     if kind == "constant":
         return RowRecipe(key, seed_word, CONSTANT, (_f32(params[0]), 0.0, 0.0, 0.0, 0.0, 0.0))
     if kind == "uniform":
@@ -166,6 +189,12 @@ def _sqrt2_erfinv(x: Tensor, one_minus_x2: Tensor) -> Tensor:
     return torch.where(w < 5.0, p, q) * x
 
 
+@functools.lru_cache(maxsize=1024)
+def _float32_scalars(p: tuple[float, ...]) -> tuple[Tensor, ...]:
+    """A recipe's parameters as 0-d float32 tensors (float32 math with them), made once."""
+    return tuple(torch.tensor(v, dtype=torch.float32) for v in p)
+
+
 def _rows_chunk(ids: Tensor, seeds: Tensor | None, dim: int, recipe: RowRecipe) -> Tensor:
     key, seed_word, kernel_kind, p = recipe
     if kernel_kind == CONSTANT:
@@ -175,7 +204,7 @@ def _rows_chunk(ids: Tensor, seeds: Tensor | None, dim: int, recipe: RowRecipe) 
     state = mix64(ids ^ key)
     counters = (torch.arange(1, dim + 1, dtype=torch.int64) * as_int64(GAMMA))[None, :]
     word = mix64(state[:, None] + counters)
-    p32 = [torch.tensor(v, dtype=torch.float32) for v in p]  # float32 scalars: float32 math
+    p32 = _float32_scalars(p)
     if kernel_kind == UNIFORM:
         u = shr(word, 40).to(torch.float32) * 2.0**-24
         return torch.minimum(p32[0] + p32[1] * u, p32[2])
@@ -208,51 +237,55 @@ def init_rows_torch(ids: Tensor, dim: int, recipe: RowRecipe, seeds: Tensor | No
 # the op
 
 
-def _check_args(ids: Tensor, dim: int, dtype: torch.dtype, seeds: Tensor | None) -> None:
-    if ids.dtype != torch.int64:
-        raise TypeError(f"fxrec::init_rows: ids must be int64, got {ids.dtype}")
-    if seeds is not None:
-        if seeds.dtype != torch.int64:
-            raise TypeError(f"fxrec::init_rows: seeds must be int64, got {seeds.dtype}")
-        if seeds.shape != ids.shape:
-            raise ValueError(f"fxrec::init_rows: seeds has shape {tuple(seeds.shape)}, ids {tuple(ids.shape)}: "
+def _check_args(out: Tensor, rows: Tensor, ids: Tensor, seeds: Tensor | None) -> None:
+    """Metadata only (no host sync): shapes, dtypes, devices."""
+    if out.dim() != 2 or not out.dtype.is_floating_point:
+        raise ValueError(f"fxrec::init_rows: out must be a 2-D [rows, dim] floating tensor, got {out.dtype} "
+                         f"of shape {tuple(out.shape)}")
+    for name, t in (("rows", rows), ("ids", ids), ("seeds", seeds)):
+        if t is None:
+            continue
+        if t.dtype != torch.int64 or t.dim() != 1:
+            raise TypeError(f"fxrec::init_rows: {name} must be a 1-D int64 tensor, got {t.dtype} of shape "
+                            f"{tuple(t.shape)}")
+        if t.shape != rows.shape:
+            raise ValueError(f"fxrec::init_rows: {name} has shape {tuple(t.shape)}, rows {tuple(rows.shape)}: "
                              "they must match")
-        if seeds.device != ids.device:
-            raise ValueError(f"fxrec::init_rows: seeds are on {seeds.device}, ids on {ids.device}: they must match")
-    if dim < 1:
-        raise ValueError(f"fxrec::init_rows: dim must be positive, got {dim}")
-    if not dtype.is_floating_point:
-        raise ValueError(f"fxrec::init_rows: dtype must be a floating dtype, got {dtype}")
+        if t.device != out.device:
+            raise ValueError(f"fxrec::init_rows: {name} is on {t.device}, out on {out.device}: they must match")
 
 
-@torch.library.custom_op("fxrec::init_rows", mutates_args=())
+@torch.library.custom_op("fxrec::init_rows", mutates_args=("out",))
 def init_rows(
-    ids: Tensor, dim: int, seed: int, kind: str, params: list[float], dtype: torch.dtype,
-    seeds: Tensor | None = None,
-) -> Tensor:
-    """Initial rows ``[*ids.shape, dim]`` of ``dtype``: row ``i`` is a function of
-    ``(seed + seeds[i], ids[i], column)`` only (see the module docstring for kinds, params and the
-    RNG)."""
-    _check_args(ids, dim, dtype, seeds)
-    rows = init_rows_torch(ids, dim, row_recipe(seed, kind, params), seeds)
-    return rows.to(dtype).reshape(*ids.shape, dim)
+    out: Tensor, rows: Tensor, ids: Tensor, seed: int, kind: str, params: list[float], seeds: Tensor | None = None,
+) -> None:
+    """``out[rows[i]] = `` the initial row of ``ids[i]`` (a function of ``(seed + seeds[i], ids[i],
+    column)`` only, cast to ``out``'s dtype), in place; rows -1 are skipped (module docstring)."""
+    _check_args(out, rows, ids, seeds)
+    recipe = row_recipe(seed, kind, params)
+    if rows.numel() == 0:
+        return
+    low, high = torch.aminmax(rows)
+    if low < -1 or high >= out.shape[0]:
+        raise ValueError(f"fxrec::init_rows: row numbers must be in [-1, {out.shape[0]}), got [{int(low)}, {int(high)}]")
+    new = (rows >= 0).nonzero().squeeze(1)  # CPU: the rows to write, so steps that insert nothing compute nothing
+    if new.numel() == 0:
+        return
+    values = init_rows_torch(ids[new], out.shape[1], recipe, None if seeds is None else seeds[new])
+    out.index_copy_(0, rows[new], values.to(out.dtype))
 
 
 @init_rows.register_kernel("cuda")
 def _init_rows_cuda(
-    ids: Tensor, dim: int, seed: int, kind: str, params: list[float], dtype: torch.dtype,
-    seeds: Tensor | None = None,
-) -> Tensor:
-    _check_args(ids, dim, dtype, seeds)
-    rows = init_rows_triton(ids, dim, row_recipe(seed, kind, params), seeds)
-    return rows.to(dtype).reshape(*ids.shape, dim)
+    out: Tensor, rows: Tensor, ids: Tensor, seed: int, kind: str, params: list[float], seeds: Tensor | None = None,
+) -> None:
+    _check_args(out, rows, ids, seeds)
+    init_rows_triton(out, rows, ids, row_recipe(seed, kind, params), seeds)
 
 
 @init_rows.register_fake
 def _init_rows_fake(
-    ids: Tensor, dim: int, seed: int, kind: str, params: list[float], dtype: torch.dtype,
-    seeds: Tensor | None = None,
-) -> Tensor:
-    _check_args(ids, dim, dtype, seeds)
-    _check_params(kind, params)
-    return ids.new_empty((*ids.shape, dim), dtype=dtype)
+    out: Tensor, rows: Tensor, ids: Tensor, seed: int, kind: str, params: list[float], seeds: Tensor | None = None,
+) -> None:
+    _check_args(out, rows, ids, seeds)
+    row_recipe(seed, kind, params)

@@ -28,13 +28,15 @@ only fxrec ops that mutate their inputs (``mutates_args`` names the tensors writ
         p_r = p_r - lr * g
 
 Decisions:
-- ``rows`` must be UNIQUE within a call: the caller deduplicates the step's ids and sums their
-  gradients first (SPEC §4.5). Duplicates are not detected (that would cost a sort); with them
-  the result is undefined (on CUDA, programs race on the row).
+- ``rows`` must be UNIQUE within a call, but for ``-1``: the caller deduplicates the step's ids
+  and sums their gradients first (SPEC §4.5). Rows ``-1`` are padding and skipped (their gradient
+  is not read): ``HashTable.take_grads`` merges several lookups' rows without a host sync by
+  keeping one entry per row and padding the others with -1. Duplicates are not detected (that
+  would cost a sort); with them the result is undefined (on CUDA, programs race on the row).
 - float32 only (param, slots, grads): the tables' dtype. ``rows`` is int64 1-D, ``grads`` is
   ``[len(rows), dim]``, ``dim >= 1``; param and slots may be strided views (e.g. of a larger
   buffer), their rows are addressed through their strides. Bad metadata raises
-  ``TypeError``/``ValueError`` naming the argument. Row ids outside ``[0, capacity)`` raise
+  ``TypeError``/``ValueError`` naming the argument. Row ids outside ``[-1, capacity)`` raise
   ``ValueError`` on CPU (the kernel reads rows anyway); on CUDA, where that check would need a
   host sync, such rows are skipped and nothing outside the tables is written.
 - Hyperparameters are ``float`` (float64 on the host) but for Adam's bias corrections (0-d float64
@@ -104,10 +106,18 @@ def _check_update_args(op: str, param: Tensor, rows: Tensor, grads: Tensor, slot
             raise ValueError(f"fxrec::{op}: {name} is on {t.device} but param on {param.device}")
 
 
-def _check_rows_in_range(op: str, rows: Tensor, capacity: int) -> None:
-    """CPU kernels only: reads ``rows``."""
-    if rows.numel() and (bool((rows < 0).any()) or bool((rows >= capacity).any())):
-        raise ValueError(f"fxrec::{op}: rows must lie in [0, capacity) = [0, {capacity})")
+def _rows_to_update(op: str, rows: Tensor, grads: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """CPU kernels only (reads ``rows``): the rows to update and their gradients, rows -1 (padding)
+    left out; rows outside ``[-1, capacity)`` raise."""
+    if rows.numel() == 0:
+        return rows, grads
+    low, high = torch.aminmax(rows)
+    if low < -1 or high >= capacity:
+        raise ValueError(f"fxrec::{op}: rows must lie in [0, capacity) = [0, {capacity}), or be -1 (padding)")
+    if low >= 0:
+        return rows, grads
+    keep = (rows >= 0).nonzero().squeeze(1)
+    return rows[keep], grads[keep]
 
 
 def _sqrt_rn(t: Tensor) -> Tensor:
@@ -146,7 +156,7 @@ def sparse_adam_update(
 ) -> None:
     """Adam/AdamW/AdamWTF step on the rows ``rows`` (see the module docstring), in place."""
     _check_adam(param, exp_avg, exp_avg_sq, rows, grads, bias_correction1, bias_correction2)
-    _check_rows_in_range("sparse_adam_update", rows, param.shape[0])
+    rows, grads = _rows_to_update("sparse_adam_update", rows, grads, param.shape[0])
     step_size = _adam_step_size(lr, bias_correction1, bias_correction2)
     p = param.index_select(0, rows) * decay
     m = exp_avg.index_select(0, rows) * beta1 + grads * (1.0 - beta1)
@@ -186,7 +196,7 @@ def sparse_adagrad_update(
 ) -> None:
     """Adagrad step on the rows ``rows``, element-wise or row-wise (see the module docstring)."""
     _check_adagrad(param, accum, rows, grads, rowwise)
-    _check_rows_in_range("sparse_adagrad_update", rows, param.shape[0])
+    rows, grads = _rows_to_update("sparse_adagrad_update", rows, grads, param.shape[0])
     squares = grads * grads
     if rowwise:
         squares = squares.mean(dim=1, keepdim=True)
@@ -221,7 +231,7 @@ def _check_sgd(param: Tensor, rows: Tensor, grads: Tensor) -> None:
 def sparse_sgd_update(param: Tensor, rows: Tensor, grads: Tensor, lr: float) -> None:
     """``p_r = p_r - lr * g`` on the rows ``rows``, in place."""
     _check_sgd(param, rows, grads)
-    _check_rows_in_range("sparse_sgd_update", rows, param.shape[0])
+    rows, grads = _rows_to_update("sparse_sgd_update", rows, grads, param.shape[0])
     param.index_copy_(0, rows, param.index_select(0, rows) - lr * grads)
 
 

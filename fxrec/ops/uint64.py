@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["GAMMA", "MIX_1", "MIX_2", "as_int64", "shr", "mix64"]
+__all__ = ["GAMMA", "MIX_1", "MIX_2", "as_int64", "shr", "mix64", "mix64_int"]
 
 # splitmix64: the stream increment and the finalizer's multipliers (as uint64 values).
 GAMMA, MIX_1, MIX_2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -31,3 +31,13 @@ def mix64(z: Tensor) -> Tensor:
     z = (z ^ shr(z, 30)) * as_int64(MIX_1)
     z = (z ^ shr(z, 27)) * as_int64(MIX_2)
     return z ^ shr(z, 31)
+
+
+def mix64_int(z: int) -> int:
+    """``mix64`` of one uint64 on the host (a Python int, taken mod 2**64; the uint64 result): host
+    constants derived without tensor work."""
+    mask = (1 << 64) - 1
+    z &= mask
+    z = ((z ^ (z >> 30)) * MIX_1) & mask
+    z = ((z ^ (z >> 27)) * MIX_2) & mask
+    return z ^ (z >> 31)

@@ -16,7 +16,7 @@ Decisions:
   ``GradScaler`` and friends skip them); the tables themselves live in ``self.tables``
   (``{name: HashTable}``), and torch's per-param ``self.state`` stays unused.
 - Gradients: ``table.take_grads()`` gives each touched row once, already reduced per the table's
-  ``grad_reduce_by`` (SPEC §4.5). With ``set_grad_accum_steps(k)``, a ``"worker"`` table's
+  ``grad_reduce_by`` (SPEC §4.5), padded with rows -1 that the update ops skip: no host sync. With ``set_grad_accum_steps(k)``, a ``"worker"`` table's
   gradients (sums over the k micro-batches' occurrences) are divided by k, averaging them as
   dense gradients are; an ``"id"`` table's are not: its mean over occurrences already runs over
   every occurrence of the k micro-batches, so it is an average as it stands. (This is for loops

@@ -59,8 +59,9 @@ per LOGICAL table: a table coalesced with others counts its own ids (``count``),
 storage's.
 
 Host syncs: the table counts its ids on the device (``count``, a 0-d int64 tensor, its entry of
-the storage's ``counts``); an eager
-training lookup reads it to keep the load bound (``reserve``) — one sync per lookup. Under
+the storage's ``counts``); an eager training lookup reserves room for its ids (``reserve``),
+which reads that count (one sync) only when the host's upper bound of the ids held (the last
+count plus every reservation since) leaves no room: in a steady state, a sync every few lookups. Under
 ``torch.compile`` the lookup does not reserve (growth replaces buffers, which a graph cannot): the
 caller reserves room for a step's ids before the compiled step, and the lookup syncs nothing.
 """
@@ -265,7 +266,8 @@ class HashTable(nn.Module):
             )
 
     def reserve(self, n: int) -> None:
-        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2 (a host sync)."""
+        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2 (a host sync when the host's
+        bound of the ids held leaves no room: ``TableStorage.reserve``)."""
         self.storage.reserve(n)
 
     def lookup(self, ids: Tensor) -> Tensor:
@@ -309,8 +311,12 @@ class HashTable(nn.Module):
     def take_grads(self) -> tuple[Tensor, Tensor]:
         """``(rows [R], grads [R, dim])`` of every row the pending lookups touched, each row once,
         gradients reduced per ``grad_reduce_by`` (one process: ``"worker"`` divides by WORLD_SIZE
-        = 1); clears the pending lookups. Rows whose anchor got no gradient (unused by the loss)
-        and rows -1 are left out. Only lookups recorded by row (unsharded): sharded ones are
+        = 1); clears the pending lookups. Rows -1 are padding, their gradients meaningless: ids
+        without a row, other tables' entries of a shared anchor, and the repeats of a row several
+        lookups touched (its sum sits at one entry). No host sync: ``R`` is the pending rows'
+        total, known on the host (a dedup to the distinct rows would size its output from the
+        device); the sparse update ops skip rows -1. Anchors that got no gradient (unused by the
+        loss) are left out. Only lookups recorded by row (unsharded): sharded ones are
         ``take_id_grads``'."""
         pending = [p for p in self._pending if p.anchor.grad is not None and p.ids is None]
         self._pending = []
@@ -318,18 +324,19 @@ class HashTable(nn.Module):
         if not pending:
             return (torch.empty(0, dtype=torch.int64, device=device),
                     torch.empty(0, self.dim, dtype=torch.float32, device=device))
-        rows = torch.cat([p.rows for p in pending])
-        grads = torch.cat([p.anchor.grad[:p.rows.shape[0]] for p in pending]).to(torch.float32)
-        counts = torch.cat([p.counts for p in pending])
-        keep = rows >= 0
-        unique_rows, inverse = torch.unique(rows[keep], return_inverse=True)
-        summed = torch.zeros(unique_rows.numel(), self.dim, dtype=torch.float32, device=device)
-        summed.index_add_(0, inverse, grads[keep])
+        if len(pending) == 1:  # one lookup's rows are distinct but for -1: as they are
+            p = pending[0]
+            rows, counts = p.rows, p.counts
+            grads = p.anchor.grad[:rows.shape[0]].to(torch.float32)
+        else:
+            rows, grads, counts = _merge_rows(
+                torch.cat([p.rows for p in pending]),
+                torch.cat([p.anchor.grad[:p.rows.shape[0]] for p in pending]).to(torch.float32),
+                torch.cat([p.counts for p in pending]),
+            )
         if self.grad_reduce_by == "id":
-            occurrences = torch.zeros(unique_rows.numel(), dtype=torch.float32, device=device)
-            occurrences.index_add_(0, inverse, counts[keep])
-            summed /= occurrences.clamp_min(1.0)[:, None]
-        return unique_rows, summed
+            grads = grads / counts.clamp_min(1.0)[:, None]
+        return rows, grads
 
     def take_id_grads(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(ids [R], sums [R, dim], counts [R])`` of the pending lookups recorded by id (sharded
@@ -447,6 +454,23 @@ class HashTable(nn.Module):
         for key in state_dict:
             if key.startswith(prefix) and key not in slot_keys and key[len(prefix):] not in required and "." not in key[len(prefix):]:
                 unexpected_keys.append(key)
+
+
+def _merge_rows(rows: Tensor, grads: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rows, grads, counts)`` of the same length with each row once: the entries sorted by row,
+    each run of one row summed into its first entry, the run's other entries row -1 (padding), no
+    host sync (a sort, a cumulative max and two ``index_add_``)."""
+    sorted_rows, order = torch.sort(rows)
+    n = sorted_rows.shape[0]
+    # each entry against its predecessor through a shifted copy (cat + narrow: compile-friendly,
+    # as fxrec.ops.table.unique_tagged); -1 runs stay -1
+    prev = torch.cat([sorted_rows.new_full((1,), -1), sorted_rows]).narrow(0, 0, n)
+    positions = torch.arange(n, device=rows.device)
+    starts = (positions == 0) | (sorted_rows != prev)
+    run_start = torch.where(starts, positions, 0).cummax(0).values
+    summed = torch.zeros_like(grads).index_add_(0, run_start, grads[order])
+    occurrences = torch.zeros_like(counts).index_add_(0, run_start, counts[order])
+    return torch.where(starts, sorted_rows, -1), summed, occurrences
 
 
 def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | None,

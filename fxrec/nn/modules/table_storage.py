@@ -25,6 +25,13 @@ that table's rows only), eviction (``evict_stale`` drops that table's stale ids)
 and the sparse optimizer's per-table state. Growth and rebuilds are per storage: every member's
 rows move together and every member's pending gradients follow them.
 
+Free rows (slots no id holds) hold each slot's initial value (``slot(name, width, init)``): the
+slot is created full of it, ``rebuild`` fills the rows it frees with it, and a slot whose init
+changes (a slot restored by ``load_state_dict`` before the optimizer named its init) refills its
+free rows. Rows leave the free set only by an insert, so a new id's slots already hold their
+initial values and an insert writes only the embedding (ONE ``fxrec::init_rows``, rows -1 for the
+ids already present: no host sync, no slot writes).
+
 Row cap (``FXREC_MAX_ROWS_PER_RANK``, ``fxrec.nn.modules.hashtable``): per LOGICAL table, each
 member's own count, checked after an insert for the members a lookup inserted for; the error
 names the table.
@@ -82,6 +89,8 @@ class TableStorage(nn.Module):
         # per member, on the device: inserts count into them without a host sync
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64, device=device))
         self.register_buffer("seeds", torch.zeros(0, dtype=torch.int64, device=device))
+        # >= the ids held (counts.sum()), known on the host: inserts come after a reserve (``reserve``)
+        self.size_bound = 0
 
     @property
     def capacity(self) -> int:
@@ -90,6 +99,7 @@ class TableStorage(nn.Module):
     def add_member(self, table: HashTable, count: int = 0) -> int:
         """Make ``table`` a member holding ``count`` ids (already in the index); its tag."""
         self.members.append(table)
+        self.size_bound += count
         device = self.keys.device
         self.counts = torch.cat([self.counts, torch.tensor([count], dtype=torch.int64, device=device)])
         self.seeds = torch.cat([self.seeds, torch.tensor([table.seed], dtype=torch.int64, device=device)])
@@ -111,16 +121,25 @@ class TableStorage(nn.Module):
                                                   device=self.keys.device))
         elif existing.shape[1] != width:
             raise ValueError(f"HashTable {owner!r}: slot {name!r} has width {existing.shape[1]}, asked for width {width}")
-        self._slot_init[name] = init  # a slot restored by load_state_dict learns its init here
+        elif self._slot_init.get(name) != init:
+            # a slot restored by load_state_dict learns its init here: its free rows take it
+            with torch.no_grad():
+                existing[self.state == EMPTY] = init
+        self._slot_init[name] = init
         return getattr(self, attr)
 
     # -- lookup -------------------------------------------------------------------------------------
 
     def reserve(self, n: int) -> None:
-        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2 (a host sync)."""
-        size = int(self.counts.sum())
-        if 2 * (size + n) > self.capacity:
-            self.rebuild(capacity_for(size + n), self.state != EMPTY)
+        """Grow, if needed, so that ``n`` more ids fit at load <= 1/2, and book them: the host
+        keeps an upper bound of the ids held (``size_bound``: exact after a count or a rebuild,
+        plus every reservation since), and reads the device count (a host sync) only when that
+        bound leaves no room for ``n`` more."""
+        if 2 * (self.size_bound + n) > self.capacity:
+            self.size_bound = int(self.counts.sum())
+            if 2 * (self.size_bound + n) > self.capacity:
+                self.rebuild(capacity_for(self.size_bound + n), self.state != EMPTY)
+        self.size_bound += n
 
     @torch.no_grad()
     def lookup(self, ids: Tensor, tags: Tensor | None, members: Sequence[HashTable]) -> Tensor:
@@ -132,12 +151,12 @@ class TableStorage(nn.Module):
         if len(modes) > 1:
             raise ValueError(f"HashTable: coalesced tables {[t.name for t in members]} are looked up together but "
                              "are not all in one mode (training / eval, admitting or not): set the mode on all")
-        steps = torch.stack([t.step for t in self.members])
         if not first.admits:
             rows = torch.ops.fxrec.table_find(self.keys, self.state, ids, tags)
             if first.training:
                 found = rows >= 0
-                self.last_seen[rows[found]] = steps[0] if tags is None else steps[tags.long()][found]
+                steps = self._steps(tags)
+                self.last_seen[rows[found]] = steps if tags is None else steps[found]
             return rows
         if not torch.compiler.is_compiling():
             # Growth replaces the buffers: it cannot run inside a compiled graph, whose caller
@@ -145,31 +164,28 @@ class TableStorage(nn.Module):
             # table without room fails in ``table_find_or_insert`` (a full index).
             self.reserve(ids.numel())
         rows, inserted = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids, tags)
-        # The new rows as a mask over all ids (-1: not new, fxrec::scatter_rows writes nothing
-        # there), not ``rows[inserted]``: a boolean index is a host sync per lookup and, compiled,
-        # a data-dependent size. Initial values are computed for every id and kept for the new.
+        # The new rows as a mask over all ids (-1: not new, skipped), not ``rows[inserted]``: a
+        # boolean index is a host sync per lookup and, compiled, a data-dependent size. ONE op
+        # writes the new rows' initial values straight into the embedding; their optimizer slots
+        # already hold the slots' initial values (free rows do: class docstring).
         new_rows = torch.where(inserted, rows, -1)
-        init = first.initializer
         if tags is None:
             self.counts[0] += inserted.sum()
-            torch.ops.fxrec.scatter_rows(self.embedding, new_rows, init.init_rows(
-                ids, self.dim, self.members[0].seed, first.block_size, self.dtype))
-            self.last_seen[rows] = steps[0]
+            first.initializer.write_rows(self.embedding, new_rows, ids, self.members[0].seed, first.block_size)
         else:
-            row_tags = tags.long()
-            self.counts.index_add_(0, row_tags, inserted.long())
-            torch.ops.fxrec.scatter_rows(self.embedding, new_rows, init.init_rows(
-                ids, self.dim, 0, first.block_size, self.dtype, self.seeds[row_tags]))
-            self.last_seen[rows] = steps[row_tags]
-        # fxrec::scatter_rows, not ``slot[rows] = ...``: Inductor's index_put fails on zero rows
-        # (fxrec/ops/gather.py)
-        for name, value in self._slot_init.items():
-            slot = getattr(self, f"slot_{name}")
-            torch.ops.fxrec.scatter_rows(slot, new_rows, slot.new_full((new_rows.shape[0], slot.shape[1]), value))
+            self.counts.index_add_(0, tags.long(), inserted.long())
+            first.initializer.write_rows(self.embedding, new_rows, ids, 0, first.block_size, self.seeds[tags.long()])
+        self.last_seen[rows] = self._steps(tags)
         for table in {id(t): t for t in members}.values():  # the row cap: per logical table (its count)
             if table.max_rows is not None:
                 table._check_row_cap(int(table.count))
         return rows
+
+    def _steps(self, tags: Tensor | None) -> Tensor:
+        """The table step of each id's member (``tags``), or member 0's (0-d) without tags."""
+        if tags is None:
+            return self.members[0].step
+        return torch.stack([t.step for t in self.members])[tags.long()]
 
     # -- rebuilds -----------------------------------------------------------------------------------
 
@@ -185,27 +201,29 @@ class TableStorage(nn.Module):
         new_rows, _ = torch.ops.fxrec.table_find_or_insert(keys, state, ids, tags if len(self.members) > 1 else None)
         remap = torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=keys.device)  # [-1] -> -1
         remap[old_rows] = new_rows
-        for name in ["embedding", "last_seen", *(f"slot_{s}" for s in self._slot_init)]:
+        fill = {"embedding": 0.0, "last_seen": 0, **{f"slot_{s}": init for s, init in self._slot_init.items()}}
+        for name, value in fill.items():  # free rows: 0, a slot's its initial value (class docstring)
             old = getattr(self, name)
-            moved = old.new_zeros((capacity, *old.shape[1:]))
+            moved = old.new_full((capacity, *old.shape[1:]), value)
             moved[new_rows] = old[old_rows]
             setattr(self, name, moved)
         self.keys, self.state = keys, state
         self.counts = torch.bincount(tags.long(), minlength=len(self.members))
+        self.size_bound = old_rows.numel()
         for table in self.members:
             table.remap_pending(remap)
 
     @torch.no_grad()
     def replace_member_rows(self, tag: int, ids: Tensor) -> Tensor:
         """Drop member ``tag``'s ids and insert ``ids`` (distinct) for it; their rows, whose
-        embedding and ``last_seen`` are 0 and slots their initial values (the caller fills them)."""
+        embedding and ``last_seen`` are 0 and slots their initial values (free rows' values: the
+        caller fills them)."""
         keep = (self.state != EMPTY) & ((self.state >> TAG_SHIFT) != tag)
         others = int(keep.count_nonzero())
         self.rebuild(capacity_for(others + ids.numel()), keep)
         rows, _ = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids, self.tags_of(ids, tag))
         self.counts[tag] = ids.numel()
-        for name, value in self._slot_init.items():
-            getattr(self, f"slot_{name}")[rows] = value
+        self.size_bound += ids.numel()
         return rows
 
 

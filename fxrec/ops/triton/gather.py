@@ -1,4 +1,4 @@
-"""Triton kernels of ``fxrec::gather_rows`` and ``fxrec::scatter_rows`` (semantics in ``fxrec/ops/gather.py``).
+"""Triton kernel of ``fxrec::gather_rows`` (semantics in ``fxrec/ops/gather.py``).
 
 One program per ``BLOCK_N`` output rows; it loads their row numbers, then copies ``BLOCK_D``
 columns at a time. A row number outside ``[0, num_table_rows)`` (``-1``: absent) reads nothing
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["gather_rows_triton", "scatter_rows_triton"]
+__all__ = ["gather_rows_triton"]
 
 _BLOCK_N = 32  # output rows per program (H200 sweep: flat from 32 to 256 rows at dims 8-64)
 _MAX_BLOCK_D = 128
@@ -44,27 +44,3 @@ def gather_rows_triton(table: Tensor, rows: Tensor) -> Tensor:
             table, rows, out, n, table.shape[0], dim, BLOCK_N=_BLOCK_N, BLOCK_D=block_d
         )
     return out
-
-
-@triton.jit
-def _scatter_rows_kernel(dst, rows, src, n, num_dst_rows, dim, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_range = i < n
-    row = tl.load(rows + i, mask=in_range, other=-1)
-    found = in_range & (row >= 0) & (row < num_dst_rows)
-    for d0 in range(0, dim, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        e = tl.load(src + i[:, None] * dim + d[None, :], mask=found[:, None] & d_ok[None, :])
-        tl.store(dst + row[:, None] * dim + d[None, :], e, mask=found[:, None] & d_ok[None, :])
-
-
-def scatter_rows_triton(dst: Tensor, rows: Tensor, src: Tensor) -> None:
-    """``dst[rows[i]] = src[i]`` for the rows in range (``dst`` contiguous ``[R, dim]``)."""
-    rows, src = rows.contiguous(), src.contiguous()
-    n, dim = rows.shape[0], dst.shape[1]
-    if n and dim:
-        block_d = min(_MAX_BLOCK_D, triton.next_power_of_2(dim))
-        _scatter_rows_kernel[(triton.cdiv(n, _BLOCK_N),)](
-            dst, rows, src, n, dst.shape[0], dim, BLOCK_N=_BLOCK_N, BLOCK_D=block_d
-        )

@@ -4,14 +4,16 @@ The formulas (RNG words, uniforms, log, erfinv) are documented in ``fxrec.ops.in
 spelled here in the same operation order: +, -, *, ``div_rn``, ``sqrt_rn`` only, compiled with
 ``enable_fp_fusion=False`` (a fused multiply-add rounds once where the CPU rounds twice).
 
-One program fills a ``[BLOCK_R, BLOCK_D]`` tile of the output: the row states are computed once
-per row of the tile and broadcast over its columns. The launcher takes validated arguments and a
+One program fills a ``[BLOCK_R, BLOCK_D]`` tile: ``BLOCK_R`` ids, the columns of their output
+rows ``rows[i]`` (-1: skipped, a masked lane); the row states are computed once per id and
+broadcast over the columns, and the float32 values are cast to the output's dtype on the store
+(round to nearest even, as torch's ``.to``; bfloat16's rounding spelled out in bits, as the
+interpreter's cast truncates). The launcher takes validated arguments and a
 ``RowRecipe`` (key, seed word, kernel kind, six float32 parameters) and optional per-id seeds
-(a row's key is then ``mix64(seed_word + seeds[i])``), and works on CUDA tensors, or on CPU
-tensors under ``TRITON_INTERPRET=1``.
+(a row's key is then ``mix64(seed_word + seeds[i])``), writes in place through the output's
+strides, and works on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -72,17 +74,20 @@ def _sqrt2_erfinv(x, one_minus_x2):
 
 @triton.jit
 def _init_rows_kernel(
-    ids_ptr, seeds_ptr, out_ptr, n, dim, key, seed_word, p0, p1, p2, p3, p4, p5,
+    out_ptr, rows_ptr, ids_ptr, seeds_ptr, n, num_out_rows, dim, out_s0, out_s1, key, seed_word,
+    p0, p1, p2, p3, p4, p5,
     KIND: tl.constexpr, HAS_SEEDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (rows < n)[:, None] & (cols < dim)[None, :]
+    out_rows = tl.load(rows_ptr + i, mask=i < n, other=-1)
+    row_ok = (i < n) & (out_rows >= 0) & (out_rows < num_out_rows)  # -1 (and any other stray row): skipped
+    mask = row_ok[:, None] & (cols < dim)[None, :]
     if KIND == _UNIFORM or KIND == _GAUSSIAN:
-        ids = tl.load(ids_ptr + rows, mask=rows < n, other=0).to(tl.uint64, bitcast=True)
+        ids = tl.load(ids_ptr + i, mask=row_ok, other=0).to(tl.uint64, bitcast=True)
         # tl.cast (not .to) also takes the constexpr Triton makes of an argument equal to 1.
         if HAS_SEEDS:
-            seeds = tl.load(seeds_ptr + rows, mask=rows < n, other=0).to(tl.uint64, bitcast=True)
+            seeds = tl.load(seeds_ptr + i, mask=row_ok, other=0).to(tl.uint64, bitcast=True)
             key64 = mix64(seeds + tl.cast(tl.cast(seed_word, tl.int64), tl.uint64, bitcast=True))
         else:
             key64 = tl.cast(tl.cast(key, tl.int64), tl.uint64, bitcast=True)
@@ -98,24 +103,30 @@ def _init_rows_kernel(
             value = tl.minimum(tl.maximum(p2 + p3 * z, p4), p5)
     else:
         value = tl.full((BLOCK_R, BLOCK_D), 0.0, tl.float32) + p0
-    tl.store(out_ptr + rows[:, None] * dim + cols[None, :], value, mask=mask)
+    out = out_ptr + out_rows[:, None] * out_s0 + cols[None, :].to(tl.int64) * out_s1
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # round to nearest even by hand (the values are finite): the interpreter's cast truncates
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(out, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def init_rows_triton(ids: Tensor, dim: int, recipe, seeds: Tensor | None = None) -> Tensor:
-    """float32 ``[ids.numel(), dim]`` rows of int64 ``ids`` (and per-id int64 ``seeds``) for a
-    ``RowRecipe``, one launch."""
-    ids = ids.reshape(-1).contiguous()
-    seeds_arg = ids if seeds is None else seeds.reshape(-1).contiguous()  # unread without seeds
-    n = ids.numel()
-    out = torch.empty((n, dim), dtype=torch.float32, device=ids.device)
-    if n == 0:
-        return out
+def init_rows_triton(out: Tensor, rows: Tensor, ids: Tensor, recipe, seeds: Tensor | None = None) -> None:
+    """``out[rows[i]] =`` the float32 row of int64 ``ids[i]`` (and per-id int64 ``seeds[i]``) for
+    a ``RowRecipe``, cast to ``out``'s dtype, in place, rows outside ``[0, len(out))`` (-1)
+    skipped: one launch."""
+    n, (num_out_rows, dim) = rows.numel(), out.shape
+    if n == 0 or dim == 0:
+        return
+    rows, ids = rows.contiguous(), ids.contiguous()
+    seeds_arg = ids if seeds is None else seeds.contiguous()  # unread without seeds
     block_d = min(triton.next_power_of_2(dim), _TILE)
     block_r = _TILE // block_d
     grid = (triton.cdiv(n, block_r), triton.cdiv(dim, block_d))
     key, seed_word, kernel_kind, p = recipe
     _init_rows_kernel[grid](
-        ids, seeds_arg, out, n, dim, key, seed_word, *p, KIND=kernel_kind, HAS_SEEDS=seeds is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, enable_fp_fusion=False,
+        out, rows, ids, seeds_arg, n, num_out_rows, dim, *out.stride(), key, seed_word, *p,
+        KIND=kernel_kind, HAS_SEEDS=seeds is not None, BLOCK_R=block_r, BLOCK_D=block_d, enable_fp_fusion=False,
     )
-    return out
