@@ -45,11 +45,11 @@ Counted first (METHOD.md), B = 4096, seq_len 1000, float32:
     python -m bench.e2e_step [--batch-sizes 1024 4096] [--steps 20] [--seq-len 1000] [--sync-debug]
     python -m bench.e2e_step --device cpu --batch-sizes 64 --steps 3 --seq-len 8 --max-seq-len 16
 
-``--world-size N`` (N > 1) measures scaling instead: the fxrec eager and passes steps at B rows
-per rank, in 1 process and in N processes (spawned here: NCCL on GPUs ``cuda:0..N-1``, gloo on
-the CPU), tables row-wise sharded over the N ranks and the dense weights under DDP, as the
-Trainer runs them (compiled is left out: with several ranks its graph breaks at each lookup's
-all-to-all, which runs eagerly between the compiled pieces). Printed per variant and
+``--world-size N`` (N > 1) measures scaling instead: the fxrec eager, passes and compiled steps
+at B rows per rank, in 1 process and in N processes (spawned here: NCCL on GPUs ``cuda:0..N-1``,
+gloo on the CPU), tables row-wise sharded over the N ranks and the dense weights under DDP, as the
+Trainer runs them (compiled: ``fxrec.compile`` of the DDP wrapper, the all-to-alls traced into
+the graph as functional collectives). Printed per variant and
 B: ms per step (the slowest rank's median), samples/s over all ranks, scaling efficiency
 (samples/s at N over N x samples/s in one process) and the bytes all ranks sent through
 all-to-all per step (``fxrec.distributed.sharded.traffic``: ids, tags, rows, gradients, sizes).
@@ -223,11 +223,11 @@ VARIANTS = [("fxrec eager", fxrec_variant, "eager"), ("fxrec passes", fxrec_vari
             ("torch compiled", torch_variant, "compiled")]
 
 
-SCALING_VARIANTS = ("eager", "passes")
+SCALING_VARIANTS = ("eager", "passes", "compiled")
 
 
 def _scaling_rank(rank: int, world: int, args: argparse.Namespace, store: str, out: str) -> None:
-    """One rank of ``--world-size``: its own batches, the fxrec eager / passes steps timed; writes
+    """One rank of ``--world-size``: its own batches, the fxrec eager / passes / compiled steps timed; writes
     ``{variant/B: [ms, bytes a step]}`` (rank 0: the slowest rank's ms, all ranks' bytes)."""
     cuda = torch.device(args.device).type == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -238,6 +238,8 @@ def _scaling_rank(rank: int, world: int, args: argparse.Namespace, store: str, o
     for kind in SCALING_VARIANTS:
         model, _, dense, sparse = fxrec_variant(kind, str(device), args.seq_len)
         forward = wrap_ddp(model, device) or model
+        if "compiled" in kind:
+            forward = fxrec.compile(forward)
         calls = [0]
         inner = make_step(forward, dense, sparse)
 
@@ -249,7 +251,7 @@ def _scaling_rank(rank: int, world: int, args: argparse.Namespace, store: str, o
             pool = [{k: v.to(device) for k, v in seed_batch(b, "cpu", seed=1000 * rank + i,
                                                              max_seq_len=args.max_seq_len).items()}
                     for i in range(args.pool)]
-            step(pool[0])  # grows the tables
+            step(pool[0])  # grows the tables (and compiles)
             turn, current = iter(range(1 << 30)), {}
 
             def setup(pool=pool, turn=turn, current=current):

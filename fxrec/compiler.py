@@ -20,8 +20,8 @@ Before each call, outside the graph and without reading anything back from the d
   lookup finding more distinct ids than its bound fails a runtime assert instead of writing out
   of bounds. The leaf's gradient is ``[bound, dim]`` (rows past the lookup's ``U`` distinct ids
   are zero): bounded by the step's ids, never by the table's capacity.
-  ``reserve`` reads a table's id count (a sync) only when the table's host-side upper bound of
-  that count (``_RoomKeeper``) says it might be too full; otherwise a step syncs nothing (sharded,
+  ``reserve`` reads a table's id count (a sync) only when the storage's host-side upper bound of
+  that count (``TableStorage.reserve``) says it might be too full; otherwise a step syncs nothing (sharded,
   the room is for every rank's ids: one all-reduce of the bounds, below; with NCCL that is a
   round trip through the device).
 
@@ -164,25 +164,6 @@ def id_bounds(model: nn.Module, batch: dict) -> dict[HashTable, int]:
     return bounds
 
 
-class _RoomKeeper:
-    """Keeps room in a table's storage (all the tables coalesced into it) for each step's ids,
-    syncing rarely: a host-side upper bound of the storage's id count (the last count read, plus
-    every bound reserved since) decides whether it might be too full; only then is the real count
-    read (``HashTable.reserve``, one sync)."""
-
-    def __init__(self, table: HashTable) -> None:
-        self.table = table
-        self.keys: Tensor | None = None  # the index the bound was taken on (rebuilds replace it)
-        self.size_bound = 0
-
-    def reserve(self, n: int) -> None:
-        table = self.table
-        if table.keys is not self.keys or 2 * (self.size_bound + n) > table.capacity:
-            table.reserve(n)  # reads the count; grows to load <= 1/2 if needed
-            self.keys, self.size_bound = table.keys, int(table.storage.counts.sum())
-        self.size_bound += n
-
-
 class CompiledModel:
     """``model``'s forward compiled (module docstring). Call it as the model; ``.model`` is the
     model given, ``.module`` the unwrapped model (a DDP wrapper's ``.module``)."""
@@ -195,7 +176,6 @@ class CompiledModel:
                              "compiled fullgraph; dynamic dims are marked per batch)")
         self.model = model
         self.module = model.module if isinstance(model, DistributedDataParallel) else model
-        self._keepers: dict[object, _RoomKeeper] = {}  # per TableStorage
         # Lookups per table (shared_name): the engines' options are fixed, so counted once here
         # rather than by walking the model's modules for every table on every step.
         self._lookups = collections.Counter(o.shared_name for e in self.module.modules()
@@ -219,10 +199,7 @@ class CompiledModel:
         # every rank's bound (one all-reduce; the sinks stay bounded by this rank's own ids).
         room = sharded.owner_bounds(storage_bounds.values())
         for storage, n in zip(storage_bounds, room):
-            keeper = self._keepers.get(storage)
-            if keeper is None:
-                keeper = self._keepers[storage] = _RoomKeeper(next(t for t in bounds if t.storage is storage))
-            keeper.reserve(n)
+            storage.reserve(n)
         for table in bounds:
             bound = storage_bounds[table.storage]
             for buffer in table.storage.buffers(recurse=False):  # the row buffers' capacity: a dynamic size

@@ -73,8 +73,9 @@ Decisions (RecIS's bugs fixed as SPEC §7 decides; the rest written down here):
 - ``compile=True``: the forward (features, lookups, dense model, loss, metric updates) runs
   compiled, ``fxrec.compile`` of the model (of its DDP wrapper under DDP): in one process one
   Inductor graph for every batch size and ragged length, whose backward AOTAutograd compiles with
-  it; with several ranks the tables are sharded and each lookup's all-to-all runs eagerly between
-  compiled graphs (a graph break per lookup, ``fxrec.compile``). The optimizer steps, the gradient
+  it; with several ranks the tables are sharded and each lookup's all-to-all is traced into that
+  graph as a functional collective (the graph breaks only in DDP's own wrapper, ``fxrec.compile``).
+  The optimizer steps, the gradient
   rescaling and evaluation run as without it. Results equal the eager ones up to float rounding,
   in one process and on several ranks (each rank's table shard included). ``save_concurrency_per_rank`` is accepted and has no effect
   yet (rank 0 writes each part file in turn).

@@ -494,13 +494,6 @@ def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | Non
             table.grad_sinks = table.grad_sinks[1:]
         torch._check(rows.shape[0] <= leaf.shape[0])  # more distinct ids than fxrec.compile's bound: fails
         anchor = leaf.narrow(0, 0, rows.shape[0])
-        if ids is not None:
-            # A sharded lookup: its exchange breaks the graph (fxrec.distributed.sharded), so the
-            # anchor is returned from one compiled graph and consumed by the next. Returned as a
-            # view of the stride-0 leaf, AOTAutograd would regenerate it by as_strided, whose
-            # backward over that overlapping leaf averages the gradient (every row the mean of
-            # all). A copy (a [U, dim] tensor, as the rows fetched) keeps the per-row gradient.
-            anchor = anchor.clone(memory_format=torch.contiguous_format)
     else:
         leaf = anchor = first.embedding.new_zeros(()).expand(rows.shape[0], first.dim).requires_grad_()
     counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts
