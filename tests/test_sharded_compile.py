@@ -21,16 +21,34 @@ pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_compile_worker.py")
 
 
+def _run(directory, device: str) -> list[dict]:
+    run_ranks(WORKER, 2, str(directory), [str(directory), str(directory / "store"), device], timeout=600,
+              cuda=device == "cuda")
+    return [json.loads((directory / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    """The worker's results on each of 2 ranks, computed once (compiling costs ~15 s a graph)."""
-    directory = tmp_path_factory.mktemp("sharded_compile")
-    run_ranks(WORKER, 2, str(directory), [str(directory), str(directory / "store")], timeout=600)
-    return [json.loads((directory / f"rank{r}.json").read_text()) for r in range(2)]
+    """The worker's results on each of 2 gloo ranks, computed once (compiling costs ~15 s a graph)."""
+    return _run(tmp_path_factory.mktemp("sharded_compile"), "cpu")
 
 
 @pytest.mark.parametrize("name", [run[0] for run in COMPILE_RUNS])
 def test_compiled_sharded_training_equals_eager_in_one_graph(ranks, name):
+    _check(ranks, name)
+
+
+@pytest.mark.gpu
+def test_compiled_sharded_training_equals_eager_in_one_graph_on_two_gpus(tmp_path):
+    """The same on 2 NCCL ranks, one GPU each."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    got = _run(tmp_path, "cuda")
+    for name, _, _ in COMPILE_RUNS:
+        _check(got, name)
+
+
+def _check(ranks: list[dict], name: str) -> None:
     for got in ranks:
         eager, compiled = got[f"{name}/eager"], got[f"{name}/compiled"]
         assert len(compiled["losses"]) == len(COMPILE_SIZES)
