@@ -261,7 +261,8 @@ def _scaling_rank(rank: int, world: int, args: argparse.Namespace, store: str, o
             calls[0] = 0
             ms = median_ms(lambda: step(current["batch"]), str(device), reps=args.steps, warmup=args.warmup,
                            setup=setup)
-            stats = torch.tensor([ms, sum(traffic().values()) / calls[0]], dtype=torch.float64)
+            # on the rank's device: NCCL reduces device tensors only
+            stats = torch.tensor([ms, sum(traffic().values()) / calls[0]], dtype=torch.float64, device=device)
             if world > 1:
                 slowest, total = stats.clone(), stats.clone()
                 dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
