@@ -120,8 +120,7 @@ class AUROC(nn.Module):
         self.register_buffer("thresholds", torch.tensor(auroc_thresholds(t), dtype=torch.float64), persistent=False)
         for name in ("tp", "fp", "tn", "fn"):
             self.register_buffer(name, torch.zeros(t, dtype=torch.int64))
-        # (thresholds, each bucket's lower threshold) per comparison dtype: made once, not per batch
-        self._bounds: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bounds = self._make_bounds()
         # a GPU batch's value check on its way to the host: (flags [2] in pinned memory, its event)
         self._pending_check: tuple[torch.Tensor, torch.cuda.Event] | None = None
 
@@ -130,8 +129,18 @@ class AUROC(nn.Module):
         # counters' (possibly new) device. The int64 counters are never cast by dtype moves.
         super()._apply(fn, recurse)
         self.thresholds = torch.tensor(auroc_thresholds(self.num_thresholds), dtype=torch.float64, device=self.tp.device)
-        self._bounds = {}
+        self._bounds = self._make_bounds()
         return self
+
+    def _make_bounds(self) -> dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]]:
+        """Per comparison dtype (float32, float64: ``_check``), the thresholds and each bucket's
+        lower threshold (``[k]``: ``thr[k - 1]``, k >= 1): made with the buffers, not per batch
+        (nor while a compiled step runs, which would recompile when it filled a cache)."""
+        bounds = {}
+        for dtype in (torch.float32, torch.float64):
+            thr = self.thresholds.to(dtype)
+            bounds[dtype] = (thr, torch.cat([thr[:1], thr[:-1]]))
+        return bounds
 
     def extra_repr(self) -> str:
         return f"num_thresholds={self.num_thresholds}, dist_sync_on_step={self.dist_sync_on_step}"
@@ -193,11 +202,7 @@ class AUROC(nn.Module):
 
     def _buckets(self, pred: torch.Tensor) -> torch.Tensor:
         """int64 [B]: how many thresholds each prediction exceeds (strictly), in [0, T]."""
-        bounds = self._bounds.get(pred.dtype)
-        if bounds is None:
-            thr = self.thresholds.to(pred.dtype)
-            bounds = self._bounds[pred.dtype] = (thr, torch.cat([thr[:1], thr[:-1]]))  # [k]: thr[k - 1] (k >= 1)
-        thr, thr_below = bounds
+        thr, thr_below = self._bounds[pred.dtype]
         t = self.num_thresholds
         if t > _ARITH_MAX_T:
             return torch.bucketize(pred, thr)
