@@ -20,7 +20,7 @@ Lookups:
   layer reads rows through ``fxrec::table_combine(table.embedding, rows, anchor, ...)`` (the lookup
   fused with the combiner, ``fxrec/ops/combine.py``), whose result is
   ``table[rows] + anchor`` combined: in training mode with grad enabled the anchor is an all-zero
-  ``[U, dim]`` leaf that requires grad, ``zeros(()).expand(U, dim)`` (strides ``(0, 0)``: no
+  ``[U, dim]`` leaf that requires grad, the storage's ``zero.expand(U, dim)`` (strides ``(0, 0)``: no
   memory), recorded with its rows as a pending gradient. After ``backward()`` its ``.grad`` is the
   ``[U, dim]`` gradient of the touched rows, which the sparse optimizer takes (``take_grads``):
   never a dense ``[capacity, dim]`` gradient (DESIGN.md); the table itself is a buffer and gets no
@@ -510,7 +510,7 @@ def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | Non
             # all). A copy (a [U, dim] tensor, as the rows fetched) keeps the per-row gradient.
             anchor = anchor.clone(memory_format=torch.contiguous_format)
     else:
-        leaf = anchor = first.embedding.new_zeros(()).expand(rows.shape[0], first.dim).requires_grad_()
+        leaf = anchor = first.storage.zero.expand(rows.shape[0], first.dim).requires_grad_()
     # as given (a dedup's int64 counts): converted where read, by "id" tables and sharded lookups only
     counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts.reshape(-1)
     for table in tables:
