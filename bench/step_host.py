@@ -115,7 +115,7 @@ def _caller() -> str:
 class HostOpCounter:
     """``with HostOpCounter(device) as c:`` counts the aten ops and sync-capable ops run inside (module
     docstring): ``c.ops`` (top-level aten ops, fxrec ops once each), ``c.inner_ops`` (aten ops
-    inside fxrec ops' kernels), ``c.op_names`` (Counter by op name, top level), ``c.syncs``
+    inside fxrec ops' kernels; ``c.inner_by_op`` by fxrec op), ``c.op_names`` (Counter by op name, top level), ``c.syncs``
     (Counter of ``(op, caller, enclosing fxrec op or "")``)."""
 
     def __init__(self, device: str = "cpu") -> None:
@@ -124,6 +124,7 @@ class HostOpCounter:
         self.inner_ops = 0
         self.op_names: collections.Counter = collections.Counter()
         self.op_callers: collections.Counter = collections.Counter()
+        self.inner_by_op: collections.Counter = collections.Counter()
         self.syncs: collections.Counter = collections.Counter()
         self._fxrec_op: list[str] = []
         self._python_read = 0
@@ -134,6 +135,7 @@ class HostOpCounter:
                 kwargs = kwargs or {}
                 if counter._fxrec_op:
                     counter.inner_ops += 1
+                    counter.inner_by_op[counter._fxrec_op[-1]] += 1
                 else:
                     counter.ops += 1
                     counter.op_names[str(func.overloadpacket.__name__)] += 1
@@ -250,6 +252,8 @@ def main(argv=None) -> None:
             print(f"  {n:4d}  {reason:40s} {where}" + (f"  [in {inside}]" if inside else ""))
         print(f"## fxrec {kind}, B={b}: the {args.top} most frequent aten ops")
         print("  " + ", ".join(f"{name} {n}" for name, n in c.op_names.most_common(args.top)))
+        print(f"## fxrec {kind}, B={b}: aten ops inside each fxrec op's kernel (all its calls)")
+        print("  " + ", ".join(f"{name} {n}" for name, n in c.inner_by_op.most_common()))
         print(f"## fxrec {kind}, B={b}: aten ops by calling function (top level)")
         for where, n in c.op_callers.most_common(args.top):
             print(f"  {n:4d}  {where}")
