@@ -161,23 +161,22 @@ class AUROC(nn.Module):
 
     def _check_values(self, pred: torch.Tensor, label: torch.Tensor) -> None:
         """The value check of a batch (class docstring): at once on the CPU, the next call's on a GPU."""
-        # One pass per input (aminmax propagates NaN, which fails both comparisons), one
-        # read-back for both checks.
-        pmin, pmax = torch.aminmax(pred)
-        bad_pred = ~((pmin >= 0) & (pmax <= 1))
-        if label.dtype == torch.bool:
-            bad_label = torch.zeros_like(bad_pred)
-        elif label.is_floating_point() or label.is_complex():
-            bad_label = (label * (1 - label)).abs().amax() != 0  # 0 iff every label is 0 or 1
-        else:
-            lmin, lmax = torch.aminmax(label)
-            bad_label = (lmin < 0) | (lmax > 1)
-        flags = torch.stack([bad_pred, bad_label.to(bad_pred.device)])
-        if flags.device.type != "cuda":
-            self._raise_for(flags.tolist(), "")
+        # One pass per input, its extremes read back together (in pred's dtype: a stack promotes)
+        # and compared on the host: aminmax propagates NaN, which fails both comparisons there.
+        # Float labels: one "any" of label * (1 - label), non-zero (NaN included) iff a label is
+        # not 0 or 1; integer labels: their extremes; bool labels need no check.
+        stats = list(torch.aminmax(pred))
+        if label.dtype != torch.bool:
+            if label.is_floating_point() or label.is_complex():
+                stats.append((label * (1 - label)).any().to(pred.device))
+            else:
+                stats.extend(s.to(pred.device) for s in torch.aminmax(label))
+        values = torch.stack(stats)
+        if values.device.type != "cuda":
+            self._raise_for(values.tolist(), "")
             return
-        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-        host.copy_(flags, non_blocking=True)
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._pending_check = (host, event)
@@ -193,11 +192,13 @@ class AUROC(nn.Module):
         self._raise_for(host.tolist(), " (an earlier batch on the GPU, already counted)")
 
     @staticmethod
-    def _raise_for(flags: list[bool], which: str) -> None:
-        bad_pred, bad_label = flags
-        if bad_pred:
+    def _raise_for(values: list[float], which: str) -> None:
+        """``values``: the predictions' min and max, then the float labels' "any bad" flag or the
+        integer labels' min and max (none for bool labels)."""
+        low, high, *labels = values
+        if not (low >= 0 and high <= 1):
             raise ValueError(f"AUROC: predictions must lie in [0, 1] (a prediction is outside it or NaN){which}")
-        if bad_label:
+        if labels and (labels[0] != 0 if len(labels) == 1 else labels[0] < 0 or labels[1] > 1):
             raise ValueError(f"AUROC: labels must be 0 or 1{which}")
 
     def _buckets(self, pred: torch.Tensor) -> torch.Tensor:
