@@ -111,7 +111,7 @@ def _rows_to_update(op: str, rows: Tensor, grads: Tensor, capacity: int) -> tupl
     left out; rows outside ``[-1, capacity)`` raise."""
     if rows.numel() == 0:
         return rows, grads
-    low, high = torch.aminmax(rows)
+    low, high = (int(x) for x in torch.aminmax(rows))  # read once, compared on the host
     if low < -1 or high >= capacity:
         raise ValueError(f"fxrec::{op}: rows must lie in [0, capacity) = [0, {capacity}), or be -1 (padding)")
     if low >= 0:
