@@ -11,8 +11,8 @@ so every term is >= 0).
 How the counts are made (no N x T comparison matrix): each prediction's bucket ``k`` = the number
 of thresholds it exceeds (what ``torch.bucketize(pred, thr)`` returns); a histogram of
 ``2 k + label`` (``scatter_add_`` into ``2 (T + 1)`` bins: no host sync, unlike CUDA
-``bincount``); then a reverse cumulative sum gives, per threshold ``j``, how many negatives and
-positives have ``k > j``: that is fp and tp. Because the thresholds are evenly spaced the bucket is
+``bincount``); then a cumulative sum gives, per threshold ``j``, how many negatives and
+positives have ``k <= j``: that is tn and fn, and the totals minus them fp and tp. Because the thresholds are evenly spaced the bucket is
 computed arithmetically (``ceil(pred * (T - 1))``, then corrected by one comparison with each
 neighbouring threshold, so float rounding cannot move a prediction across a threshold): 3-5x
 faster than ``torch.bucketize``'s binary search on CPU (``bench/metrics.py``), and identical to it
