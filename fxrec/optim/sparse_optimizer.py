@@ -118,7 +118,7 @@ def _collect_tables(tables: Any, owner: str) -> dict[str, HashTable]:
 
 class SparseOptimizer(Optimizer, metaclass=ABCMeta):
     """Base class (module docstring). Subclasses define ``_slot_specs``, ``_update`` and, with
-    per-table scalars beyond ``step``, ``_new_table_state``."""
+    per-table scalars beyond ``step``, ``_new_table_state`` and ``_advance``."""
 
     def __init__(self, tables: Mapping[str, HashTable] | Iterable[HashTable], defaults: dict[str, Any]) -> None:
         self.tables = _collect_tables(tables, type(self).__name__)
