@@ -17,6 +17,7 @@ python3 -m bench.embedding 2>&1 | tee "$out/embedding.log"
 python3 -m bench.embedding_passes 2>&1 | tee "$out/embedding_passes.log"
 python3 bench/io.py --threads 1,2,4,8 --repeat 3 2>&1 | tee "$out/io.log" | tail -12
 python3 -m bench.e2e_step --sync-debug 2>&1 | tee "$out/e2e_step.log" | tail -16
+python3 -m bench.step_host --device cuda --batch-sizes 64 1024 4096 --seq-len 1000 --max-seq-len 2000 2>&1 | tee "$out/step_host.log" | head -8
 if [ "$(nvidia-smi --list-gpus | wc -l)" -ge 2 ]; then  # scaling and all-to-all traffic: 2 GPUs
   python3 -m bench.e2e_step --world-size 2 2>&1 | tee "$out/e2e_scaling.log" | tail -8
   python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m bench.sharded_traffic 2>&1 | tee "$out/sharded_traffic.log" | tail -10

@@ -428,6 +428,24 @@ def test_metrics_cuda_match_cpu():
     assert abs(float(a[0]) - float(b[0])) < 1e-9
 
 
+@pytest.mark.gpu
+def test_auroc_cuda_check_does_not_wait():
+    """On a GPU a batch's value check is read by the next call (no host sync per update): a bad
+    batch raises there, or at check_pending(); good batches never raise."""
+    m = AUROC().cuda()
+    good, labels = torch.tensor([0.2, 0.9], device="cuda"), torch.tensor([0, 1], device="cuda")
+    m.update(good, labels)
+    m.update(good, labels)
+    m.check_pending()
+    m.update(torch.tensor([0.2, 1.5], device="cuda"), labels)  # counted, not yet raised
+    with pytest.raises(ValueError, match=r"\[0, 1\].*earlier batch"):
+        m.update(good, labels)
+    m.update(good, torch.tensor([0, 2], device="cuda"))
+    with pytest.raises(ValueError, match="labels must be 0 or 1.*earlier batch"):
+        m.check_pending()
+    m.check_pending()  # read once
+
+
 # -- add_metric and Logger -------------------------------------------------------------------------
 
 

@@ -446,3 +446,47 @@ def _check_cuda_matches_cpu(param, m, v, rows, grads, h, rowwise):
 def test_opcheck_cuda(index):
     op, args = opcheck_cases("cuda")[index]
     torch.library.opcheck(op, args)
+
+
+_PTX_OF_ADAM_KERNEL = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fxrec.ops.triton.sparse_update import _sparse_adam_kernel as kernel
+types = {"param": "*fp32", "exp_avg": "*fp32", "exp_avg_sq": "*fp32", "grads": "*fp32", "rows": "*i64",
+         "bias_correction1": "*fp64", "bias_correction2": "*fp64", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
+floats = ("decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "lr", "eps")
+# a Python float argument binds as fp32 unless the kernel annotates its type (as the launcher binds it)
+signature = {p.name: types.get(p.name, (p.annotation_type or "fp32") if p.name in floats else "i64")
+             for p in kernel.params}
+try:
+    compiled = triton.compile(ASTSource(kernel, signature, {"BLOCK_R": 128, "BLOCK_D": 16}),
+                              target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+except Exception as error:  # no CUDA backend (ptxas) in this Triton build
+    print("NO-CUDA-BACKEND", error)
+else:
+    print(compiled.asm["ptx"])
+"""
+
+
+def test_adam_kernel_step_size_is_ieee_float64_in_ptx():
+    """The CUDA Adam kernel forms lr * sqrt(bc2) / bc1 in float64 like the CPU kernel's torch ops:
+    compiled for sm_90 (no GPU needed; a process without the interpreter), lr is a float64
+    parameter and the PTX uses the correctly rounded float64 mul / sqrt / div and one
+    round-to-nearest float32 conversion, no FMA."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    ptx = subprocess.run([sys.executable, "-c", _PTX_OF_ADAM_KERNEL], env=env, capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    if ptx.startswith("NO-CUDA-BACKEND"):
+        pytest.skip(f"Triton cannot compile for CUDA here: {ptx}")
+    assert re.search(r"\.param \.f64 \w+_param_\d+", ptx)
+    for op in ("mul.rn.f64", "sqrt.rn.f64", "div.rn.f64", "cvt.rn.f32.f64"):
+        assert ptx.count(op) == 1, op
+    assert not re.search(r"fma\.\w+\.f64|sqrt\.approx|div\.(approx|full)", ptx)

@@ -11,8 +11,8 @@ so every term is >= 0).
 How the counts are made (no N x T comparison matrix): each prediction's bucket ``k`` = the number
 of thresholds it exceeds (what ``torch.bucketize(pred, thr)`` returns); a histogram of
 ``2 k + label`` (``scatter_add_`` into ``2 (T + 1)`` bins: no host sync, unlike CUDA
-``bincount``); then a reverse cumulative sum gives, per threshold ``j``, how many negatives and
-positives have ``k > j``: that is fp and tp. Because the thresholds are evenly spaced the bucket is
+``bincount``); then a cumulative sum gives, per threshold ``j``, how many negatives and
+positives have ``k <= j``: that is tn and fn, and the totals minus them fp and tp. Because the thresholds are evenly spaced the bucket is
 computed arithmetically (``ceil(pred * (T - 1))``, then corrected by one comparison with each
 neighbouring threshold, so float rounding cannot move a prediction across a threshold): 3-5x
 faster than ``torch.bucketize``'s binary search on CPU (``bench/metrics.py``), and identical to it
@@ -83,10 +83,15 @@ class AUROC(nn.Module):
     Inputs: ``pred`` and ``label`` of shape ``[B]`` or ``[B, 1]`` (equal ``B``; a 0-dim tensor
     counts as ``[1]``), any float dtype for ``pred``, labels of any dtype with values in {0, 1}.
     ``ValueError`` for a prediction outside [0, 1] or NaN, a label not 0 or 1, or mismatched
-    shapes. The value check is one min/max pass per input, both read back to the host together:
-    **one host sync per call** (on CUDA it waits for the batch's predictions).
-    ``validate_args=False`` skips it; it is also skipped while ``torch.compile`` traces (a host
-    sync would break the graph). Unchecked, a prediction below 0 or above 1 lands in the outer
+    shapes. The value check is one min/max pass over the predictions and one over the labels,
+    read back to the host together. On the CPU it runs before the counters move. On a GPU the
+    read would wait for the batch's predictions (a host sync per step, stalling the launch
+    queue), so it does not wait: the check's result is copied to the host asynchronously and read
+    by the NEXT ``update`` or ``forward`` call (by then the device is normally past it, so nothing
+    waits), which raises the ``ValueError`` for the earlier batch, whose counts are already in the
+    counters; ``check_pending()`` reads it at once (a sync). ``validate_args=False`` skips the
+    check; it is also skipped while ``torch.compile`` traces (a host read would break the graph).
+    Unchecked, a prediction below 0 or above 1 lands in the outer
     buckets (as ``bucketize`` puts it), a NaN in the lowest inner bucket and any non-zero label
     counts as positive: never an out-of-bounds index.
 
@@ -115,13 +120,27 @@ class AUROC(nn.Module):
         self.register_buffer("thresholds", torch.tensor(auroc_thresholds(t), dtype=torch.float64), persistent=False)
         for name in ("tp", "fp", "tn", "fn"):
             self.register_buffer(name, torch.zeros(t, dtype=torch.int64))
+        self._bounds = self._make_bounds()
+        # a GPU batch's value check on its way to the host: (flags [2] in pinned memory, its event)
+        self._pending_check: tuple[torch.Tensor, torch.cuda.Event] | None = None
 
     def _apply(self, fn, recurse=True):
         # .half() / .to(dtype) would round the thresholds: rebuild them in float64 on the
         # counters' (possibly new) device. The int64 counters are never cast by dtype moves.
         super()._apply(fn, recurse)
         self.thresholds = torch.tensor(auroc_thresholds(self.num_thresholds), dtype=torch.float64, device=self.tp.device)
+        self._bounds = self._make_bounds()
         return self
+
+    def _make_bounds(self) -> dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]]:
+        """Per comparison dtype (float32, float64: ``_check``), the thresholds and each bucket's
+        lower threshold (``[k]``: ``thr[k - 1]``, k >= 1): made with the buffers, not per batch
+        (nor while a compiled step runs, which would recompile when it filled a cache)."""
+        bounds = {}
+        for dtype in (torch.float32, torch.float64):
+            thr = self.thresholds.to(dtype)
+            bounds[dtype] = (thr, torch.cat([thr[:1], thr[:-1]]))
+        return bounds
 
     def extra_repr(self) -> str:
         return f"num_thresholds={self.num_thresholds}, dist_sync_on_step={self.dist_sync_on_step}"
@@ -134,28 +153,57 @@ class AUROC(nn.Module):
             raise ValueError(f"AUROC: predictions {tuple(pred.shape)} and labels {tuple(label.shape)} differ in shape")
         if not pred.is_floating_point() or pred.dtype in (torch.float16, torch.bfloat16):
             pred = pred.float()
-        if self.validate_args and not torch.compiler.is_compiling() and pred.numel():
-            # One pass per input (aminmax propagates NaN, which fails both comparisons), one
-            # read-back for both checks.
-            pmin, pmax = torch.aminmax(pred)
-            bad_pred = ~((pmin >= 0) & (pmax <= 1))
-            if label.dtype == torch.bool:
-                bad_label = torch.zeros_like(bad_pred)
-            elif label.is_floating_point() or label.is_complex():
-                bad_label = (label * (1 - label)).abs().amax() != 0  # 0 iff every label is 0 or 1
-            else:
-                lmin, lmax = torch.aminmax(label)
-                bad_label = (lmin < 0) | (lmax > 1)
-            bad_pred, bad_label = torch.stack([bad_pred, bad_label.to(bad_pred.device)]).tolist()
-            if bad_pred:
-                raise ValueError("AUROC: predictions must lie in [0, 1] (a prediction is outside it or NaN)")
-            if bad_label:
-                raise ValueError("AUROC: labels must be 0 or 1")
+        if self.validate_args and not torch.compiler.is_compiling():
+            self.check_pending()
+            if pred.numel():
+                self._check_values(pred, label)
         return pred, label
+
+    def _check_values(self, pred: torch.Tensor, label: torch.Tensor) -> None:
+        """The value check of a batch (class docstring): at once on the CPU, the next call's on a GPU."""
+        # One pass per input, its extremes read back together (in pred's dtype: a stack promotes)
+        # and compared on the host: aminmax propagates NaN, which fails both comparisons there.
+        # Float labels: one "any" of label * (1 - label), non-zero (NaN included) iff a label is
+        # not 0 or 1; integer labels: their extremes; bool labels need no check.
+        stats = list(torch.aminmax(pred))
+        if label.dtype != torch.bool:
+            if label.is_floating_point() or label.is_complex():
+                stats.append((label * (1 - label)).any().to(pred.device))
+            else:
+                stats.extend(s.to(pred.device) for s in torch.aminmax(label))
+        values = torch.stack(stats)
+        if values.device.type != "cuda":
+            self._raise_for(values.tolist(), "")
+            return
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_check = (host, event)
+
+    def check_pending(self) -> None:
+        """Raise the ``ValueError`` of a GPU batch whose value check has not been read yet
+        (class docstring), waiting for it if needed; a no-op otherwise."""
+        if self._pending_check is None:
+            return
+        host, event = self._pending_check
+        self._pending_check = None
+        event.synchronize()
+        self._raise_for(host.tolist(), " (an earlier batch on the GPU, already counted)")
+
+    @staticmethod
+    def _raise_for(values: list[float], which: str) -> None:
+        """``values``: the predictions' min and max, then the float labels' "any bad" flag or the
+        integer labels' min and max (none for bool labels)."""
+        low, high, *labels = values
+        if not (low >= 0 and high <= 1):
+            raise ValueError(f"AUROC: predictions must lie in [0, 1] (a prediction is outside it or NaN){which}")
+        if labels and (labels[0] != 0 if len(labels) == 1 else labels[0] < 0 or labels[1] > 1):
+            raise ValueError(f"AUROC: labels must be 0 or 1{which}")
 
     def _buckets(self, pred: torch.Tensor) -> torch.Tensor:
         """int64 [B]: how many thresholds each prediction exceeds (strictly), in [0, T]."""
-        thr = self.thresholds.to(pred.dtype)
+        thr, thr_below = self._bounds[pred.dtype]
         t = self.num_thresholds
         if t > _ARITH_MAX_T:
             return torch.bucketize(pred, thr)
@@ -165,24 +213,22 @@ class AUROC(nn.Module):
         # too: they land in bucket 0 or T, as bucketize puts them. In place where possible: the
         # passes are memory-bound.
         est = (pred * (t - 1)).ceil_().clamp_(1, t - 1).long().clamp_(1, t - 1)
-        thr_below = torch.cat([thr[:1], thr[:-1]])  # thr_below[k] = thr[k - 1] (k >= 1)
         too_high = thr_below.index_select(0, est) >= pred
         too_low = thr.index_select(0, est) < pred
         return est.add_(too_low).sub_(too_high.long())
 
     def _batch_counts(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """int64 [4, T]: this batch's tp, fp, tn, fn per threshold (all-reduced if asked)."""
+        """int64 [4, T]: this batch's fp, tp, tn, fn per threshold (all-reduced if asked)."""
         pred, label = self._check(pred, label)
         t = self.num_thresholds
         bins = self._buckets(pred).mul_(2).add_(label != 0)  # any non-zero label: positive (in bounds)
         hist = torch.zeros(2 * (t + 1), dtype=torch.int64, device=pred.device)
         hist.scatter_add_(0, bins, torch.ones_like(bins))
-        hist = hist.view(t + 1, 2)  # [:, 0] negatives, [:, 1] positives, by bucket
-        at_or_above = hist.flip(0).cumsum(0).flip(0)  # [k] = count with bucket >= k
-        above = at_or_above[1:]  # [j] = count with bucket > j = predicted positive at threshold j
-        total = at_or_above[0]
-        tp, fp = above[:, 1], above[:, 0]
-        counts = torch.stack([tp, fp, total[0] - fp, total[1] - tp])
+        # [k, 0] negatives, [k, 1] positives with bucket <= k; at threshold j those with bucket
+        # <= j are predicted negative (tn, fn), the rest of each total positive (fp, tp)
+        at_or_below = hist.view(t + 1, 2).cumsum(0)
+        below = at_or_below[:-1]
+        counts = torch.cat([at_or_below[-1] - below, below], 1).t()  # fp, tp, tn, fn
         if self.dist_sync_on_step and _distributed():
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         return counts
@@ -199,10 +245,7 @@ class AUROC(nn.Module):
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
         """Add this batch's counts to the counters."""
         counts = self._batch_counts(pred, label).to(self.tp.device)
-        self.tp += counts[0]
-        self.fp += counts[1]
-        self.tn += counts[2]
-        self.fn += counts[3]
+        torch._foreach_add_([self.fp, self.tp, self.tn, self.fn], counts.unbind(0))
 
     def compute(self) -> torch.Tensor:
         """AUC (float64 0-dim tensor) of everything accumulated since the last reset."""
@@ -210,8 +253,8 @@ class AUROC(nn.Module):
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """AUC of this batch alone (the counters are left as they are)."""
-        counts = self._batch_counts(pred, label)
-        return self._auc(counts[0], counts[1], counts[2], counts[3])
+        fp, tp, tn, fn = self._batch_counts(pred, label).unbind(0)
+        return self._auc(tp, fp, tn, fn)
 
     def reset(self) -> None:
         """Zero the counters."""

@@ -41,8 +41,9 @@ Decisions:
   host sync, such rows are skipped and nothing outside the tables is written.
 - Hyperparameters are ``float`` (float64 on the host) but for Adam's bias corrections (0-d float64
   tensors); products of them (``1 - beta1``, the step size ``lr * sqrt(bias_correction2) /
-  bias_correction1``) are formed in float64 (the step size by torch float64 ops on the 0-d tensors,
-  on their device, then rounded to float32 once: ``_adam_step_size``), then every tensor
+  bias_correction1``) are formed in float64 (the step size from the 0-d tensors: by torch float64
+  ops on CPU, ``_adam_step_size``, and inside the kernel on CUDA with IEEE sqrt/div, not by four
+  more kernels per call; rounded to float32 once either way), then every tensor
   operation runs in float32, one correctly rounded operation at a time (sqrt included, see
   ``_sqrt_rn``), in the order written above. The CUDA kernels (``fxrec/ops/triton/sparse_update.py``)
   follow the same order with IEEE sqrt/div and no FMA contraction, so the two devices are meant to
@@ -58,7 +59,6 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fxrec.ops.triton.sparse_update import (
-    adam_step_size as _adam_step_size,
     sparse_adagrad_update_triton,
     sparse_adam_update_triton,
     sparse_sgd_update_triton,
@@ -111,13 +111,20 @@ def _rows_to_update(op: str, rows: Tensor, grads: Tensor, capacity: int) -> tupl
     left out; rows outside ``[-1, capacity)`` raise."""
     if rows.numel() == 0:
         return rows, grads
-    low, high = torch.aminmax(rows)
+    low, high = (int(x) for x in torch.aminmax(rows))  # read once, compared on the host
     if low < -1 or high >= capacity:
         raise ValueError(f"fxrec::{op}: rows must lie in [0, capacity) = [0, {capacity}), or be -1 (padding)")
     if low >= 0:
         return rows, grads
     keep = (rows >= 0).nonzero().squeeze(1)
     return rows[keep], grads[keep]
+
+
+def _adam_step_size(lr: float, bias_correction1: Tensor, bias_correction2: Tensor) -> Tensor:
+    """Adam's step size ``lr * sqrt(bias_correction2) / bias_correction1`` as a 0-d float32 tensor:
+    formed in float64 (correctly rounded mul, sqrt, div, in that order, from the 0-d float64
+    tensors), then rounded to float32 once. The CUDA kernel forms it the same way in-kernel."""
+    return (lr * bias_correction2.sqrt() / bias_correction1).to(torch.float32)
 
 
 def _sqrt_rn(t: Tensor) -> Tensor:

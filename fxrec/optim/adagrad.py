@@ -46,7 +46,7 @@ class SparseAdagrad(SparseOptimizer):
         width = 1 if self.rowwise else table.dim
         return {"accum": (width, self.defaults["initial_accumulator_value"])}
 
-    def _update(self, table, state, slots, rows, grads, group):
+    def _update(self, table, scalars, slots, rows, grads, group):
         torch.ops.fxrec.sparse_adagrad_update(
             table.embedding, slots["accum"], rows, grads, float(group["lr"]), float(group["eps"]), self.rowwise
         )

@@ -71,14 +71,27 @@ class _SparseAdamBase(SparseOptimizer):
     def _decay(self, group) -> float:
         """The factor ``p`` is multiplied by before the update (module docstring)."""
 
-    def _update(self, table, state, slots, rows, grads, group):
+    def _advance(self, states, group):
+        """Besides ``step``: ``b1p *= beta1; b2p *= beta2`` ([1] float64 tensors, in place:
+        ``fxrec.optim.sparse_optimizer``), then each table's bias corrections ``1 - b1p``,
+        ``1 - b2p`` as 0-d tensors: a few foreach ops for all tables."""
+        super()._advance(states, group)
         beta1, beta2 = (float(b) for b in group["betas"])
-        state["b1p"].mul_(beta1)  # [1] float64 tensors, in place (fxrec.optim.sparse_optimizer)
-        state["b2p"].mul_(beta2)
+        corrections = []
+        for key, beta in (("b1p", beta1), ("b2p", beta2)):
+            products = [state[key] for state in states]
+            torch._foreach_mul_(products, beta)
+            # 1 - b as (-b) + 1: the same correctly rounded float64 difference
+            corrections.append(torch._foreach_add(torch._foreach_neg(products), 1.0))
+        return [(bc1.reshape(()), bc2.reshape(())) for bc1, bc2 in zip(*corrections)]
+
+    def _update(self, table, scalars, slots, rows, grads, group):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        bias_correction1, bias_correction2 = scalars
         torch.ops.fxrec.sparse_adam_update(
             table.embedding, slots["exp_avg"], slots["exp_avg_sq"], rows, grads,
             float(group["lr"]), beta1, beta2, float(group["eps"]), self._decay(group),
-            (1.0 - state["b1p"]).reshape(()), (1.0 - state["b2p"]).reshape(()),
+            bias_correction1, bias_correction2,
         )
 
 

@@ -22,5 +22,5 @@ class SparseSGD(SparseOptimizer):
     def _slot_specs(self, table):
         return {}
 
-    def _update(self, table, state, slots, rows, grads, group):
+    def _update(self, table, scalars, slots, rows, grads, group):
         torch.ops.fxrec.sparse_sgd_update(table.embedding, rows, grads, float(group["lr"]))

@@ -38,7 +38,7 @@ Decisions:
   int64 and ``[1]`` float64 are kept). ``state_dict`` gives every scalar 0-d all the same. The state advances on EVERY
   optimizer step, whether or not the table got gradient rows (RecIS's rule, SPEC §5.1 "per
   table, per update step"; a table's rows without a gradient stay untouched). The same holds
-  for ``table.advance_step()`` (the eviction clock of ``GlobalStepFilter``). Branching on
+  for the tables' own step (``HashTable.advance_steps``: the eviction clock of ``GlobalStepFilter``). Branching on
   whether a step touched a table would also need a host sync, which a compiled step cannot take.
 - Slots are created (``table.slot``) when the optimizer is built, so ids inserted before the
   first step, and rows rebuilt by a model ``load_state_dict``, get the slot's initial value.
@@ -118,7 +118,7 @@ def _collect_tables(tables: Any, owner: str) -> dict[str, HashTable]:
 
 class SparseOptimizer(Optimizer, metaclass=ABCMeta):
     """Base class (module docstring). Subclasses define ``_slot_specs``, ``_update`` and, with
-    per-table scalars beyond ``step``, ``_new_table_state``."""
+    per-table scalars beyond ``step``, ``_new_table_state`` and ``_advance``."""
 
     def __init__(self, tables: Mapping[str, HashTable] | Iterable[HashTable], defaults: dict[str, Any]) -> None:
         self.tables = _collect_tables(tables, type(self).__name__)
@@ -150,10 +150,18 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
     def _slot_specs(self, table: HashTable) -> dict[str, tuple[int, float]]:
         """``{slot name: (width, initial value)}``."""
 
+    def _advance(self, states: list[dict[str, Tensor]], group: dict[str, Any]) -> list[Any]:
+        """Advance every table's scalars by one step, in place, with one ``torch._foreach_*`` op per
+        scalar for all tables (not a few small ops per table: host dispatch is what a step of
+        small tables costs); returns, per table, what its ``_update`` needs of them."""
+        torch._foreach_add_([state["step"] for state in states], 1)
+        return [None] * len(states)
+
     @abstractmethod
-    def _update(self, table: HashTable, state: dict, slots: dict[str, Tensor], rows: Tensor, grads: Tensor,
+    def _update(self, table: HashTable, scalars: Any, slots: dict[str, Tensor], rows: Tensor, grads: Tensor,
                 group: dict[str, Any]) -> None:
-        """Update ``rows`` of ``table`` (unique, each with a gradient) in place."""
+        """Update ``rows`` of ``table`` (unique, each with a gradient) in place; ``scalars`` is the
+        table's entry of ``_advance``'s result."""
 
     def _slots(self, table: HashTable) -> dict[str, Tensor]:
         return {name: table.slot(name, width, init) for name, (width, init) in self._slot_specs(table).items()}
@@ -188,13 +196,13 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             merged = reduce_grads_to_owners(list(self.tables.values()))
         else:
             merged = [table.take_grads() for table in self.tables.values()]
-        for (name, table), (rows, grads) in zip(self.tables.items(), merged):
+        tables = list(self.tables.values())
+        scalars = self._advance([self._table_state(name, table) for name, table in self.tables.items()], group)
+        for table, table_scalars, (rows, grads) in zip(tables, scalars, merged):
             if table.grad_reduce_by == "worker" and self.grad_accum_steps != 1:
                 grads = grads / self.grad_accum_steps
-            state = self._table_state(name, table)
-            state["step"].add_(1)
-            self._update(table, state, self._slots(table), rows, grads, group)  # no rows: only the counters move
-            table.advance_step()
+            self._update(table, table_scalars, self._slots(table), rows, grads, group)  # no rows: only the counters move
+        HashTable.advance_steps(tables)
         return loss
 
     # -- state_dict ------------------------------------------------------------------------------

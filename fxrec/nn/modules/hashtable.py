@@ -20,7 +20,7 @@ Lookups:
   layer reads rows through ``fxrec::table_combine(table.embedding, rows, anchor, ...)`` (the lookup
   fused with the combiner, ``fxrec/ops/combine.py``), whose result is
   ``table[rows] + anchor`` combined: in training mode with grad enabled the anchor is an all-zero
-  ``[U, dim]`` leaf that requires grad, ``zeros(()).expand(U, dim)`` (strides ``(0, 0)``: no
+  ``[U, dim]`` leaf that requires grad, the storage's ``zero.expand(U, dim)`` (strides ``(0, 0)``: no
   memory), recorded with its rows as a pending gradient. After ``backward()`` its ``.grad`` is the
   ``[U, dim]`` gradient of the touched rows, which the sparse optimizer takes (``take_grads``):
   never a dense ``[capacity, dim]`` gradient (DESIGN.md); the table itself is a buffer and gets no
@@ -111,7 +111,7 @@ class _PendingGrad:
     # [U', dim] zeros (stride 0, U' >= U: a grad sink of fxrec.compile), a leaf that requires
     # grad; after backward the first U rows of .grad are the rows' gradients
     anchor: Tensor
-    counts: Tensor  # float32 [U]
+    counts: Tensor  # [U] (int64 from a dedup, or float32), read only by "id" tables and sharded lookups
     ids: Tensor | None = None  # int64 [U] for a sharded lookup, whose rows are not this table's (take_id_grads)
 
 
@@ -324,6 +324,7 @@ class HashTable(nn.Module):
         if not pending:
             return (torch.empty(0, dtype=torch.int64, device=device),
                     torch.empty(0, self.dim, dtype=torch.float32, device=device))
+        by_id = self.grad_reduce_by == "id"  # only then are the occurrence counts needed
         if len(pending) == 1:  # one lookup's rows are distinct but for -1: as they are
             p = pending[0]
             rows, counts = p.rows, p.counts
@@ -332,10 +333,10 @@ class HashTable(nn.Module):
             rows, grads, counts = _merge_rows(
                 torch.cat([p.rows for p in pending]),
                 torch.cat([p.anchor.grad[:p.rows.shape[0]] for p in pending]).to(torch.float32),
-                torch.cat([p.counts for p in pending]),
+                torch.cat([p.counts.to(torch.float32) for p in pending]) if by_id else None,
             )
-        if self.grad_reduce_by == "id":
-            grads = grads / counts.clamp_min(1.0)[:, None]
+        if by_id:
+            grads = grads / counts.to(torch.float32).clamp_min(1.0)[:, None]
         return rows, grads
 
     def take_id_grads(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -358,7 +359,7 @@ class HashTable(nn.Module):
         sums.index_add_(0, inverse, torch.cat([p.anchor.grad[:p.ids.shape[0]][k] for p, k in zip(pending, own)])
                         .to(torch.float32))
         counts = torch.zeros(ids.numel(), dtype=torch.float32, device=device)
-        counts.index_add_(0, inverse, torch.cat([p.counts[k] for p, k in zip(pending, own)]))
+        counts.index_add_(0, inverse, torch.cat([p.counts[k] for p, k in zip(pending, own)]).to(torch.float32))
         return ids, sums, counts
 
     @torch.no_grad()
@@ -377,10 +378,16 @@ class HashTable(nn.Module):
 
     # -- steps and eviction --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def advance_step(self) -> None:
-        """One table step passed (the sparse optimizer calls this after each update)."""
-        self.step += 1
+        """One table step passed."""
+        HashTable.advance_steps([self])
+
+    @staticmethod
+    @torch.no_grad()
+    def advance_steps(tables: list[HashTable]) -> None:
+        """``advance_step`` of every table in ``tables`` (distinct) as one foreach op (the sparse
+        optimizer calls this after each update)."""
+        torch._foreach_add_([table.step for table in tables], 1)
 
     @torch.no_grad()
     def evict_stale(self) -> int:
@@ -456,10 +463,11 @@ class HashTable(nn.Module):
                 unexpected_keys.append(key)
 
 
-def _merge_rows(rows: Tensor, grads: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _merge_rows(rows: Tensor, grads: Tensor, counts: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(rows, grads, counts)`` of the same length with each row once: the entries sorted by row,
     each run of one row summed into its first entry, the run's other entries row -1 (padding), no
-    host sync (a sort, a cumulative max and two ``index_add_``)."""
+    host sync (a sort, a cumulative max and an ``index_add_`` per summed input). ``counts`` None:
+    not summed (None returned)."""
     sorted_rows, order = torch.sort(rows)
     n = sorted_rows.shape[0]
     # each entry against its predecessor through a shifted copy (cat + narrow: compile-friendly,
@@ -469,7 +477,7 @@ def _merge_rows(rows: Tensor, grads: Tensor, counts: Tensor) -> tuple[Tensor, Te
     starts = (positions == 0) | (sorted_rows != prev)
     run_start = torch.where(starts, positions, 0).cummax(0).values
     summed = torch.zeros_like(grads).index_add_(0, run_start, grads[order])
-    occurrences = torch.zeros_like(counts).index_add_(0, run_start, counts[order])
+    occurrences = None if counts is None else torch.zeros_like(counts).index_add_(0, run_start, counts[order])
     return torch.where(starts, sorted_rows, -1), summed, occurrences
 
 
@@ -495,9 +503,9 @@ def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | Non
         torch._check(rows.shape[0] <= leaf.shape[0])  # more distinct ids than fxrec.compile's bound: fails
         anchor = leaf.narrow(0, 0, rows.shape[0])
     else:
-        leaf = anchor = first.embedding.new_zeros(()).expand(rows.shape[0], first.dim).requires_grad_()
-    counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts
-    counts = counts.reshape(-1).to(torch.float32)
+        leaf = anchor = first.storage.zero.expand(rows.shape[0], first.dim).requires_grad_()
+    # as given (a dedup's int64 counts): converted where read, by "id" tables and sharded lookups only
+    counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts.reshape(-1)
     for table in tables:
         own = rows if tags is None else torch.where(tags == table.tag, rows, -1)
         # A new list, not an append: under torch.compile an anchor put into the list object that

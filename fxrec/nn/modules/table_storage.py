@@ -86,6 +86,9 @@ class TableStorage(nn.Module):
         self.register_buffer("state", state)
         self.register_buffer("embedding", torch.zeros(capacity, dim, dtype=dtype, device=device))
         self.register_buffer("last_seen", torch.zeros(capacity, dtype=torch.int64, device=device))
+        # the base of every gradient anchor (``shared_grad_anchor``: a stride-0 view of it per
+        # lookup; nothing writes it): one zero, not a fill kernel per lookup
+        self.register_buffer("zero", torch.zeros((), dtype=dtype, device=device))
         # per member, on the device: inserts count into them without a host sync
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64, device=device))
         self.register_buffer("seeds", torch.zeros(0, dtype=torch.int64, device=device))
@@ -170,7 +173,7 @@ class TableStorage(nn.Module):
         # already hold the slots' initial values (free rows do: class docstring).
         new_rows = torch.where(inserted, rows, -1)
         if tags is None:
-            self.counts[0] += inserted.sum()
+            self.counts.narrow(0, 0, 1).add_(inserted.sum())  # in place, 3 ops (``counts[0] +=``: 5)
             first.initializer.write_rows(self.embedding, new_rows, ids, self.members[0].seed, first.block_size)
         else:
             self.counts.index_add_(0, tags.long(), inserted.long())

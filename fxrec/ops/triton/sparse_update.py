@@ -19,12 +19,11 @@ Launchers work on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["adam_step_size", "sparse_adam_update_triton", "sparse_adagrad_update_triton", "sparse_sgd_update_triton"]
+__all__ = ["sparse_adam_update_triton", "sparse_adagrad_update_triton", "sparse_sgd_update_triton"]
 
 _MAX_BLOCK_D = 128
 _ELEMENTS_PER_PROGRAM = 2048
@@ -52,11 +51,15 @@ def _tile(rows, n_rows, capacity, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.conste
 def _sparse_adam_kernel(
     param, exp_avg, exp_avg_sq, rows, grads, n_rows, capacity, dim,
     p_s0, p_s1, m_s0, m_s1, v_s0, v_s1,
-    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size_ptr, eps,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, lr: tl.float64, bias_correction1, bias_correction2, eps,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i, r, d, mask = _tile(rows, n_rows, capacity, dim, BLOCK_R, BLOCK_D)
-    step_size = tl.load(step_size_ptr)  # float32, rounded once from its float64 value
+    # The step size lr * sqrt(bc2) / bc1 in float64 (mul, sqrt, div in that order, as the CPU
+    # kernel's torch ops; float64 sqrt and division are IEEE correctly rounded in PTX, sqrt.rn.f64
+    # and div.rn.f64: no approximate forms exist), rounded to float32 once: formed here, per
+    # program, instead of by four torch kernels per call.
+    step_size = ((lr * tl.sqrt(tl.load(bias_correction2))) / tl.load(bias_correction1)).to(tl.float32)
     p_ptr = param + r[:, None] * p_s0 + d[None, :] * p_s1
     m_ptr = exp_avg + r[:, None] * m_s0 + d[None, :] * m_s1
     v_ptr = exp_avg_sq + r[:, None] * v_s0 + d[None, :] * v_s1
@@ -130,14 +133,6 @@ def _grid(n_rows: int, dim: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(n_rows, block_r), triton.cdiv(dim, block_d)), block_r, block_d
 
 
-def adam_step_size(lr: float, bias_correction1: Tensor, bias_correction2: Tensor) -> Tensor:
-    """Adam's step size ``lr * sqrt(bias_correction2) / bias_correction1`` as a 0-d float32 tensor
-    on the bias corrections' device: formed in float64 (correctly rounded mul, sqrt, div, in that
-    order, from the 0-d float64 tensors; no host sync), then rounded to float32 once. Shared by
-    the CPU kernel and the Triton launcher, so both see the same float32 step size."""
-    return (lr * bias_correction2.sqrt() / bias_correction1).to(torch.float32)
-
-
 def sparse_adam_update_triton(
     param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grads: Tensor,
     lr: float, beta1: float, beta2: float, eps: float, decay: float,
@@ -152,14 +147,13 @@ def sparse_adam_update_triton(
         return
     rows, grads = rows.contiguous(), grads.contiguous()
     # Host scalars are folded in float64, as the CPU kernel does, then read as float32; the step
-    # size is formed in float64 from the bias-correction tensors on the device (no host sync),
-    # rounded to float32 once, and loaded by the kernel (``adam_step_size``, as on CPU).
-    step_size = adam_step_size(lr, bias_correction1, bias_correction2)
+    # size is formed in the kernel, in float64, from lr (a float64 argument) and the
+    # bias-correction tensors on the device (no host sync), as the CPU kernel forms it.
     grid, block_r, block_d = _grid(n_rows, dim)
     _sparse_adam_kernel[grid](
         param, exp_avg, exp_avg_sq, rows, grads, n_rows, capacity, dim,
         *param.stride(), *exp_avg.stride(), *exp_avg_sq.stride(),
-        decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, step_size, eps,
+        decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr, bias_correction1, bias_correction2, eps,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )
 
