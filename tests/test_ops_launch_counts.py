@@ -8,7 +8,9 @@ each CUDA launcher under Triton's interpreter on CPU tensors and counting what i
 - Triton kernels (the interpreter's grid calls),
 - torch kernels (aten ops other than views and allocations, each one launch on CUDA),
 - table copies (``device_table``: one non-blocking host-to-device copy each),
-- host syncs (``.item()``-like reads and ``.tolist()``).
+- host syncs: ``.tolist()``, ``.item()``-like reads (``int(t)``, ``bool(t)``) and the ops that
+  size an output from data (``nonzero``, ``unique``, boolean-mask indexing, ``masked_select``,
+  ``repeat_interleave`` without ``output_size``, ``equal``).
 
 | op (tutorial shapes)                 | kernels (Triton + torch) | table copies | syncs | before        |
 |--------------------------------------|--------------------------|--------------|-------|---------------|
@@ -18,8 +20,12 @@ each CUDA launcher under Triton's interpreter on CPU tensors and counting what i
 | feature_cross                        | 4 (2 + zeros, cumsum)    | 0            | 1     | 28 + 1 sync   |
 | mod_multi                            | 1                        | 1            | 0     | same          |
 | bucketize_multi                      | 1                        | 1            | 0     | same          |
-| sequence_truncate_multi (any N)      | 3 (2 + cumsum)           | 2            | 1     | 5, 2 copies, 1 sync |
+| sequence_truncate(_multi) (any N)    | 2                        | 1            | 1     | 3 (2 + cumsum), 2 copies, 1 sync |
+| sequence_truncate_3d                 | 4 (2 + zeros, arange)    | 1            | 1     | 6 (2 + zeros, cumsum, arange, mul), 1 copy, 1 sync |
 | check_row_lengths (truncate=False)   | 2 (1 + zeros)            | 0            | 1     | 3 + 1 sync    |
+
+The torch kernels (the CPU path; ``bench.feature_ops``'s torch stage on a GPU) of
+``sequence_truncate``, ``_3d`` and ``feature_cross`` read the data once (were 4, 5 and 3 reads).
 
 On a GPU ``bench/feature_ops.py`` reports the same counts from the profiler and CUDA's sync
 debug mode.
@@ -38,7 +44,8 @@ import fxrec.ops.triton.hash as triton_hash
 import fxrec.ops.triton.mod as triton_mod
 import fxrec.ops.triton.truncate as triton_truncate
 from fxrec.ops.check import check_row_lengths_with_triton
-from fxrec.ops.cross import feature_cross_with_triton
+from fxrec.ops.cross import feature_cross_torch, feature_cross_with_triton
+from fxrec.ops.truncate import sequence_truncate_3d_torch, sequence_truncate_torch
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="counts launches under the Triton interpreter (bench/feature_ops.py on GPUs)"
@@ -46,6 +53,21 @@ pytestmark = pytest.mark.skipif(
 
 # Allocations and views launch nothing.
 _NO_LAUNCH = {"empty", "empty_like", "new_empty", "empty_strided", "lift_fresh", "detach", "alias"}
+# Ops that wait for the GPU before they return (they read data or size an output from data).
+_SYNCING = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "equal"}
+
+
+def _sync_name(func, args, kwargs) -> str | None:
+    """The name under which an aten call counts as a host sync on CUDA, else None."""
+    name = func.overloadpacket.__name__
+    if name in _SYNCING:
+        return name
+    if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                               for i in args[1]):
+        return "index with a boolean mask"
+    if name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and kwargs.get("output_size") is None:
+        return "repeat_interleave without output_size"
+    return None
 
 
 class _Counts(TorchDispatchMode):
@@ -54,15 +76,16 @@ class _Counts(TorchDispatchMode):
         self.torch_kernels: collections.Counter = collections.Counter()
         self.triton_kernels = 0
         self.tables = 0
-        self.syncs = 0
+        self.syncs: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name == "_local_scalar_dense":
-            self.syncs += 1
-        elif not func.is_view and name not in _NO_LAUNCH:
-            self.torch_kernels[name] += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        sync = _sync_name(func, args, kwargs)
+        if sync is not None:
+            self.syncs[sync] += 1
+        elif not func.is_view and func.overloadpacket.__name__ not in _NO_LAUNCH:
+            self.torch_kernels[func.overloadpacket.__name__] += 1
+        return func(*args, **kwargs)
 
 
 @pytest.fixture
@@ -88,7 +111,7 @@ def counts(monkeypatch):
     tolist = torch.Tensor.tolist
 
     def counted_tolist(self):
-        mode.syncs += 1
+        mode.syncs["tolist"] += 1
         return tolist(self)
 
     monkeypatch.setattr(GridExecutor, "__call__", triton_kernel)
@@ -128,23 +151,31 @@ def _calls(d):
         "mod_multi": lambda: triton_mod.mod_multi_triton(
             [d["single"], d["seq"], d["seq"], d["single"]], [10000, 10000, 10000, 1000]),
         "bucketize_multi": lambda: triton_bucketize.bucketize_multi_triton([d["dense"], d["seq"]], [bounds, bounds]),
+        "sequence_truncate": lambda: triton_truncate.truncate_triton(
+            d["seq"], d["seq_offsets"], d["seq_weight"], 10, False),
         "sequence_truncate_multi": lambda: triton_truncate.truncate_multi_triton(
             [d["seq"], d["seq"], d["seq"]], [d["seq_offsets"]] * 3, [None, d["seq_weight"], None],
             [10, 10, 5], [False, True, False]),
+        "sequence_truncate_3d": lambda: triton_truncate.truncate_3d_triton(
+            d["bytes"], d["seq_offsets"], d["string_offsets"], None, 3, True),
         "check_row_lengths": lambda: check_row_lengths_with_triton(d["seq_offsets"], 30, "feature 'seq'"),
     }
 
 
+_TOLIST = {"tolist": 1}
+
 # op: (Triton kernels, torch kernels, table copies, host syncs)
 EXPECTED = {
-    "bucketize": (1, {}, 0, 0),
-    "hash_bytes": (1, {}, 0, 0),
-    "hash_bytes_multi": (1, {}, 1, 0),
-    "feature_cross": (2, {"zeros": 1, "cumsum": 1}, 0, 1),
-    "mod_multi": (1, {}, 1, 0),
-    "bucketize_multi": (1, {}, 1, 0),
-    "sequence_truncate_multi": (2, {"cumsum": 1}, 2, 1),
-    "check_row_lengths": (1, {"zeros": 1}, 0, 1),
+    "bucketize": (1, {}, 0, {}),
+    "hash_bytes": (1, {}, 0, {}),
+    "hash_bytes_multi": (1, {}, 1, {}),
+    "feature_cross": (2, {"zeros": 1, "cumsum": 1}, 0, _TOLIST),
+    "mod_multi": (1, {}, 1, {}),
+    "bucketize_multi": (1, {}, 1, {}),
+    "sequence_truncate": (2, {}, 1, _TOLIST),
+    "sequence_truncate_multi": (2, {}, 1, _TOLIST),
+    "sequence_truncate_3d": (2, {"zeros": 1, "arange": 1}, 1, _TOLIST),
+    "check_row_lengths": (1, {"zeros": 1}, 0, {"_local_scalar_dense": 1}),
 }
 
 
@@ -154,5 +185,41 @@ def test_launches_and_syncs(op, counts):
     with counts:
         call()
     triton_kernels, torch_kernels, tables, syncs = EXPECTED[op]
-    assert (counts.triton_kernels, dict(counts.torch_kernels), counts.tables, counts.syncs) == (
+    assert (counts.triton_kernels, dict(counts.torch_kernels), counts.tables, dict(counts.syncs)) == (
         triton_kernels, torch_kernels, tables, syncs)
+
+
+def test_counts_see_every_kind_of_sync(counts):
+    x = torch.arange(5)
+    with counts:
+        x[x > 2]
+        torch.repeat_interleave(x, x)
+        torch.repeat_interleave(x, x, output_size=10)  # sized by the caller: no sync
+        torch.unique(x)
+        x.nonzero()
+        int(x[0])
+        x.tolist()
+    assert dict(counts.syncs) == {
+        "index with a boolean mask": 1, "repeat_interleave without output_size": 1, "_unique2": 1, "nonzero": 1,
+        "_local_scalar_dense": 1, "tolist": 1,
+    }
+
+
+def _cpu_calls(d):
+    return {
+        "sequence_truncate": lambda: sequence_truncate_torch(d["seq"], d["seq_offsets"], d["seq_weight"], 10, True),
+        "sequence_truncate_3d": lambda: sequence_truncate_3d_torch(
+            d["bytes"], d["seq_offsets"], d["string_offsets"], None, 3, True),
+        "feature_cross": lambda: feature_cross_torch(
+            d["single"], d["single_offsets"], None, d["seq"], d["seq_offsets"], d["seq_weight"]),
+    }
+
+
+@pytest.mark.parametrize("op", ["sequence_truncate", "sequence_truncate_3d", "feature_cross"])
+def test_torch_kernels_read_the_data_once(op, counts):
+    # The torch kernels (the CPU path, and ``bench.feature_ops``'s torch stage on a GPU) read the
+    # output length and the offsets check back in ONE read (a host sync on a GPU).
+    call = _cpu_calls(_tutorial_batch())[op]
+    with counts:
+        call()
+    assert (counts.triton_kernels, dict(counts.syncs)) == (0, {"_local_scalar_dense": 1})

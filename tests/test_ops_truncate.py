@@ -183,7 +183,9 @@ def test_truncate_rejects_non_positive_seq_len(seq_len):
         truncate_multi([torch.arange(3)] * 2, [torch.tensor([0, 3])] * 2, [None, None], [1, seq_len], [True, True])
 
 
-@pytest.mark.parametrize("offsets", [[0, 3, 2], [0, 5], [-1, 2]])
+# [0, 4, 0, 4, 0, 4]: the valid rows alone keep 12 items, more than the 4 values the CUDA path
+# allocates for before its sync: the copy must stop at the allocation, the call must raise.
+@pytest.mark.parametrize("offsets", [[0, 3, 2], [0, 5], [-1, 2], [0, 4, 0, 4, 0, 4]])
 def test_truncate_rejects_bad_offsets(offsets):
     values, offsets = torch.arange(4), torch.tensor(offsets)
     with pytest.raises(ValueError, match="non-decreasing"):

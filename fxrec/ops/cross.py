@@ -186,11 +186,13 @@ def _plan(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight):
 def feature_cross_torch(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight):
     """The op in plain torch on any device: the CPU kernel, and the reference the Triton path meets."""
     _check_args(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight)
-    for side, values, offsets in (("x", x_values, x_offsets), ("y", y_values, y_offsets)):
-        if not _offsets_ok(values, offsets):
-            raise _offsets_error(side, values)
     x, y, out_offsets, weight_dtype = _plan(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight)
-    total = int(out_offsets[-1])
+    # ONE read (a host sync when this runs on a GPU): the output length, or -1 / -2 for bad x / y
+    # offsets (the plan never indexes out of range with them).
+    total = int(torch.where(_offsets_ok(x_values, x_offsets),
+                            torch.where(_offsets_ok(y_values, y_offsets), out_offsets[-1], -2), -1))
+    if total < 0:
+        raise _offsets_error("x" if total == -1 else "y", x_values if total == -1 else y_values)
     ids, weight = _expand_pairs_torch(out_offsets, total, x, y, weight_dtype)
     return ids, out_offsets, weight
 
