@@ -48,8 +48,6 @@ __all__ = ["truncate_triton", "truncate_multi_triton", "truncate_3d_triton"]
 
 # Rows (3-D: slots) per program of the rows kernels, and so per block of the block-local cumsum.
 _ROWS_BLOCK = 1024
-# Block totals summed per step of the copy kernel's prefix loop.
-_PREFIX_BLOCK = 256
 
 # Feature table columns (int64): read by _rows_kernel.
 _F_ROW_BASE = tl.constexpr(0)  # first row of the feature in the concatenated per-row arrays
@@ -141,14 +139,15 @@ def _copy_words(src, dst, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _segment_copy_kernel(
-    jobs, seg_starts, cum, block_totals, SEG_BLOCK: tl.constexpr, PREFIX_BLOCK: tl.constexpr, BLOCK: tl.constexpr
+    jobs, seg_starts, cum, block_totals, SEG_BLOCK: tl.constexpr, MAX_BLOCKS: tl.constexpr, BLOCK: tl.constexpr
 ):
     # Program (s, j) copies segment s of job j: items [start, start + len) of the source to
     # [begin, end) of the output, and writes end to the job's output offsets (if any). The job's
     # segments are entries [base, base + n_segs) of the per-segment arrays: ``seg_starts`` and
     # ``cum``, the inclusive cumsum of the segment lengths within each block of SEG_BLOCK
     # segments; the block totals (``block_totals`` from the job's block base on) before segment
-    # s's block turn that into its place in the output.
+    # s's block turn that into its place in the output (MAX_BLOCKS: a power of two >= any job's
+    # number of blocks; a batch of 4096 rows has 4).
     seg = tl.program_id(0).to(tl.int64)
     job = jobs + tl.program_id(1) * _J_COLS
     n_segs = tl.load(job + _J_N_SEGS)
@@ -156,11 +155,8 @@ def _segment_copy_kernel(
     if seg < n_segs:
         base = tl.load(job + _J_SEG_BASE)
         totals = block_totals + tl.load(job + _J_BLOCK_BASE)
-        seg_block = seg // SEG_BLOCK
-        before = seg * 0
-        for k in range(0, seg_block, PREFIX_BLOCK):
-            b = k + tl.arange(0, PREFIX_BLOCK)
-            before += tl.sum(tl.load(totals + b, mask=b < seg_block, other=0), 0)
+        b = tl.arange(0, MAX_BLOCKS)
+        before = tl.sum(tl.load(totals + b, mask=b < seg // SEG_BLOCK, other=0), 0)
         dst_begin = before + tl.load(cum + base + seg - 1, mask=seg % SEG_BLOCK != 0, other=0)
         dst_end = before + tl.load(cum + base + seg)
         if out_offsets != 0:
@@ -223,7 +219,8 @@ def _launch_copy(jobs: Tensor, n_jobs: int, max_segs: int, seg_starts: Tensor, c
     ``items_per_seg`` (a typical segment length) sizes the block; longer segments loop."""
     block = min(1024, max(128, triton.next_power_of_2(max(items_per_seg * max_row_words, 1))))
     _segment_copy_kernel[(max(1, max_segs), n_jobs)](
-        jobs, seg_starts, cum, block_totals, SEG_BLOCK=_ROWS_BLOCK, PREFIX_BLOCK=_PREFIX_BLOCK, BLOCK=block,
+        jobs, seg_starts, cum, block_totals, SEG_BLOCK=_ROWS_BLOCK,
+        MAX_BLOCKS=triton.next_power_of_2(triton.cdiv(max(1, max_segs), _ROWS_BLOCK)), BLOCK=block,
         num_warps=max(1, block // 256),
     )
 
