@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec.*)
 from fxrec.ops.cross import feature_cross_with_triton
+import fxrec.ops.triton.cross as triton_cross
 from fxrec.ops.triton.cross import SHORT_ROW
 from oracles import murmur64a
 
@@ -250,6 +251,29 @@ def test_triton_path_rows_past_short_row_fall_back_to_sorts(long_side):
     result = feature_cross_with_triton(*to_device(args, TRITON_DEVICE))
     assert_same(result, cross(*args))
     assert_matches_oracle(x, y, tuple(t.cpu() for t in result))
+
+
+def test_triton_path_tiny_and_short_rows_over_scan_blocks(monkeypatch):
+    # More rows than one step of the plan kernel's final scan (its running total carries over;
+    # steps of 16 rows here, to keep the interpreter fast),
+    # rows of at most 8 items on both sides (the tiny path) beside rows of 9..SHORT_ROW items on
+    # one side (the SHORT_ROW path), and an output longer than either input (the pair kernel's
+    # relaunch at the exact size) as well as one that fits (no relaunch).
+    monkeypatch.setattr(triton_cross, "_SCAN_BLOCK", 16)
+    gen = torch.Generator().manual_seed(4)
+    num_rows = 40
+    x_rows = [torch.randint(-9, 9, (int(n),), generator=gen).tolist() for n in torch.randint(0, 3, (num_rows,))]
+    y_rows = [torch.randint(-9, 9, (int(n),), generator=gen).tolist() for n in torch.randint(0, 3, (num_rows,))]
+    x_rows[5] = torch.randint(-99, 99, (9,), generator=gen).tolist()
+    x_rows[30], y_rows[30] = [1, 2, 3], torch.randperm(SHORT_ROW, generator=gen).tolist()
+    for y_side, longer in ((y_rows, True), ([[1]] * num_rows, False)):
+        x = (x_rows, None, None, [], [])
+        y = (y_side, [[0.5] * len(r) for r in y_side], torch.float64, [2], [])
+        args = args_of(x, y)
+        result = feature_cross_with_triton(*to_device(args, TRITON_DEVICE))
+        assert (result[0].numel() > max(args[0].numel(), args[3].numel())) == longer
+        assert_same(result, cross(*args))
+        assert_matches_oracle(x, y, tuple(t.cpu() for t in result))
 
 
 @pytest.mark.parametrize("side", ["x", "y"])

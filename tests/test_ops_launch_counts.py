@@ -17,7 +17,7 @@ each CUDA launcher under Triton's interpreter on CPU tensors and counting what i
 | bucketize                            | 1                        | 0            | 0     | same          |
 | hash_bytes                           | 1                        | 0            | 0     | same          |
 | hash_bytes_multi                     | 1                        | 1            | 0     | 1 + 1 blocking copy (a sync) |
-| feature_cross                        | 4 (2 + zeros, cumsum)    | 0            | 1     | 28 + 1 sync   |
+| feature_cross                        | 3 (2 + zeros)            | 0            | 1     | 4 (2 + zeros, cumsum) + 1 sync, pair kernel after it; 28 + 1 sync before that |
 | mod_multi                            | 1                        | 1            | 0     | same          |
 | bucketize_multi                      | 1                        | 1            | 0     | same          |
 | sequence_truncate(_multi) (any N)    | 2                        | 1            | 1     | 3 (2 + cumsum), 2 copies, 1 sync |
@@ -169,7 +169,7 @@ EXPECTED = {
     "bucketize": (1, {}, 0, {}),
     "hash_bytes": (1, {}, 0, {}),
     "hash_bytes_multi": (1, {}, 1, {}),
-    "feature_cross": (2, {"zeros": 1, "cumsum": 1}, 0, _TOLIST),
+    "feature_cross": (2, {"zeros": 1}, 0, _TOLIST),
     "mod_multi": (1, {}, 1, {}),
     "bucketize_multi": (1, {}, 1, {}),
     "sequence_truncate": (2, {}, 1, _TOLIST),
