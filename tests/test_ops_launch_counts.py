@@ -45,6 +45,7 @@ import fxrec.ops.triton.mod as triton_mod
 import fxrec.ops.triton.truncate as triton_truncate
 from fxrec.ops.check import check_row_lengths_with_triton
 from fxrec.ops.cross import feature_cross_torch, feature_cross_with_triton
+from fxrec.ops.triton.cross import SHORT_ROW
 from fxrec.ops.truncate import sequence_truncate_3d_torch, sequence_truncate_torch
 
 pytestmark = pytest.mark.skipif(
@@ -223,3 +224,14 @@ def test_torch_kernels_read_the_data_once(op, counts):
     with counts:
         call()
     assert (counts.triton_kernels, dict(counts.syncs)) == (0, {"_local_scalar_dense": 1})
+
+
+def test_feature_cross_long_rows_add_one_sync(counts):
+    # A row longer than SHORT_ROW is de-duplicated again by torch sorts (no sync of their own)
+    # and its output length read once more; the pair kernel queued before the first sync saw the
+    # long-row flag and wrote nothing, so it runs again: 3 Triton launches and 2 syncs.
+    d = _tutorial_batch()
+    x_offsets = torch.tensor([0, SHORT_ROW + 6, d["seq"].numel()])
+    with counts:
+        feature_cross_with_triton(d["seq"], x_offsets, None, d["single"][:2], d["single_offsets"][:3], None)
+    assert (counts.triton_kernels, dict(counts.syncs)) == (3, {"tolist": 1, "_local_scalar_dense": 1})
