@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fxrec.ops.triton import cdiv, next_power_of_2
 from fxrec.ops.triton.dense import word_size
 from fxrec.ops.triton.mod import device_table
 
@@ -217,10 +218,10 @@ def _launch_copy(jobs: Tensor, n_jobs: int, max_segs: int, seg_starts: Tensor, c
                  items_per_seg: int, max_row_words: int) -> None:
     """One launch of ``_segment_copy_kernel`` over the ``n_jobs`` rows of ``jobs`` (on the device).
     ``items_per_seg`` (a typical segment length) sizes the block; longer segments loop."""
-    block = min(1024, max(128, triton.next_power_of_2(max(items_per_seg * max_row_words, 1))))
+    block = min(1024, max(128, next_power_of_2(max(items_per_seg * max_row_words, 1))))
     _segment_copy_kernel[(max(1, max_segs), n_jobs)](
         jobs, seg_starts, cum, block_totals, SEG_BLOCK=_ROWS_BLOCK,
-        MAX_BLOCKS=triton.next_power_of_2(triton.cdiv(max(1, max_segs), _ROWS_BLOCK)), BLOCK=block,
+        MAX_BLOCKS=next_power_of_2(cdiv(max(1, max_segs), _ROWS_BLOCK)), BLOCK=block,
         num_warps=max(1, block // 256),
     )
 
@@ -246,41 +247,40 @@ def truncate_multi_triton(
     if n_features == 0:
         return [], [], []
     device = values[0].device
+    # Kept in these lists until the sync: the kernels read them through the table's addresses.
     values = [v.contiguous() for v in values]
     offsets = [o.contiguous() for o in offsets]
     weights = [None if w is None else w.contiguous() for w in weights]
-    n_rows = [o.numel() - 1 for o in offsets]
-    n_blocks = [triton.cdiv(r, _ROWS_BLOCK) for r in n_rows]
-    row_base = [sum(n_rows[:f]) for f in range(n_features)]
-    block_base = [sum(n_blocks[:f]) for f in range(n_features)]
-    # With valid offsets the rows are disjoint ranges of values: a feature keeps at most this many.
-    bounds = [min(v.shape[0], r * s) for v, r, s in zip(values, n_rows, seq_lens)]
-    out_values = [v.new_empty((n, *v.shape[1:])) for v, n in zip(values, bounds)]
-    out_weights = [_empty_weight(v) if w is None else w.new_empty((n, *w.shape[1:]))
-                   for v, w, n in zip(values, weights, bounds)]
-    out_offsets = [torch.empty(r + 1, dtype=torch.int64, device=device) for r in n_rows]
-    copies = []
+    features, copies, out_values, out_offsets, out_weights = [], [], [], [], []
+    total_rows = total_blocks = max_rows = items_per_seg = 0
     for f in range(n_features):
-        copies.append((n_rows[f], row_base[f], block_base[f], out_offsets[f], values[f], out_values[f]))
-        if weights[f] is not None:
-            copies.append((n_rows[f], row_base[f], block_base[f], None, weights[f], out_weights[f]))
+        v, o, w, seq_len = values[f], offsets[f], weights[f], seq_lens[f]
+        n_rows, n_values = o.shape[0] - 1, v.shape[0]
+        # With valid offsets the rows are disjoint ranges of values: the feature keeps at most this.
+        bound = min(n_values, n_rows * seq_len)
+        out_values.append(v.new_empty((bound, *v.shape[1:])))
+        out_offsets.append(o.new_empty(n_rows + 1))
+        features.append([total_rows, total_blocks, n_rows, o.data_ptr(), n_values, seq_len, int(keep_last[f])])
+        copies.append((n_rows, total_rows, total_blocks, out_offsets[f], v, out_values[f]))
+        if w is None:
+            out_weights.append(_empty_weight(v))
+        else:
+            out_weights.append(w.new_empty((bound, *w.shape[1:])))
+            copies.append((n_rows, total_rows, total_blocks, None, w, out_weights[f]))
+        total_rows += n_rows
+        total_blocks += cdiv(n_rows, _ROWS_BLOCK)
+        max_rows = max(max_rows, n_rows)
+        items_per_seg = max(items_per_seg, min(seq_len, cdiv(n_values, max(n_rows, 1))))
     jobs, max_row_words = _copy_jobs(copies)
-    features = [
-        [row_base[f], block_base[f], n_rows[f], offsets[f].data_ptr(), values[f].shape[0], seq_lens[f],
-         int(keep_last[f])]
-        for f in range(n_features)
-    ]
     table, status = device_table(features + jobs, device, status_entries=2 * n_features)  # status: totals, flags
-    total_rows = sum(n_rows)
     cum = torch.empty(total_rows, dtype=torch.int64, device=device)
     starts = torch.empty(total_rows, dtype=torch.int64, device=device)
-    block_totals = torch.empty(sum(n_blocks), dtype=torch.int64, device=device)
+    block_totals = torch.empty(total_blocks, dtype=torch.int64, device=device)
     if total_rows > 0:
-        _rows_kernel[(max(n_blocks), n_features)](
+        _rows_kernel[(cdiv(max_rows, _ROWS_BLOCK), n_features)](
             table, cum, starts, block_totals, status, n_features, BLOCK=_ROWS_BLOCK
         )
-    items_per_seg = max(min(s, triton.cdiv(v.shape[0], max(r, 1))) for v, r, s in zip(values, n_rows, seq_lens))
-    _launch_copy(table[n_features * _F_COLS:], len(jobs), max(n_rows), starts, cum, block_totals, items_per_seg,
+    _launch_copy(table[n_features * _F_COLS:], len(jobs), max_rows, starts, cum, block_totals, items_per_seg,
                  max_row_words)
     status = status.tolist()  # the one host sync, after every launch
     totals, bad = status[:n_features], status[n_features:]
@@ -291,7 +291,7 @@ def truncate_multi_triton(
                 f"[0, {values[f].shape[0]}] (values' length)"
             )
     return ([v[:t] for v, t in zip(out_values, totals)], out_offsets,
-            [w if weights[f] is None else w[: totals[f]] for f, w in enumerate(out_weights)])
+            [w if weights[f] is None else w[:t] for f, (w, t) in enumerate(zip(out_weights, totals))])
 
 
 def truncate_triton(
@@ -318,7 +318,7 @@ def truncate_3d_triton(
     weight = None if weight is None else weight.contiguous()
     n_rows = outer_offsets.numel() - 1
     n_slots = n_rows * seq_len
-    n_blocks = triton.cdiv(n_slots, _ROWS_BLOCK)
+    n_blocks = cdiv(n_slots, _ROWS_BLOCK)
     cum = torch.empty(n_slots, dtype=torch.int64, device=device)
     starts = torch.empty(n_slots, dtype=torch.int64, device=device)
     block_totals = torch.empty(n_blocks, dtype=torch.int64, device=device)
@@ -342,7 +342,7 @@ def truncate_3d_triton(
         copies.append((n_slots, 0, 0, None, weight, out_weight))
     jobs, max_row_words = _copy_jobs(copies)
     table, _ = device_table(jobs, device)
-    _launch_copy(table, len(jobs), n_slots, starts, cum, block_totals, triton.cdiv(total, max(n_slots, 1)),
+    _launch_copy(table, len(jobs), n_slots, starts, cum, block_totals, cdiv(total, max(n_slots, 1)),
                  max_row_words)
     out_outer = torch.arange(0, (n_rows + 1) * seq_len, seq_len, dtype=torch.int64, device=device)
     return out_values, out_outer, out_inner, out_weight
