@@ -253,6 +253,15 @@ def test_triton_path_rows_past_short_row_fall_back_to_sorts(long_side):
     assert_matches_oracle(x, y, tuple(t.cpu() for t in result))
 
 
+@pytest.mark.filterwarnings("ignore:torch.searchsorted")  # the CPU kernel copies strided offsets
+def test_triton_path_strided_inputs_match_cpu():
+    # Every other id, offsets and weight: views the kernels must not read as dense.
+    values = torch.tensor([5, -1, 5, -1, 7, -1, INT64_MIN, -1, 2, -1, 5, -1])
+    offsets, weight = torch.tensor([0, 9, 3, 9, 6]), torch.arange(12, dtype=torch.float32)
+    args = (values[::2], offsets[::2], weight[::2], values[1::2], offsets[::2], weight[1::2])
+    assert_same(feature_cross_with_triton(*to_device(args, TRITON_DEVICE)), cross(*args))
+
+
 def test_triton_path_tiny_and_short_rows_over_scan_blocks(monkeypatch):
     # More rows than one step of the plan kernel's final scan (its running total carries over;
     # steps of 16 rows here, to keep the interpreter fast),

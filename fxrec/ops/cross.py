@@ -227,6 +227,9 @@ def feature_cross_with_triton(x_values, x_offsets, x_weight, y_values, y_offsets
     A longer output is relaunched at its size (no second sync); rows longer than ``SHORT_ROW``
     add the torch sorts and a second sync."""
     _check_args(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight)
+    # The kernels address items by index: strided views (e.g. every other id) must be made dense.
+    x_values, x_offsets, y_values, y_offsets = (t.contiguous() for t in (x_values, x_offsets, y_values, y_offsets))
+    x_weight, y_weight = (None if w is None else w.contiguous() for w in (x_weight, y_weight))
     weight_dtype = _weight_dtype(x_weight, y_weight)
     x, y, out_offsets, status = plan_short_rows_triton(
         x_values, x_offsets, x_weight, y_values, y_offsets, y_weight, weight_dtype

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fxrec.ops.triton import cdiv
 from fxrec.ops.triton.hash import murmur_block, murmur_finish
 
 __all__ = ["STATUS", "SHORT_ROW", "cross_pairs_triton", "plan_short_rows_triton"]
@@ -121,7 +122,7 @@ def cross_pairs_triton(
     if capacity == 0:
         return ids, weight
     num_rows = out_offsets.numel() - 1
-    _cross_pairs_kernel[(triton.cdiv(capacity, _BLOCK),)](
+    _cross_pairs_kernel[(cdiv(capacity, _BLOCK),)](
         out_offsets,
         x_uniq,
         x_start,
