@@ -340,6 +340,25 @@ def test_cuda_large_matches_cpu(x_dtype, y_dtype):
 
 
 @pytest.mark.gpu
+def test_cuda_offsets_scan_over_many_programs():
+    # The output offsets are written by whichever plan program finishes last, from every other
+    # program's pair count: 60000 rows (thousands of programs in flight), repeated, so that a
+    # missing memory-ordering guarantee would show as a wrong offset.
+    gen = torch.Generator().manual_seed(6)
+    num_rows = 60_000
+    x_lengths = torch.randint(0, 3, (num_rows,), generator=gen)
+    y_lengths = torch.randint(0, 2, (num_rows,), generator=gen)
+    x_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), x_lengths.cumsum(0)])
+    y_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), y_lengths.cumsum(0)])
+    args = (torch.randint(-5, 5, (int(x_offsets[-1]),), generator=gen), x_offsets, None,
+            torch.randint(-5, 5, (int(y_offsets[-1]),), generator=gen), y_offsets, None)
+    expected = cross(*args)
+    cuda_args = to_cuda(args)
+    for _ in range(20):
+        assert_same(cross(*cuda_args), expected)
+
+
+@pytest.mark.gpu
 def test_cuda_syncs_once():
     args = to_cuda(args_of(*long_row_inputs()))
     cross(*args)  # compiles the Triton kernel outside the counted call

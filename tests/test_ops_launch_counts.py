@@ -17,7 +17,7 @@ each CUDA launcher under Triton's interpreter on CPU tensors and counting what i
 | bucketize                            | 1                        | 0            | 0     | same          |
 | hash_bytes                           | 1                        | 0            | 0     | same          |
 | hash_bytes_multi                     | 1                        | 1            | 0     | 1 + 1 blocking copy (a sync) |
-| feature_cross                        | 3 (2 + zeros)            | 0            | 1     | 4 (2 + zeros, cumsum) + 1 sync, pair kernel after it; 28 + 1 sync before that |
+| feature_cross                        | 3 (2 + zeros)            | 0            | 1     | 4 (2 + zeros, cumsum), 1 sync before the pair kernel |
 | mod_multi                            | 1                        | 1            | 0     | same          |
 | bucketize_multi                      | 1                        | 1            | 0     | same          |
 | sequence_truncate(_multi) (any N)    | 2                        | 1            | 1     | 3 (2 + cumsum), 2 copies, 1 sync |
