@@ -19,10 +19,13 @@ optional float ``weight`` (one entry per item) follows the items.
   handles all N features at once (a constant number of launches, one gather launch).
 
 ``seq_len <= 0`` raises ``ValueError``; so do offsets that decrease or leave their target (CPU:
-checked before gathering; CUDA: flagged by the offsets kernel and reported at the sync). Output
+checked before gathering; CUDA: flagged by the rows kernel and reported at the sync). Output
 lengths are data-dependent: the CUDA kernels sync once per call (``status.tolist()`` in
-``fxrec/ops/triton/truncate.py``), the fake kernels use ``new_dynamic_size()``. CPU and CUDA
-results are bit-identical (items are copied, never converted).
+``fxrec/ops/triton/truncate.py``; the 2-D ops queue every launch before it, into values and
+weight buffers of the host-known bound ``min(len(values), rows * seq_len)`` whose first ``total``
+items they return as views), the fake kernels use ``new_dynamic_size()``. The torch kernels read
+the data once (the output length with the offsets check). CPU and CUDA results are bit-identical
+(items are copied, never converted).
 """
 
 from __future__ import annotations
