@@ -21,7 +21,7 @@ each CUDA launcher under Triton's interpreter on CPU tensors and counting what i
 | mod_multi                            | 1                        | 1            | 0     | same          |
 | bucketize_multi                      | 1                        | 1            | 0     | same          |
 | sequence_truncate(_multi) (any N)    | 2                        | 1            | 1     | 3 (2 + cumsum), 2 copies, 1 sync |
-| sequence_truncate_3d                 | 4 (2 + zeros, arange)    | 1            | 1     | 6 (2 + zeros, cumsum, arange, mul), 1 copy, 1 sync |
+| sequence_truncate_3d                 | 3 (2 + arange)           | 1            | 1     | 6 (2 + zeros, cumsum, arange, mul), 1 copy, 1 sync |
 | check_row_lengths (truncate=False)   | 2 (1 + zeros)            | 0            | 1     | 3 + 1 sync    |
 
 The torch kernels (the CPU path; ``bench.feature_ops``'s torch stage on a GPU) of
@@ -175,7 +175,7 @@ EXPECTED = {
     "bucketize_multi": (1, {}, 1, {}),
     "sequence_truncate": (2, {}, 1, _TOLIST),
     "sequence_truncate_multi": (2, {}, 1, _TOLIST),
-    "sequence_truncate_3d": (2, {"zeros": 1, "arange": 1}, 1, _TOLIST),
+    "sequence_truncate_3d": (2, {"arange": 1}, 1, _TOLIST),
     "check_row_lengths": (1, {"zeros": 1}, 0, {"_local_scalar_dense": 1}),
 }
 

@@ -334,6 +334,18 @@ def test_truncate_3d_launcher_matches_cpu(case):
     assert_outputs_equal(actual, truncate_3d(*case))
 
 
+def test_truncate_3d_launcher_overlapping_kept_lists():
+    # Inner offsets that decrease between kept lists (list 1 = [4, 0) is not kept): rows 0 and 1
+    # keep lists 0 and 2, both all 4 values, 8 items in all: more than the len(values) bound the
+    # CUDA path allocates before its sync, so it copies again at the exact size.
+    values, weight = make_values(4, (2,), torch.int16, seed=3), make_weight(4, seed=3)
+    case = (values, torch.tensor([0, 1, 3]), torch.tensor([0, 4, 0, 4]), weight, 1, True)
+    expected = expected_truncate_3d(*case)
+    assert expected[0].shape[0] == 8
+    assert_outputs_equal(truncate_3d(*case), expected)
+    assert_outputs_equal(truncate_3d_triton(*to(LAUNCHER_DEVICE, *case[:4]), 1, True), expected)
+
+
 @settings(max_examples=10)
 @given(st.lists(ragged_cases(max_rows=3, max_len=4), max_size=3))
 def test_truncate_multi_launcher_matches_cpu(cases):

@@ -25,9 +25,11 @@ at that bound BEFORE the size is read and every launch is queued before the one 
 
 Per 2-D call: 2 Triton kernels, 1 table copy, 1 sync, no torch kernel, whatever N is.
 
-3-D (``sequence_truncate_3d``): the kept inner lists of a row may overlap, so no host bound on the
-output exists; the sync comes between the slots kernel and the copy: a zero-fill, the slots
-kernel, the sync, a table copy and the copy kernel.
+3-D (``sequence_truncate_3d``): the same steps over slots (row x seq_len) instead of rows, with the
+bound ``len(values)``, which holds unless kept inner lists overlap (inner offsets decreasing
+between kept lists); then, after the same sync, a second table copy and copy launch fill outputs
+of the exact size. Per call: 2 Triton kernels, ``arange`` (the outer offsets), 1 table copy,
+1 sync.
 
 Launchers work on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors.
 """
@@ -312,7 +314,14 @@ def truncate_3d_triton(
     seq_len: int,
     keep_last: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """3-D truncation (see ``fxrec::sequence_truncate_3d``). Syncs once (``status.tolist()``)."""
+    """3-D truncation (see ``fxrec::sequence_truncate_3d``). Syncs once (``status.tolist()``).
+
+    Kept inner lists of valid outer offsets are distinct lists, so with non-decreasing inner
+    offsets they keep at most ``len(values)`` items: the outputs are allocated at that bound and
+    every launch is queued before the sync. Only inner offsets that decrease between kept lists
+    (overlapping lists, which the op accepts: it checks the kept lists) can keep more; then the
+    copy runs again into outputs of the exact size, after the same one sync.
+    """
     device = values.device
     values, outer_offsets, inner_offsets = values.contiguous(), outer_offsets.contiguous(), inner_offsets.contiguous()
     weight = None if weight is None else weight.contiguous()
@@ -322,27 +331,39 @@ def truncate_3d_triton(
     cum = torch.empty(n_slots, dtype=torch.int64, device=device)
     starts = torch.empty(n_slots, dtype=torch.int64, device=device)
     block_totals = torch.empty(n_blocks, dtype=torch.int64, device=device)
-    status = torch.zeros(2, dtype=torch.int64, device=device)  # [total, bad flag]
+    out_inner = torch.empty(n_slots + 1, dtype=torch.int64, device=device)
+
+    def outputs_and_jobs(n_items: int):
+        """Outputs of ``n_items`` items and the copy-job table rows that fill them."""
+        out_values = values.new_empty((n_items, *values.shape[1:]))
+        out_weight = _empty_weight(values) if weight is None else weight.new_empty((n_items, *weight.shape[1:]))
+        copies = [(n_slots, 0, 0, out_inner, values, out_values)]
+        if weight is not None:
+            copies.append((n_slots, 0, 0, None, weight, out_weight))
+        return out_values, out_weight, *_copy_jobs(copies)
+
+    def launch_copy(jobs: list[list[int]], table: Tensor, max_row_words: int, n_items: int) -> None:
+        _launch_copy(table, len(jobs), n_slots, starts, cum, block_totals, cdiv(n_items, max(n_slots, 1)),
+                     max_row_words)
+
+    bound = values.shape[0]
+    out_values, out_weight, jobs, max_row_words = outputs_and_jobs(bound)
+    table, status = device_table(jobs, device, status_entries=2)  # status: [total, bad flag]
     if n_slots > 0:
         _slots_kernel[(n_blocks,)](
             outer_offsets, inner_offsets, cum, starts, block_totals, status, n_slots, inner_offsets.numel() - 1,
             values.shape[0], seq_len, int(keep_last), BLOCK=_ROWS_BLOCK,
         )
-    total, bad = status.tolist()  # the one host sync
+    launch_copy(jobs, table, max_row_words, bound)
+    out_outer = torch.arange(0, (n_rows + 1) * seq_len, seq_len, dtype=torch.int64, device=device)
+    total, bad = status.tolist()  # the one host sync, after every launch
     if bad:
         raise ValueError(
             f"fxrec::sequence_truncate_3d: outer_offsets must be non-decreasing within "
             f"[0, {inner_offsets.numel() - 1}] and the kept inner_offsets within [0, {values.shape[0]}]"
         )
-    out_values = values.new_empty((total, *values.shape[1:]))
-    out_weight = _empty_weight(values) if weight is None else weight.new_empty((total, *weight.shape[1:]))
-    out_inner = torch.empty(n_slots + 1, dtype=torch.int64, device=device)
-    copies = [(n_slots, 0, 0, out_inner, values, out_values)]
-    if weight is not None:
-        copies.append((n_slots, 0, 0, None, weight, out_weight))
-    jobs, max_row_words = _copy_jobs(copies)
-    table, _ = device_table(jobs, device)
-    _launch_copy(table, len(jobs), n_slots, starts, cum, block_totals, cdiv(total, max(n_slots, 1)),
-                 max_row_words)
-    out_outer = torch.arange(0, (n_rows + 1) * seq_len, seq_len, dtype=torch.int64, device=device)
-    return out_values, out_outer, out_inner, out_weight
+    if total > bound:  # overlapping kept lists: the copy above stopped at the bound
+        out_values, out_weight, jobs, max_row_words = outputs_and_jobs(total)
+        launch_copy(jobs, device_table(jobs, device)[0], max_row_words, total)
+        return out_values, out_outer, out_inner, out_weight
+    return out_values[:total], out_outer, out_inner, out_weight if weight is None else out_weight[:total]
