@@ -60,7 +60,7 @@ _F_OFFSETS = tl.constexpr(3)  # address of the input offsets
 _F_N_VALUES = tl.constexpr(4)
 _F_SEQ_LEN = tl.constexpr(5)
 _F_KEEP_LAST = tl.constexpr(6)
-_F_COLS = 7
+_F_COLS = tl.constexpr(7)
 
 # Copy-job table columns (int64): read by _segment_copy_kernel. One job per output tensor.
 _J_N_SEGS = tl.constexpr(0)
@@ -282,7 +282,7 @@ def truncate_multi_triton(
         _rows_kernel[(cdiv(max_rows, _ROWS_BLOCK), n_features)](
             table, cum, starts, block_totals, status, n_features, BLOCK=_ROWS_BLOCK
         )
-    _launch_copy(table[n_features * _F_COLS:], len(jobs), max_rows, starts, cum, block_totals, items_per_seg,
+    _launch_copy(table[n_features * _F_COLS.value:], len(jobs), max_rows, starts, cum, block_totals, items_per_seg,
                  max_row_words)
     status = status.tolist()  # the one host sync, after every launch
     totals, bad = status[:n_features], status[n_features:]
