@@ -28,15 +28,20 @@ The torch kernels (the CPU path; ``bench.feature_ops``'s torch stage on a GPU) o
 ``sequence_truncate``, ``_3d`` and ``feature_cross`` read the data once (were 4, 5 and 3 reads).
 
 On a GPU ``bench/feature_ops.py`` reports the same counts from the profiler and CUDA's sync
-debug mode.
+debug mode. The truncate and cross kernels are also compiled here for an H100 (sm_90 cubin, no GPU
+needed): the interpreter accepts code the compiler rejects.
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import fxrec.ops.triton.bucketize as triton_bucketize
@@ -235,3 +240,73 @@ def test_feature_cross_long_rows_add_one_sync(counts):
     with counts:
         feature_cross_with_triton(d["seq"], x_offsets, None, d["single"][:2], d["single_offsets"][:3], None)
     assert (counts.triton_kernels, dict(counts.syncs)) == (3, {"tolist": 1, "_local_scalar_dense": 1})
+
+
+# -- the same kernels compiled for the GPU ------------------------------------------------------
+# The interpreter runs kernels as Python: it accepts code that Triton's compiler rejects (a plain
+# global in a kernel, a loop bound of the wrong type). Compiling for an H100 (sm_90) needs no GPU,
+# but needs the kernels as compiled functions: in a process without TRITON_INTERPRET.
+
+_I64 = "*i64"
+
+
+def _cross_plan_signature():
+    signature = {}
+    for side in "xy":
+        signature.update({f"{side}_values_ptr": _I64, f"{side}_num_values": "i64", f"{side}_offsets_ptr": _I64,
+                          f"{side}_weight_ptr": "*fp32", f"{side}_uniq_ptr": _I64, f"{side}_uniq_weight_ptr": "*fp64",
+                          f"{side}_start_ptr": _I64, f"{side}_count_ptr": _I64})
+    signature.update({"pairs_ptr": _I64, "out_offsets_ptr": _I64, "num_rows": "i32", "HAS_X_WEIGHT": "constexpr",
+                      "HAS_Y_WEIGHT": "constexpr", "TINY": "constexpr", "BLOCK": "constexpr",
+                      "SCAN_BLOCK": "constexpr"})
+    return signature
+
+
+# kernel (module attribute): (signature, constexprs)
+_GPU_KERNELS = {
+    "truncate._rows_kernel": ({
+        "features": _I64, "cum_out": _I64, "start_out": _I64, "block_totals": _I64, "status": _I64,
+        "n_features": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}),
+    "truncate._slots_kernel": ({
+        "outer": _I64, "inner": _I64, "cum_out": _I64, "start_out": _I64, "block_totals": _I64, "status": _I64,
+        "n_slots": "i64", "n_lists": "i64", "n_values": "i64", "seq_len": "i64", "keep_last": "i32",
+        "BLOCK": "constexpr"}, {"BLOCK": 1024}),
+    "truncate._segment_copy_kernel": ({
+        "jobs": _I64, "seg_starts": _I64, "cum": _I64, "block_totals": _I64, "SEG_BLOCK": "constexpr",
+        "MAX_BLOCKS": "constexpr", "BLOCK": "constexpr"}, {"SEG_BLOCK": 1024, "MAX_BLOCKS": 1, "BLOCK": 1024}),
+    "cross._plan_short_rows_kernel": (
+        _cross_plan_signature(),
+        {"HAS_X_WEIGHT": True, "HAS_Y_WEIGHT": True, "TINY": 8, "BLOCK": 64, "SCAN_BLOCK": 1024}),
+    "cross._cross_pairs_kernel": ({
+        "out_offsets_ptr": _I64, "x_uniq_ptr": _I64, "x_start_ptr": _I64, "x_weight_ptr": "*fp32",
+        "y_uniq_ptr": _I64, "y_start_ptr": _I64, "y_count_ptr": _I64, "y_weight_ptr": "*fp32", "ids_ptr": _I64,
+        "weight_ptr": "*fp32", "capacity": "i64", "num_rows": "i32", "num_flags": "i32", "search_steps": "i32",
+        "HAS_X_WEIGHT": "constexpr", "HAS_Y_WEIGHT": "constexpr", "BLOCK": "constexpr"},
+        {"HAS_X_WEIGHT": True, "HAS_Y_WEIGHT": False, "BLOCK": 1024}),
+}
+
+
+def compile_kernels_for_the_gpu() -> None:
+    """Compiles every kernel of ``_GPU_KERNELS`` to an sm_90 cubin (raises on the first failure)."""
+    import importlib
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for name, (signature, constexprs) in _GPU_KERNELS.items():
+        module, kernel = name.split(".")
+        fn = getattr(importlib.import_module(f"fxrec.ops.triton.{module}"), kernel)
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], name
+
+
+def test_kernels_compile_for_the_gpu():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", "import test_ops_launch_counts as t; t.compile_kernels_for_the_gpu()"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
