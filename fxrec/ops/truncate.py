@@ -214,7 +214,7 @@ def sequence_truncate_3d_torch(values: Tensor, outer_offsets: Tensor, inner_offs
                                f"inner_offsets within [0, {values.shape[0]}]", bad, out_inner)
     index = _segment_index(begin.reshape(-1), slot_len, out_inner, total)
     out_weight = _empty_weight(values) if weight is None else weight.index_select(0, index)
-    out_outer = torch.arange(list_counts.shape[0] + 1, device=values.device) * seq_len
+    out_outer = torch.arange(0, (list_counts.shape[0] + 1) * seq_len, seq_len, device=values.device)
     return values.index_select(0, index), out_outer, out_inner, out_weight
 
 
