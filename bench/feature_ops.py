@@ -210,6 +210,7 @@ def breakdown(batch: dict, boundaries: torch.Tensor) -> None:
         "hash_bytes_multi": lambda: ops.hash_bytes_multi([s5.values()], [s5.offsets()[1]], ["farm"]),
         "feature_cross": lambda: ops.feature_cross(s1.values(), s1.offsets()[0], None, s2.values(), s2.offsets()[0], None),
         "mod_multi": lambda: ops.mod_multi([s4.values(), hashed], [10000, 10000]),
+        "sequence_truncate": lambda: ops.sequence_truncate(s4.values(), s4.offsets()[0], None, SEQ_LEN, False),
         "sequence_truncate_multi": lambda: ops.sequence_truncate_multi(
             [s4.values(), hashed], [s4.offsets()[0], s5.offsets()[0]], [None, None], [SEQ_LEN] * 2, [False] * 2),
     }

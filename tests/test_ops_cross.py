@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec.*)
 from fxrec.ops.cross import feature_cross_with_triton
+import fxrec.ops.triton.cross as triton_cross
 from fxrec.ops.triton.cross import SHORT_ROW
 from oracles import murmur64a
 
@@ -252,6 +253,38 @@ def test_triton_path_rows_past_short_row_fall_back_to_sorts(long_side):
     assert_matches_oracle(x, y, tuple(t.cpu() for t in result))
 
 
+@pytest.mark.filterwarnings("ignore:torch.searchsorted")  # the CPU kernel copies strided offsets
+def test_triton_path_strided_inputs_match_cpu():
+    # Every other id, offsets and weight: views the kernels must not read as dense.
+    values = torch.tensor([5, -1, 5, -1, 7, -1, INT64_MIN, -1, 2, -1, 5, -1])
+    offsets, weight = torch.tensor([0, 9, 3, 9, 6]), torch.arange(12, dtype=torch.float32)
+    args = (values[::2], offsets[::2], weight[::2], values[1::2], offsets[::2], weight[1::2])
+    assert_same(feature_cross_with_triton(*to_device(args, TRITON_DEVICE)), cross(*args))
+
+
+def test_triton_path_tiny_and_short_rows_over_scan_blocks(monkeypatch):
+    # More rows than one step of the plan kernel's final scan (its running total carries over;
+    # steps of 16 rows here, to keep the interpreter fast),
+    # rows of at most 8 items on both sides (the tiny path) beside rows of 9..SHORT_ROW items on
+    # one side (the SHORT_ROW path), and an output longer than either input (the pair kernel's
+    # relaunch at the exact size) as well as one that fits (no relaunch).
+    monkeypatch.setattr(triton_cross, "_SCAN_BLOCK", 16)
+    gen = torch.Generator().manual_seed(4)
+    num_rows = 40
+    x_rows = [torch.randint(-9, 9, (int(n),), generator=gen).tolist() for n in torch.randint(0, 3, (num_rows,))]
+    y_rows = [torch.randint(-9, 9, (int(n),), generator=gen).tolist() for n in torch.randint(0, 3, (num_rows,))]
+    x_rows[5] = torch.randint(-99, 99, (9,), generator=gen).tolist()
+    x_rows[30], y_rows[30] = [1, 2, 3], torch.randperm(SHORT_ROW, generator=gen).tolist()
+    for y_side, longer in ((y_rows, True), ([[1]] * num_rows, False)):
+        x = (x_rows, None, None, [], [])
+        y = (y_side, [[0.5] * len(r) for r in y_side], torch.float64, [2], [])
+        args = args_of(x, y)
+        result = feature_cross_with_triton(*to_device(args, TRITON_DEVICE))
+        assert (result[0].numel() > max(args[0].numel(), args[3].numel())) == longer
+        assert_same(result, cross(*args))
+        assert_matches_oracle(x, y, tuple(t.cpu() for t in result))
+
+
 @pytest.mark.parametrize("side", ["x", "y"])
 @pytest.mark.parametrize("bad", [[0, 2, 1, 3], [-1, 0, 1, 3], [0, 1, 2, 4], [-2, 1, 2, 3], [4], [-1]])
 def test_triton_path_rejects_bad_offsets(side, bad):
@@ -304,6 +337,25 @@ def test_cuda_large_matches_cpu(x_dtype, y_dtype):
         expected = cross(*case)
         assert expected[0].numel() > 100_000
         assert_same(result, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_offsets_scan_over_many_programs():
+    # The output offsets are written by whichever plan program finishes last, from every other
+    # program's pair count: 60000 rows (thousands of programs in flight), repeated, so that a
+    # missing memory-ordering guarantee would show as a wrong offset.
+    gen = torch.Generator().manual_seed(6)
+    num_rows = 60_000
+    x_lengths = torch.randint(0, 3, (num_rows,), generator=gen)
+    y_lengths = torch.randint(0, 2, (num_rows,), generator=gen)
+    x_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), x_lengths.cumsum(0)])
+    y_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), y_lengths.cumsum(0)])
+    args = (torch.randint(-5, 5, (int(x_offsets[-1]),), generator=gen), x_offsets, None,
+            torch.randint(-5, 5, (int(y_offsets[-1]),), generator=gen), y_offsets, None)
+    expected = cross(*args)
+    cuda_args = to_cuda(args)
+    for _ in range(20):
+        assert_same(cross(*cuda_args), expected)
 
 
 @pytest.mark.gpu

@@ -183,7 +183,9 @@ def test_truncate_rejects_non_positive_seq_len(seq_len):
         truncate_multi([torch.arange(3)] * 2, [torch.tensor([0, 3])] * 2, [None, None], [1, seq_len], [True, True])
 
 
-@pytest.mark.parametrize("offsets", [[0, 3, 2], [0, 5], [-1, 2]])
+# [0, 4, 0, 4, 0, 4]: the valid rows alone keep 12 items, more than the 4 values the CUDA path
+# allocates for before its sync: the copy must stop at the allocation, the call must raise.
+@pytest.mark.parametrize("offsets", [[0, 3, 2], [0, 5], [-1, 2], [0, 4, 0, 4, 0, 4]])
 def test_truncate_rejects_bad_offsets(offsets):
     values, offsets = torch.arange(4), torch.tensor(offsets)
     with pytest.raises(ValueError, match="non-decreasing"):
@@ -330,6 +332,18 @@ def test_truncate_3d_launcher_matches_cpu(case):
     values, outer, inner, weight, seq_len, keep_last = case
     actual = truncate_3d_triton(*to(LAUNCHER_DEVICE, values, outer, inner, weight), seq_len, keep_last)
     assert_outputs_equal(actual, truncate_3d(*case))
+
+
+def test_truncate_3d_launcher_overlapping_kept_lists():
+    # Inner offsets that decrease between kept lists (list 1 = [4, 0) is not kept): rows 0 and 1
+    # keep lists 0 and 2, both all 4 values, 8 items in all: more than the len(values) bound the
+    # CUDA path allocates before its sync, so it copies again at the exact size.
+    values, weight = make_values(4, (2,), torch.int16, seed=3), make_weight(4, seed=3)
+    case = (values, torch.tensor([0, 1, 3]), torch.tensor([0, 4, 0, 4]), weight, 1, True)
+    expected = expected_truncate_3d(*case)
+    assert expected[0].shape[0] == 8
+    assert_outputs_equal(truncate_3d(*case), expected)
+    assert_outputs_equal(truncate_3d_triton(*to(LAUNCHER_DEVICE, *case[:4]), 1, True), expected)
 
 
 @settings(max_examples=10)

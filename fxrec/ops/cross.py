@@ -29,13 +29,17 @@ Decisions:
   mismatch raises ValueError with both counts. Malformed offsets (decreasing, negative start, or
   past the end of values) raise ValueError; on CUDA that check rides on the op's one host sync.
 
-Kernels: the CPU kernel is vectorized torch (no per-row Python loop). The CUDA kernel
-de-duplicates both sides' rows in one Triton launch (rows of at most ``SHORT_ROW`` items, sort
-free), forms the output offsets with one cumsum, syncs ONCE to read the output length together
-with the offsets check and long-row flags, then expands pairs, hashes and multiplies weights in
-one Triton kernel (``fxrec.ops.triton.cross``): 4 launches (with the zero-fill) and 1 sync, where
-it was ~33 launches. A side with a longer row is redone with torch sorts (a second sync). The fake
-kernel sizes the outputs with an unbacked symbol.
+Kernels: the CPU kernel is vectorized torch (no per-row Python loop) and reads the data once
+(the output length together with the offsets check). The CUDA kernel (``fxrec.ops.triton.cross``)
+queues everything before its ONE host sync: a zero-fill, one Triton launch that de-duplicates
+both sides' rows (rows of at most ``SHORT_ROW`` items, sort free; its last program writes the
+output offsets, so no cumsum launch) and the pair kernel (expands pairs, hashes, multiplies
+weights) into outputs of ``max(len(x_values), len(y_values))`` items, which the output fits
+whenever one side has at most one distinct id per row (a longer output relaunches the pair kernel
+at its size after the sync); then the sync reads the output length with the offsets check and
+long-row flags. 3 launches and 1 sync (it was 4 and 1; ~33 before that). A side with a longer
+row is redone with torch sorts (a second sync). The fake kernel sizes the outputs with an
+unbacked symbol.
 """
 
 from typing import NamedTuple
@@ -44,7 +48,7 @@ import torch
 
 from fxrec.ops.hash import murmur_block, murmur_finish
 from fxrec.ops.uint64 import as_int64
-from fxrec.ops.triton.cross import cross_pairs_triton, plan_short_rows_triton
+from fxrec.ops.triton.cross import STATUS, cross_pairs_triton, plan_short_rows_triton
 
 __all__ = ["feature_cross", "feature_cross_torch", "feature_cross_with_triton"]
 
@@ -186,11 +190,13 @@ def _plan(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight):
 def feature_cross_torch(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight):
     """The op in plain torch on any device: the CPU kernel, and the reference the Triton path meets."""
     _check_args(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight)
-    for side, values, offsets in (("x", x_values, x_offsets), ("y", y_values, y_offsets)):
-        if not _offsets_ok(values, offsets):
-            raise _offsets_error(side, values)
     x, y, out_offsets, weight_dtype = _plan(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight)
-    total = int(out_offsets[-1])
+    # ONE read (a host sync when this runs on a GPU): the output length, or -1 / -2 for bad x / y
+    # offsets (the plan never indexes out of range with them).
+    total = int(torch.where(_offsets_ok(x_values, x_offsets),
+                            torch.where(_offsets_ok(y_values, y_offsets), out_offsets[-1], -2), -1))
+    if total < 0:
+        raise _offsets_error("x" if total == -1 else "y", x_values if total == -1 else y_values)
     ids, weight = _expand_pairs_torch(out_offsets, total, x, y, weight_dtype)
     return ids, out_offsets, weight
 
@@ -214,15 +220,24 @@ def feature_cross_with_triton(x_values, x_offsets, x_weight, y_values, y_offsets
     ``TRITON_INTERPRET=1``). Rows of at most ``triton.cross.SHORT_ROW`` items are de-duplicated by a
     sort-free kernel; a side with a longer row is redone with the torch sorts.
 
-    Launches (short rows): zero-fill, de-duplication of both sides, cumsum, then, after the ONE
-    host sync that reads the output length and the flags together, the pair kernel. Rows longer
-    than ``SHORT_ROW`` add the torch sorts and a second sync."""
+    Launches (short rows), all queued before the ONE host sync that reads the output length and
+    the flags together: zero-fill, de-duplication of both sides (its last program writes the
+    output offsets), and the pair kernel into outputs of ``max(len(x_values), len(y_values))``
+    items, enough whenever one side has at most one distinct id per row (the tutorial's crosses).
+    A longer output is relaunched at its size (no second sync); rows longer than ``SHORT_ROW``
+    add the torch sorts and a second sync."""
     _check_args(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight)
+    # The kernels address items by index: strided views (e.g. every other id) must be made dense.
+    x_values, x_offsets, y_values, y_offsets = (t.contiguous() for t in (x_values, x_offsets, y_values, y_offsets))
+    x_weight, y_weight = (None if w is None else w.contiguous() for w in (x_weight, y_weight))
     weight_dtype = _weight_dtype(x_weight, y_weight)
     x, y, out_offsets, status = plan_short_rows_triton(
         x_values, x_offsets, x_weight, y_values, y_offsets, y_weight, weight_dtype
     )
     x, y = _UniqueRows(*x), _UniqueRows(*y)
+    capacity = max(x_values.shape[0], y_values.shape[0])
+    ids, weight = cross_pairs_triton(out_offsets, capacity, len(STATUS) - 1, x.ids, x.start, x.weight, y.ids, y.start,
+                                     y.count, y.weight, weight_dtype)
     total, x_bad, y_bad, x_long, y_long = status.tolist()  # the one host sync
     for side, values, bad in (("x", x_values, x_bad), ("y", y_values, y_bad)):
         if bad:
@@ -234,10 +249,11 @@ def feature_cross_with_triton(x_values, x_offsets, x_weight, y_values, y_offsets
             y = _unique_rows(y_values, y_offsets, y_weight, weight_dtype)
         out_offsets = torch.cat([x_offsets.new_zeros(1), torch.cumsum(x.count * y.count, 0)])
         total = int(out_offsets[-1])
-    ids, weight = cross_pairs_triton(
-        out_offsets, total, x.ids, x.start, x.weight, y.ids, y.start, y.count, y.weight, weight_dtype
-    )
-    return ids, out_offsets, weight
+        capacity = 0  # the outputs above were not written
+    if total > capacity:
+        ids, weight = cross_pairs_triton(out_offsets, total, 0, x.ids, x.start, x.weight, y.ids, y.start, y.count,
+                                         y.weight, weight_dtype)
+    return ids[:total], out_offsets, weight[:total]
 
 
 @feature_cross.register_fake

@@ -19,10 +19,13 @@ optional float ``weight`` (one entry per item) follows the items.
   handles all N features at once (a constant number of launches, one gather launch).
 
 ``seq_len <= 0`` raises ``ValueError``; so do offsets that decrease or leave their target (CPU:
-checked before gathering; CUDA: flagged by the offsets kernel and reported at the sync). Output
+checked before gathering; CUDA: flagged by the rows kernel and reported at the sync). Output
 lengths are data-dependent: the CUDA kernels sync once per call (``status.tolist()`` in
-``fxrec/ops/triton/truncate.py``), the fake kernels use ``new_dynamic_size()``. CPU and CUDA
-results are bit-identical (items are copied, never converted).
+``fxrec/ops/triton/truncate.py``; the 2-D ops queue every launch before it, into values and
+weight buffers of the host-known bound ``min(len(values), rows * seq_len)`` whose first ``total``
+items they return as views), the fake kernels use ``new_dynamic_size()``. The torch kernels read
+the data once (the output length with the offsets check). CPU and CUDA results are bit-identical
+(items are copied, never converted).
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxrec.ops.dense import check_offsets_content, check_ragged, offsets_from_lengths
+from fxrec.ops.dense import check_ragged, offsets_from_lengths
 from fxrec.ops.triton.truncate import truncate_3d_triton, truncate_multi_triton, truncate_triton
 
-__all__ = ["sequence_truncate", "sequence_truncate_3d", "sequence_truncate_multi", "sequence_truncate_torch"]
+__all__ = [
+    "sequence_truncate", "sequence_truncate_3d", "sequence_truncate_3d_torch", "sequence_truncate_multi",
+    "sequence_truncate_torch",
+]
 
 
 def _check_seq_len(op: str, seq_len: int, name: str = "seq_len") -> None:
@@ -45,22 +51,37 @@ def _empty_weight(values: Tensor) -> Tensor:
     return torch.empty(0, dtype=torch.float32, device=values.device)
 
 
-def _segment_index(starts: Tensor, lengths: Tensor, out_offsets: Tensor) -> Tensor:
+def _segment_index(starts: Tensor, lengths: Tensor, out_offsets: Tensor, total: int) -> Tensor:
     """Source index of every output item: segment s copies ``lengths[s]`` items from ``starts[s]``
-    to ``out_offsets[s]``."""
-    total = int(out_offsets[-1])
+    to ``out_offsets[s]``; ``total`` is ``out_offsets[-1]``, already on the host."""
     shift = torch.repeat_interleave(starts - out_offsets[:-1], lengths, output_size=total)
     return torch.arange(total, device=starts.device) + shift
 
 
+def _checked_total(op: str, message: str, bad: Tensor, out_offsets: Tensor) -> int:
+    """``out_offsets[-1]`` read to the host together with the 0-d ``bad`` flag: ONE read (a host
+    sync when the torch kernels run on a GPU). Raises ``ValueError(f"fxrec::{op}: {message}")``
+    when ``bad``."""
+    total = int(torch.where(bad, -1, out_offsets[-1]))
+    if total < 0:
+        raise ValueError(f"fxrec::{op}: {message}")
+    return total
+
+
 def sequence_truncate_torch(values: Tensor, offsets: Tensor, weight: Tensor | None, seq_len: int, keep_last: bool,
                   offsets_name: str = "offsets") -> tuple[Tensor, Tensor, Tensor]:
-    """The op in plain torch on any device: the CPU kernel, and the reference for the Triton path."""
-    lengths = check_offsets_content("sequence_truncate", offsets_name, offsets, values.shape[0])
+    """The op in plain torch on any device: the CPU kernel, and the reference for the Triton path.
+    Reads the data once (the output length with the offsets check)."""
+    n_values = values.shape[0]
+    begin, end = offsets[:-1], offsets[1:]
+    lengths = end - begin
+    bad = ((lengths < 0) | (begin < 0) | (end > n_values)).any()
     kept = lengths.clamp(max=seq_len)
-    starts = offsets[1:] - kept if keep_last else offsets[:-1]
+    starts = end - kept if keep_last else begin
     out_offsets = offsets_from_lengths(kept)
-    index = _segment_index(starts, kept, out_offsets)
+    total = _checked_total("sequence_truncate", f"{offsets_name} must be non-decreasing within [0, {n_values}]",
+                           bad, out_offsets)
+    index = _segment_index(starts, kept, out_offsets, total)
     out_weight = _empty_weight(values) if weight is None else weight.index_select(0, index)
     return values.index_select(0, index), out_offsets, out_weight
 
@@ -167,24 +188,33 @@ def _check_truncate_3d(values: Tensor, outer_offsets: Tensor, inner_offsets: Ten
 def sequence_truncate_3d(values: Tensor, outer_offsets: Tensor, inner_offsets: Tensor, weight: Tensor | None,
                          seq_len: int, keep_last: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each row keeps its first/last ``seq_len`` inner lists, padded with empty ones to ``seq_len``."""
-    op = "sequence_truncate_3d"
     _check_truncate_3d(values, outer_offsets, inner_offsets, weight, seq_len)
+    return sequence_truncate_3d_torch(values, outer_offsets, inner_offsets, weight, seq_len, keep_last)
+
+
+def sequence_truncate_3d_torch(values: Tensor, outer_offsets: Tensor, inner_offsets: Tensor, weight: Tensor | None,
+                               seq_len: int, keep_last: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The 3-D op in plain torch on any device (its CPU kernel). Reads the data once."""
+    op = "sequence_truncate_3d"
     n_lists = inner_offsets.shape[0] - 1
-    list_counts = check_offsets_content(op, "outer_offsets", outer_offsets, n_lists)
-    kept_lists = list_counts.clamp(max=seq_len)
-    first = outer_offsets[1:] - kept_lists if keep_last else outer_offsets[:-1]
+    row_begin, row_end = outer_offsets[:-1], outer_offsets[1:]
+    list_counts = row_end - row_begin
+    rows_bad = (list_counts < 0) | (row_begin < 0) | (row_end > n_lists)
+    kept_lists = torch.where(rows_bad, 0, list_counts.clamp(max=seq_len))
+    first = row_end - kept_lists if keep_last else row_begin
     slot = torch.arange(seq_len, device=values.device)
     valid = slot < kept_lists[:, None]  # [B, seq_len]: slot holds a kept list (else: empty pad)
     lists = torch.where(valid, first[:, None] + slot, 0)
     begin = inner_offsets[lists]
     end = inner_offsets[lists + valid.long()]  # pad slots read inner_offsets[0] twice: length 0
-    if bool((valid & ((end < begin) | (begin < 0) | (end > values.shape[0]))).any()):
-        raise ValueError(f"fxrec::{op}: the kept inner_offsets must be non-decreasing within [0, {values.shape[0]}]")
+    bad = rows_bad.any() | (valid & ((end < begin) | (begin < 0) | (end > values.shape[0]))).any()
     slot_len = (end - begin).reshape(-1)
     out_inner = offsets_from_lengths(slot_len)
-    index = _segment_index(begin.reshape(-1), slot_len, out_inner)
+    total = _checked_total(op, f"outer_offsets must be non-decreasing within [0, {n_lists}] and the kept "
+                               f"inner_offsets within [0, {values.shape[0]}]", bad, out_inner)
+    index = _segment_index(begin.reshape(-1), slot_len, out_inner, total)
     out_weight = _empty_weight(values) if weight is None else weight.index_select(0, index)
-    out_outer = torch.arange(list_counts.shape[0] + 1, device=values.device) * seq_len
+    out_outer = torch.arange(0, (list_counts.shape[0] + 1) * seq_len, seq_len, device=values.device)
     return values.index_select(0, index), out_outer, out_inner, out_weight
 
 

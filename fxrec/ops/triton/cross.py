@@ -1,17 +1,22 @@
-"""Triton kernel of ``fxrec::feature_cross``: cartesian pair expansion + MurmurHash64A + weight.
+"""Triton kernels of ``fxrec::feature_cross``: per-row de-duplication, then cartesian pair
+expansion + MurmurHash64A + weight.
 
-The per-row de-duplication happens before (torch ops, see ``fxrec.ops.cross``); this kernel
-gets, for every row ``b``, the sorted unique ids of x at ``x_uniq[x_start[b] : x_start[b] +
-|uniq x|]`` (same for y, with ``y_count[b] = |uniq y|``) and the output row offsets
-``out_offsets`` (``[B + 1]``, starting at 0). One lane per output pair: the lane finds its row
-by binary search in ``out_offsets`` (so rows of any length are balanced over programs: there is
-no row-length limit), then ``(i, j) = divmod(local, |uniq y|)`` gives x-major, y-minor order.
+``_plan_short_rows_kernel`` (one program per row, rows of at most ``SHORT_ROW`` items; rows of at
+most ``_TINY_ROW`` items on both sides compare only that many) writes every row's sorted unique
+ids of x at ``x_uniq[x_start[b] : x_start[b] + |uniq x|]`` (same for y, with ``y_count[b] =
+|uniq y|``) and its pair count; the last program to finish turns the counts into the output row
+offsets ``out_offsets`` (``[B + 1]``, starting at 0). ``_cross_pairs_kernel`` has one lane per
+output pair: the lane finds its row by binary search in ``out_offsets`` (so rows of any length
+are balanced over programs: there is no row-length limit), then ``(i, j) = divmod(local, |uniq
+y|)`` gives x-major, y-minor order. It reads the output length on the device, so both kernels
+are queued before the caller's one host sync.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from fxrec.ops.triton import cdiv
 from fxrec.ops.triton.hash import murmur_block, murmur_finish
 
 __all__ = ["STATUS", "SHORT_ROW", "cross_pairs_triton", "plan_short_rows_triton"]
@@ -33,15 +38,23 @@ def _cross_pairs_kernel(
     y_weight_ptr,
     ids_ptr,
     weight_ptr,
-    total,
+    capacity,
     num_rows,
+    num_flags,
     search_steps,
     HAS_X_WEIGHT: tl.constexpr,
     HAS_Y_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # The output length is read here, on the device (out_offsets[num_rows]), so that the kernel
+    # can be queued before the host reads it; pairs past ``capacity`` (the outputs' length) are
+    # left for the caller's exact relaunch. Any of the ``num_flags`` flags after out_offsets (bad
+    # offsets, long rows) means the plan is not valid: nothing is read or written.
+    flags = tl.arange(0, 4)
+    flagged = tl.sum(tl.load(out_offsets_ptr + num_rows + 1 + flags, mask=flags < num_flags, other=0), 0)
+    limit = tl.where(flagged != 0, 0, tl.minimum(tl.load(out_offsets_ptr + num_rows), capacity))
     pair = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = pair < total
+    mask = pair < limit
     # Largest row b with out_offsets[b] <= pair (rows before it hold fewer pairs; empty rows
     # share their start with the next row, and the largest such b is the non-empty one).
     # Invariant: out_offsets[lo] <= pair < out_offsets[hi]; search_steps halvings reach hi = lo + 1.
@@ -81,7 +94,8 @@ def _cross_pairs_kernel(
 
 def cross_pairs_triton(
     out_offsets: torch.Tensor,
-    total: int,
+    capacity: int,
+    num_flags: int,
     x_uniq: torch.Tensor,
     x_start: torch.Tensor,
     x_weight: torch.Tensor | None,
@@ -91,21 +105,24 @@ def cross_pairs_triton(
     y_weight: torch.Tensor | None,
     weight_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expands every row's unique x × unique y into ``(ids [total] int64, weight [total])``.
+    """Expands every row's unique x × unique y into ``(ids [capacity] int64, weight [capacity])``,
+    without reading anything back to the host.
 
-    ``out_offsets`` [B + 1] (from 0, ``out_offsets[-1] == total``), ``x_start``/``y_start``/
-    ``y_count`` [B] int64 index into ``x_uniq``/``y_uniq`` (int64) and into ``x_weight``/
-    ``y_weight`` (same layout, already of ``weight_dtype``; ``None`` = no weight on that side,
-    the output weight is then the other side's, or 1.0). ``total`` is a host int: the caller
-    synced once to size the outputs. Works on CUDA tensors and, under ``TRITON_INTERPRET=1``,
-    on CPU tensors.
+    ``out_offsets`` [B + 1] (from 0; the output length ``total`` is ``out_offsets[-1]``, read by
+    the kernel) is followed in memory by ``num_flags`` (0 or 4) int64 flags: when any is set,
+    nothing is written. Pairs ``[0, min(total, capacity))`` are written; the caller, once it
+    knows ``total``, keeps the first ``total`` items or, if ``total > capacity``, calls again with
+    ``capacity = total``. ``x_start``/``y_start``/``y_count`` [B] int64 index into
+    ``x_uniq``/``y_uniq`` (int64) and into ``x_weight``/``y_weight`` (same layout, already of
+    ``weight_dtype``; ``None`` = no weight on that side, the output weight is then the other
+    side's, or 1.0). Works on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors.
     """
-    ids = torch.empty(total, dtype=torch.int64, device=x_uniq.device)
-    weight = torch.empty(total, dtype=weight_dtype, device=x_uniq.device)
-    if total == 0:
+    ids = torch.empty(capacity, dtype=torch.int64, device=x_uniq.device)
+    weight = torch.empty(capacity, dtype=weight_dtype, device=x_uniq.device)
+    if capacity == 0:
         return ids, weight
     num_rows = out_offsets.numel() - 1
-    _cross_pairs_kernel[(triton.cdiv(total, _BLOCK),)](
+    _cross_pairs_kernel[(cdiv(capacity, _BLOCK),)](
         out_offsets,
         x_uniq,
         x_start,
@@ -117,8 +134,9 @@ def cross_pairs_triton(
         weight if y_weight is None else y_weight,
         ids,
         weight,
-        total,
+        capacity,
         num_rows,
+        num_flags,
         num_rows.bit_length(),
         HAS_X_WEIGHT=x_weight is not None,
         HAS_Y_WEIGHT=y_weight is not None,
@@ -130,6 +148,11 @@ def cross_pairs_triton(
 # Rows up to this many items are de-duplicated by one program each, comparing all pairs of the
 # row's items in registers (no sort); longer rows take the sort-based torch path.
 SHORT_ROW = 64
+# A row whose x and y sides both have at most this many items is de-duplicated comparing that
+# many items (the same result as SHORT_ROW's comparisons, a fraction of the work).
+_TINY_ROW = 8
+# Pair counts summed per step of the plan kernel's final scan.
+_SCAN_BLOCK = 1024
 
 # Entries of the status block that follows the output offsets (see ``plan_short_rows_triton``).
 STATUS = ("total", "x_bad", "y_bad", "x_long", "y_long")
@@ -172,33 +195,62 @@ def _unique_short_row(values_ptr, num_values, offsets_ptr, weight_ptr, uniq_ptr,
 
 
 @triton.jit
+def _plan_row(
+    x_values_ptr, x_num_values, x_offsets_ptr, x_weight_ptr, x_uniq_ptr, x_uniq_weight_ptr, x_start_ptr, x_count_ptr,
+    y_values_ptr, y_num_values, y_offsets_ptr, y_weight_ptr, y_uniq_ptr, y_uniq_weight_ptr, y_start_ptr, y_count_ptr,
+    pairs_ptr, status_ptr, row, HAS_X_WEIGHT: tl.constexpr, HAS_Y_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Row ``row`` of x and of y de-duplicated (rows of at most BLOCK items), its pair count
+    |uniq x_b| * |uniq y_b| written to ``pairs[row]``, its flags set in ``status[1:5]`` (x_bad,
+    y_bad, x_long, y_long)."""
+    x_count, x_long, x_bad = _unique_short_row(
+        x_values_ptr, x_num_values, x_offsets_ptr, x_weight_ptr, x_uniq_ptr, x_uniq_weight_ptr, x_start_ptr,
+        x_count_ptr, row, HAS_X_WEIGHT, BLOCK)
+    y_count, y_long, y_bad = _unique_short_row(
+        y_values_ptr, y_num_values, y_offsets_ptr, y_weight_ptr, y_uniq_ptr, y_uniq_weight_ptr, y_start_ptr,
+        y_count_ptr, row, HAS_Y_WEIGHT, BLOCK)
+    tl.store(pairs_ptr + row, x_count * y_count)
+    # Plain stores of 1 (every writer writes the same value): no atomics needed.
+    if x_bad:
+        tl.store(status_ptr + 1, 1)
+    if y_bad:
+        tl.store(status_ptr + 2, 1)
+    if x_long:
+        tl.store(status_ptr + 3, 1)
+    if y_long:
+        tl.store(status_ptr + 4, 1)
+
+
+@triton.jit
 def _plan_short_rows_kernel(
     x_values_ptr, x_num_values, x_offsets_ptr, x_weight_ptr, x_uniq_ptr, x_uniq_weight_ptr, x_start_ptr, x_count_ptr,
     y_values_ptr, y_num_values, y_offsets_ptr, y_weight_ptr, y_uniq_ptr, y_uniq_weight_ptr, y_start_ptr, y_count_ptr,
-    pairs_ptr, status_ptr, num_rows,
-    HAS_X_WEIGHT: tl.constexpr, HAS_Y_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+    pairs_ptr, out_offsets_ptr, num_rows,
+    HAS_X_WEIGHT: tl.constexpr, HAS_Y_WEIGHT: tl.constexpr, TINY: tl.constexpr, BLOCK: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
 ):
     """Program ``b`` de-duplicates row ``b`` of x and of y and writes its pair count
-    |uniq x_b| * |uniq y_b| to ``pairs[b]``; flags (bad offsets, rows longer than BLOCK) go to the
-    zero-initialized ``status[1:5]`` (x_bad, y_bad, x_long, y_long)."""
+    |uniq x_b| * |uniq y_b| to ``pairs[b]``. ``out_offsets_ptr`` is the zeroed buffer
+    [out_offsets (B + 1) | flags (4) | arrival counter]: flags (bad offsets, rows longer than
+    BLOCK) are set there, and the last program to finish writes the cumsum of ``pairs`` to
+    out_offsets[1:] (so no torch cumsum launch), its last entry being the output length."""
     row = tl.program_id(0)
+    status_ptr = out_offsets_ptr + num_rows
     if row < num_rows:
-        x_count, x_long, x_bad = _unique_short_row(
-            x_values_ptr, x_num_values, x_offsets_ptr, x_weight_ptr, x_uniq_ptr, x_uniq_weight_ptr, x_start_ptr,
-            x_count_ptr, row, HAS_X_WEIGHT, BLOCK)
-        y_count, y_long, y_bad = _unique_short_row(
-            y_values_ptr, y_num_values, y_offsets_ptr, y_weight_ptr, y_uniq_ptr, y_uniq_weight_ptr, y_start_ptr,
-            y_count_ptr, row, HAS_Y_WEIGHT, BLOCK)
-        tl.store(pairs_ptr + row, x_count * y_count)
-        # Plain stores of 1 (every writer writes the same value): no atomics needed.
-        if x_bad:
-            tl.store(status_ptr + 1, 1)
-        if y_bad:
-            tl.store(status_ptr + 2, 1)
-        if x_long:
-            tl.store(status_ptr + 3, 1)
-        if y_long:
-            tl.store(status_ptr + 4, 1)
+        x_length = tl.load(x_offsets_ptr + row + 1) - tl.load(x_offsets_ptr + row)
+        y_length = tl.load(y_offsets_ptr + row + 1) - tl.load(y_offsets_ptr + row)
+        # Rows of TINY items or fewer (one id per row in the tutorial) compare TINY x TINY items,
+        # not BLOCK x BLOCK: the same result, a fraction of the work.
+        if (x_length <= TINY) & (y_length <= TINY):
+            _plan_row(x_values_ptr, x_num_values, x_offsets_ptr, x_weight_ptr, x_uniq_ptr, x_uniq_weight_ptr,
+                      x_start_ptr, x_count_ptr, y_values_ptr, y_num_values, y_offsets_ptr, y_weight_ptr, y_uniq_ptr,
+                      y_uniq_weight_ptr, y_start_ptr, y_count_ptr, pairs_ptr, status_ptr, row, HAS_X_WEIGHT,
+                      HAS_Y_WEIGHT, TINY)
+        else:
+            _plan_row(x_values_ptr, x_num_values, x_offsets_ptr, x_weight_ptr, x_uniq_ptr, x_uniq_weight_ptr,
+                      x_start_ptr, x_count_ptr, y_values_ptr, y_num_values, y_offsets_ptr, y_weight_ptr, y_uniq_ptr,
+                      y_uniq_weight_ptr, y_start_ptr, y_count_ptr, pairs_ptr, status_ptr, row, HAS_X_WEIGHT,
+                      HAS_Y_WEIGHT, BLOCK)
     else:  # no rows: the offsets' one entry must still lie within values
         x_base = tl.load(x_offsets_ptr)
         y_base = tl.load(y_offsets_ptr)
@@ -206,10 +258,24 @@ def _plan_short_rows_kernel(
             tl.store(status_ptr + 1, 1)
         if (y_base < 0) | (y_base > y_num_values):
             tl.store(status_ptr + 2, 1)
+    # The last program to arrive scans every row's pair count. The barrier orders this program's
+    # stores before its release; the acquire makes every earlier program's stores visible here
+    # (the loads bypass L1, which is not coherent across SMs).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(status_ptr + 5, 1, sem="acq_rel")
+    if arrived == tl.num_programs(0) - 1:
+        tl.debug_barrier()
+        done = tl.zeros([], dtype=tl.int64)
+        for start in range(0, num_rows, SCAN_BLOCK):
+            i = start + tl.arange(0, SCAN_BLOCK)
+            counts = tl.load(pairs_ptr + i, mask=i < num_rows, other=0, cache_modifier=".cg")
+            tl.store(out_offsets_ptr + 1 + i, done + tl.cumsum(counts, 0), mask=i < num_rows)
+            done += tl.sum(counts, 0)
 
 
 def plan_short_rows_triton(x_values, x_offsets, x_weight, y_values, y_offsets, y_weight, weight_dtype):
-    """Both sides' per-row sorted unique ids and the output offsets, in three launches, no host sync.
+    """Both sides' per-row sorted unique ids and the output offsets, in two launches (a zero-fill
+    and one kernel), no host sync.
 
     Returns ``(x, y, out_offsets, status)``. ``x`` is ``(uniq, uniq_weight, start, count)``: row
     ``b``'s unique x ids at ``uniq[start[b] : start[b] + count[b]]`` with ``start[b] =
@@ -234,17 +300,18 @@ def plan_short_rows_triton(x_values, x_offsets, x_weight, y_values, y_offsets, y
 
     x, y = side(x_values, x_weight), side(y_values, y_weight)
     pairs = torch.empty(num_rows, dtype=torch.int64, device=device)
-    # [out_offsets (B + 1) | flags (4)]: the zeros are out_offsets[0] and the cleared flags.
-    buffer = torch.zeros(num_rows + len(STATUS), dtype=torch.int64, device=device)
-    out_offsets, status = buffer[: num_rows + 1], buffer[num_rows:]
+    # [out_offsets (B + 1) | flags (4) | arrival counter]: the zeros are out_offsets[0], the
+    # cleared flags and the counter.
+    buffer = torch.zeros(num_rows + len(STATUS) + 1, dtype=torch.int64, device=device)
+    out_offsets, status = buffer[: num_rows + 1], buffer[num_rows: num_rows + len(STATUS)]
     # An absent weight still needs a pointer argument; the constexpr flags keep it unread.
     _plan_short_rows_kernel[(max(num_rows, 1),)](
         x_values, x_values.shape[0], x_offsets, x_values if x_weight is None else x_weight, *x[:1],
         x[0] if x[1] is None else x[1], *x[2:],
         y_values, y_values.shape[0], y_offsets, y_values if y_weight is None else y_weight, *y[:1],
         y[0] if y[1] is None else y[1], *y[2:],
-        pairs, status, num_rows,
-        HAS_X_WEIGHT=x_weight is not None, HAS_Y_WEIGHT=y_weight is not None, BLOCK=SHORT_ROW, num_warps=4,
+        pairs, buffer, num_rows,
+        HAS_X_WEIGHT=x_weight is not None, HAS_Y_WEIGHT=y_weight is not None, TINY=_TINY_ROW, BLOCK=SHORT_ROW,
+        SCAN_BLOCK=_SCAN_BLOCK, num_warps=4,
     )
-    torch.cumsum(pairs, 0, out=out_offsets[1:])
     return x, y, out_offsets, status
