@@ -20,7 +20,8 @@ combiner); semantics in ``fxrec/ops/combine.py``.
   kernel after the zero fill, nothing computed on the host's side in between. Atomics make the
   summation order, hence the float rounding of duplicated rows, run-dependent on the GPU: the
   result equals the CPU kernel's within rounding, not bit for bit. (table_combine's gradient
-  w.r.t. its anchor is this backward, unchanged.)
+  w.r.t. its anchor is this backward, unchanged.) ``segment_combine_backward_multi_triton``:
+  several features' backwards into one buffer, one zero fill, one scatter launch per feature.
 
 Nothing here syncs with the host and nothing reads outside the tensors: offsets are clamped to
 ``[0, N]``, index entries outside ``[0, U)`` are treated like ``-1`` (no embedding), and table
@@ -36,7 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["segment_combine_triton", "segment_combine_backward_triton", "table_combine_triton"]
+__all__ = ["segment_combine_triton", "segment_combine_backward_triton", "segment_combine_backward_multi_triton",
+           "table_combine_triton"]
 
 _MAX_BLOCK_D = 128
 _BLOCK_N = 32  # items per step of a row's loop (sum/mean, forward and backward)
@@ -266,14 +268,32 @@ def segment_combine_backward_triton(
     grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str, tile_len: int, num_rows: int
 ) -> Tensor:
     """Backward: ``grad_emb [num_rows, dim]`` in ``grad``'s dtype (see the module docstring)."""
+    return segment_combine_backward_multi_triton([grad], [index], [offsets], [weight], [combiner], [tile_len], num_rows)
+
+
+def segment_combine_backward_multi_triton(
+    grads: list[Tensor], index: list[Tensor], offsets: list[Tensor], weight: list[Tensor | None],
+    combiner: list[str], tile_len: list[int], num_rows: int,
+) -> Tensor:
+    """The backward of several features' combines into ONE ``grad_emb [num_rows, dim]`` (in the
+    grads' dtype): one zero fill, then each feature's scatter kernel adds into the same buffer."""
+    dim = grads[0].shape[1] // tile_len[0] if combiner[0] == "tile" else grads[0].shape[1]
+    grad_emb = torch.zeros((num_rows, dim), dtype=_accumulate_dtype(grads[0].dtype), device=grads[0].device)
+    if grad_emb.numel():
+        for args in zip(grads, index, offsets, weight, combiner, tile_len):
+            _scatter_launch(grad_emb, *args)
+    return grad_emb.to(grads[0].dtype)
+
+
+def _scatter_launch(grad_emb: Tensor, grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None,
+                    combiner: str, tile_len: int) -> None:
+    """Adds one feature's combine backward into ``grad_emb`` (fp32 / fp64) with atomics."""
     grad, index, offsets = grad.contiguous(), index.contiguous(), offsets.contiguous()
     n_rows, n_items = offsets.shape[0] - 1, index.shape[0]
+    if n_items == 0 or n_rows == 0:
+        return
     tile = combiner == "tile"
-    dim = grad.shape[1] // tile_len if tile else grad.shape[1]
-    acc_dtype = _accumulate_dtype(grad.dtype)
-    grad_emb = torch.zeros((num_rows, dim), dtype=acc_dtype, device=grad.device)
-    if grad_emb.numel() == 0 or n_items == 0 or n_rows == 0:
-        return grad_emb.to(grad.dtype)
+    num_rows, dim = grad_emb.shape
     block_d = _block_d(dim)
     acc = _tl_dtype(grad.dtype)
     if tile:
@@ -288,4 +308,3 @@ def segment_combine_backward_triton(
             grad, index, offsets, weight if weight is not None else index, grad_emb, n_items, num_rows, dim,
             HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", ACC=acc, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
         )
-    return grad_emb.to(grad.dtype)
