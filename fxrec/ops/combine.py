@@ -52,8 +52,8 @@ offsets[f], weight[f], combiner[f], tile_len[f]) for f]``: the same computation 
 same kernels), in one op. Its autograd is ONE ``[U, dim]`` gradient for the anchor,
 ``segment_combine_backward_multi(grad[], index[], offsets[], weight[], combiner[], tile_len[], U)``
 = ``Σ_f segment_combine_backward(grad[f], ...)``: one zero-filled accumulation buffer that every
-feature's scatter adds into (CPU ``index_add_``, CUDA one atomic scatter kernel per feature into
-the same buffer), one cast. Per-feature ``table_combine`` nodes reading one anchor instead give
+feature's scatter adds into (CPU ``index_add_``; CUDA ONE atomic scatter launch for all the
+features), one cast. Per-feature ``table_combine`` nodes reading one anchor instead give
 F zero fills, F scatters and F - 1 adds of ``[U, dim]`` by autograd, and F autograd nodes. Outputs
 without a gradient (unused) are left out of the backward op. The sum runs in another order than
 autograd's sum of per-feature gradients: equal within float rounding (float16 / bfloat16 round

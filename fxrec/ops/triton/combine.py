@@ -20,8 +20,12 @@ combiner); semantics in ``fxrec/ops/combine.py``.
   kernel after the zero fill, nothing computed on the host's side in between. Atomics make the
   summation order, hence the float rounding of duplicated rows, run-dependent on the GPU: the
   result equals the CPU kernel's within rounding, not bit for bit. (table_combine's gradient
-  w.r.t. its anchor is this backward, unchanged.) ``segment_combine_backward_multi_triton``:
-  several features' backwards into one buffer, one zero fill, one scatter launch per feature.
+  w.r.t. its anchor is this backward, unchanged.)
+- multi backward (``segment_combine_backward_multi_triton``, F features into one buffer): one zero
+  fill and ONE launch: ``_multi_scatter_kernel``'s programs are the features' programs above one
+  after another; each finds its feature in a small int64 table (the features' tensor addresses,
+  sizes, combiner, tile_len, first program; one host-to-device copy, pinned, non-blocking) and
+  runs the sum / mean or tile body for it (runtime branches on the combiner and on weights).
 
 Nothing here syncs with the host and nothing reads outside the tensors: offsets are clamped to
 ``[0, N]``, index entries outside ``[0, U)`` are treated like ``-1`` (no embedding), and table
@@ -155,18 +159,18 @@ def _segment_tile_kernel(
 
 
 @triton.jit
-def _row_scatter_kernel(
-    grad, index, offsets, weight, grad_emb, n_items, n_emb_rows, dim,
-    HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _row_scatter(
+    grad, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim, mean,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """sum / mean backward: row ``row``'s gradient (times its items' weights; mean: over the row's
-    weight sum, 0 where that is 0) added into each of its items' embedding rows."""
-    row = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """sum / mean backward of row ``row``, columns block ``d_block``: the row's gradient (times its
+    items' weights; ``mean``: over the row's weight sum, 0 where that is 0) added into each of its
+    items' embedding rows. ``mean`` is a constant in the one-feature kernel, data in the multi one."""
+    d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
     begin, end = _row_bounds(offsets, row, n_items)
     g = tl.load(grad + row * dim + d, mask=d_ok, other=0.0).to(ACC)
-    if MEAN:
+    if mean:
         weight_sum = tl.zeros([BLOCK_N], dtype=ACC)
         for start in range(begin, end, BLOCK_N):
             i = start + tl.arange(0, BLOCK_N)
@@ -191,14 +195,13 @@ def _row_scatter_kernel(
 
 
 @triton.jit
-def _tile_scatter_kernel(
-    grad, index, offsets, grad_emb, n_items, n_emb_rows, dim, tile_len,
+def _tile_scatter(
+    grad, index, offsets, grad_emb, row, s_block, n_items, n_emb_rows, dim, tile_len,
     ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """tile backward: slot ``s`` of row ``row`` (filled by the row's item ``begin + s``) adds its
-    gradient into that item's embedding row."""
-    row = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    """tile backward of row ``row``, slots block ``s_block``: slot ``s`` (filled by the row's item
+    ``begin + s``) adds its gradient into that item's embedding row."""
+    s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
     begin, end = _row_bounds(offsets, row, n_items)
     present = (s < tile_len) & (begin + s < end)
     idx = tl.load(index + begin + s, mask=present, other=-1)
@@ -208,6 +211,74 @@ def _tile_scatter_kernel(
         mask = ok[:, None] & (d < dim)[None, :]
         g = tl.load(grad + (row * tile_len + s[:, None]) * dim + d[None, :], mask=mask, other=0.0).to(ACC)
         tl.atomic_add(grad_emb + idx[:, None] * dim + d[None, :], g, mask=mask)
+
+
+@triton.jit
+def _row_scatter_kernel(
+    grad, index, offsets, weight, grad_emb, n_items, n_emb_rows, dim,
+    HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    _row_scatter(grad, index, offsets, weight, grad_emb, tl.program_id(0).to(tl.int64),
+                 tl.program_id(1).to(tl.int64), n_items, n_emb_rows, dim, MEAN, HAS_WEIGHT, ACC, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _tile_scatter_kernel(
+    grad, index, offsets, grad_emb, n_items, n_emb_rows, dim, tile_len,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    _tile_scatter(grad, index, offsets, grad_emb, tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+                  n_items, n_emb_rows, dim, tile_len, ACC, BLOCK_S, BLOCK_D)
+
+
+# _multi_scatter_kernel's per-feature table: one row per feature, these columns
+_FIELDS = ("grad", "index", "offsets", "weight", "n_items", "kind", "tile_len", "first_program")
+_N_FIELDS = tl.constexpr(len(_FIELDS))
+_F_GRAD, _F_INDEX, _F_OFFSETS, _F_WEIGHT, _F_N_ITEMS, _F_KIND, _F_TILE_LEN, _F_FIRST_PROGRAM = (
+    tl.constexpr(i) for i in range(len(_FIELDS)))
+_KINDS = {"sum": 0, "mean": 1, "tile": 2}
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+
+
+@triton.jit
+def _multi_scatter_kernel(
+    features, n_features, grad_emb, n_emb_rows, dim,
+    GRAD_T: tl.constexpr, WEIGHT_T: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Every feature's backward in one launch (``segment_combine_backward_multi_triton``):
+    ``features [F, _N_FIELDS]`` int64 holds per feature (``_FIELDS``) its tensors' addresses
+    (weight 0: none), item count, combiner, tile_len and first program id; program ``p`` works
+    for the last feature whose first program is <= p, on the row and block that feature's own
+    kernel above would have given it (its tile rows in ``BLOCK_S`` slot blocks, its sum / mean
+    rows in ``BLOCK_D`` column blocks)."""
+    pid = tl.program_id(0).to(tl.int64)
+    f = pid * 0  # an int64 scalar (a loop-carried value)
+    for j in range(1, n_features):
+        f += (tl.load(features + j * _N_FIELDS + _F_FIRST_PROGRAM) <= pid).to(tl.int64)
+    meta = features + f * _N_FIELDS
+    grad = tl.load(meta + _F_GRAD).to(tl.pointer_type(GRAD_T), bitcast=True)
+    index = tl.load(meta + _F_INDEX).to(tl.pointer_type(tl.int64), bitcast=True)
+    offsets = tl.load(meta + _F_OFFSETS).to(tl.pointer_type(tl.int64), bitcast=True)
+    weight_address = tl.load(meta + _F_WEIGHT)
+    weight = weight_address.to(tl.pointer_type(WEIGHT_T), bitcast=True)
+    n_items, kind, tile_len = tl.load(meta + _F_N_ITEMS), tl.load(meta + _F_KIND), tl.load(meta + _F_TILE_LEN)
+    local = pid - tl.load(meta + _F_FIRST_PROGRAM)
+    # (names differ per branch: Triton merges a name bound in both branches, which needs one type)
+    if kind == 2:
+        slot_blocks = tl.cdiv(tile_len, BLOCK_S)
+        _tile_scatter(grad, index, offsets, grad_emb, local // slot_blocks, local % slot_blocks, n_items, n_emb_rows,
+                      dim, tile_len, ACC, BLOCK_S, BLOCK_D)
+    else:
+        col_blocks = tl.cdiv(dim, BLOCK_D)
+        row, d_block = local // col_blocks, local % col_blocks
+        if weight_address != 0:
+            _row_scatter(grad, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim, kind == 1,
+                         True, ACC, BLOCK_N, BLOCK_D)
+        else:
+            _row_scatter(grad, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim, kind == 1,
+                         False, ACC, BLOCK_N, BLOCK_D)
 
 
 def _combine_launch(
@@ -268,7 +339,11 @@ def segment_combine_backward_triton(
     grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str, tile_len: int, num_rows: int
 ) -> Tensor:
     """Backward: ``grad_emb [num_rows, dim]`` in ``grad``'s dtype (see the module docstring)."""
-    return segment_combine_backward_multi_triton([grad], [index], [offsets], [weight], [combiner], [tile_len], num_rows)
+    dim = grad.shape[1] // tile_len if combiner == "tile" else grad.shape[1]
+    grad_emb = torch.zeros((num_rows, dim), dtype=_accumulate_dtype(grad.dtype), device=grad.device)
+    if grad_emb.numel():
+        _scatter_launch(grad_emb, grad, index, offsets, weight, combiner, tile_len)
+    return grad_emb.to(grad.dtype)
 
 
 def segment_combine_backward_multi_triton(
@@ -276,12 +351,39 @@ def segment_combine_backward_multi_triton(
     combiner: list[str], tile_len: list[int], num_rows: int,
 ) -> Tensor:
     """The backward of several features' combines into ONE ``grad_emb [num_rows, dim]`` (in the
-    grads' dtype): one zero fill, then each feature's scatter kernel adds into the same buffer."""
+    grads' dtype): one zero fill, then ONE scatter launch for every feature
+    (``_multi_scatter_kernel``; its table of the features' tensors goes to the device in one
+    copy). A single feature with items launches its own kernel (no table to copy)."""
+    device, acc_dtype = grads[0].device, _accumulate_dtype(grads[0].dtype)
     dim = grads[0].shape[1] // tile_len[0] if combiner[0] == "tile" else grads[0].shape[1]
-    grad_emb = torch.zeros((num_rows, dim), dtype=_accumulate_dtype(grads[0].dtype), device=grads[0].device)
-    if grad_emb.numel():
-        for args in zip(grads, index, offsets, weight, combiner, tile_len):
-            _scatter_launch(grad_emb, *args)
+    grad_emb = torch.zeros((num_rows, dim), dtype=acc_dtype, device=device)
+    features = [f for f in zip(grads, index, offsets, weight, combiner, tile_len)
+                if f[1].shape[0] and f[2].shape[0] > 1]  # features without items or rows add nothing
+    if grad_emb.numel() == 0 or not features:
+        return grad_emb.to(grads[0].dtype)
+    if len(features) == 1:
+        _scatter_launch(grad_emb, *features[0])
+        return grad_emb.to(grads[0].dtype)
+    block_d = _block_d(dim)
+    tile_lens = [t for _, _, _, _, c, t in features if c == "tile"]
+    block_s = min(_rows_per_program(block_d), triton.next_power_of_2(max(tile_lens))) if tile_lens else 1
+    rows, alive, n_programs = [], [], 0
+    for grad, idx, offs, w, c, t in features:
+        grad, idx, offs = grad.contiguous(), idx.contiguous(), offs.contiguous()
+        w = None if w is None else w.to(acc_dtype).contiguous()  # one weight dtype for the kernel
+        alive += [grad, idx, offs, w]
+        rows.append([grad.data_ptr(), idx.data_ptr(), offs.data_ptr(), 0 if w is None else w.data_ptr(),
+                     idx.shape[0], _KINDS[c], t, n_programs])  # _FIELDS' order
+        n_programs += (offs.shape[0] - 1) * (triton.cdiv(t, block_s) if c == "tile" else triton.cdiv(dim, block_d))
+    table = torch.tensor(rows, dtype=torch.int64)
+    # pinned + non_blocking: the copy does not wait for the host; the caching host allocator
+    # keeps the pinned block until the copy has run
+    table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
+    _multi_scatter_kernel[(n_programs,)](
+        table, len(rows), grad_emb, num_rows, dim, GRAD_T=_TL_DTYPES[grads[0].dtype], WEIGHT_T=_tl_dtype(acc_dtype),
+        ACC=_tl_dtype(acc_dtype), BLOCK_N=_BLOCK_N, BLOCK_D=block_d, BLOCK_S=block_s,
+    )
+    del alive  # held until the launch: each feature's contiguous copies must outlive the loop
     return grad_emb.to(grads[0].dtype)
 
 
