@@ -20,6 +20,8 @@ each CUDA launcher under Triton's interpreter on CPU tensors and counting what i
 | bucketize_multi                      | 1                        | 1            | 0     | same          |
 | sequence_truncate_multi (any N)      | 3 (2 + cumsum)           | 2            | 1     | 5, 2 copies, 1 sync |
 | check_row_lengths (truncate=False)   | 2 (1 + zeros)            | 0            | 1     | 3 + 1 sync    |
+| table_combine_multi (4 features)     | 1                        | 1            | 0     | 4 (table_combine each) |
+| segment_combine_backward_multi (4)   | 2 (1 + zeros)            | 1            | 0     | 8 + 3 adds (one zeros + scatter each) |
 
 On a GPU ``bench/feature_ops.py`` reports the same counts from the profiler and CUDA's sync
 debug mode.
@@ -34,6 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import fxrec.ops.triton.bucketize as triton_bucketize
+import fxrec.ops.triton.combine as triton_combine
 import fxrec.ops.triton.hash as triton_hash
 import fxrec.ops.triton.mod as triton_mod
 import fxrec.ops.triton.truncate as triton_truncate
@@ -92,7 +95,7 @@ def counts(monkeypatch):
         return tolist(self)
 
     monkeypatch.setattr(GridExecutor, "__call__", triton_kernel)
-    for module in (triton_mod, triton_bucketize, triton_hash, triton_truncate):
+    for module in (triton_mod, triton_bucketize, triton_hash, triton_truncate, triton_combine):
         monkeypatch.setattr(module, "device_table", table)
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
     return mode
@@ -132,7 +135,26 @@ def _calls(d):
             [d["seq"], d["seq"], d["seq"]], [d["seq_offsets"]] * 3, [None, d["seq_weight"], None],
             [10, 10, 5], [False, True, False]),
         "check_row_lengths": lambda: check_row_lengths_with_triton(d["seq_offsets"], 30, "feature 'seq'"),
+        # the coalesced tutorial's dim-16 storage: sum, tile, tile, mean through one anchor
+        "table_combine_multi": lambda args=_storage(d): triton_combine.table_combine_multi_triton(*args),
+        "segment_combine_backward_multi": lambda args=_storage_grads(d): (
+            triton_combine.segment_combine_backward_multi_triton(*args)),
     }
+
+
+def _storage(d):
+    """``table_combine_multi``'s arguments: 4 features of one storage (U = 40 unique ids, dim 16)."""
+    index = [d["single"] % 40, d["seq"] % 40, d["seq"] % 40, d["seq"] % 40]
+    offsets = [d["single_offsets"]] + [d["seq_offsets"]] * 3
+    zero_anchor = torch.zeros(()).expand(40, 16)
+    return (torch.randn(50, 16), torch.arange(40), zero_anchor, index, offsets, [None, None, None, d["seq_weight"]],
+            ["sum", "tile", "tile", "mean"], [1, 5, 5, 1])
+
+
+def _storage_grads(d):
+    table, rows, _, index, offsets, weight, combiner, tile_len = _storage(d)
+    grads = [torch.ones(o.shape[0] - 1, (t if c == "tile" else 1) * 16) for o, c, t in zip(offsets, combiner, tile_len)]
+    return grads, index, offsets, weight, combiner, tile_len, rows.shape[0]
 
 
 # op: (Triton kernels, torch kernels, table copies, host syncs)
@@ -145,6 +167,8 @@ EXPECTED = {
     "bucketize_multi": (1, {}, 1, 0),
     "sequence_truncate_multi": (2, {"cumsum": 1}, 2, 1),
     "check_row_lengths": (1, {"zeros": 1}, 0, 1),
+    "table_combine_multi": (1, {}, 1, 0),
+    "segment_combine_backward_multi": (1, {"zeros": 1}, 1, 0),
 }
 
 

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxrec.ops.triton.combine import segment_combine_backward_multi_triton
+from fxrec.ops.triton.combine import segment_combine_backward_multi_triton, table_combine_multi_triton
 from test_ops_table_combine import ANCHORS, COMBINERS, TRITON_DEVICE, make_anchor, to_cuda
 
 table_combine = torch.ops.fxrec.table_combine
@@ -309,6 +309,48 @@ def test_compiles_fullgraph_with_backward():
 
 # -- Triton launcher (interpreter on CPU, or the GPU) --------------------------------------------
 
+def on_triton_device(args):
+    return [[t.to(TRITON_DEVICE) if isinstance(t, torch.Tensor) else t for t in a] if isinstance(a, list)
+            else (a.to(TRITON_DEVICE) if isinstance(a, torch.Tensor) else a) for a in args]
+
+
+@settings(max_examples=20)
+@given(multi_cases(max_features=4, max_rows=3, max_len=6, max_dim=5, max_unique=5, max_table=6))
+def test_forward_launcher_matches_cpu(case):
+    # several features with rows: one launch for all (_multi_combine_kernel); one: its own kernels
+    args = as_tensors(case)
+    for got, expected in zip(table_combine_multi_triton(*on_triton_device(args)), table_combine_multi(*args)):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("anchor_kind", ["none", "dense", "zeros"])
+def test_forward_launcher_one_launch_every_combiner(dtype, anchor_kind):
+    table, rows, _, anchor, features = every_combiner_case()
+    args = as_tensors((table, rows, anchor_kind, anchor, features), dtype=dtype)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-12, atol=1e-12)
+    for got, expected in zip(table_combine_multi_triton(*on_triton_device(args)), table_combine_multi(*args)):
+        torch.testing.assert_close(got.cpu(), expected, **tol)
+
+
+def every_combiner_case():
+    """sum / mean / tile, weighted or not, rows longer than BLOCK_N, tile_len spanning slot blocks,
+    a feature without items, one without rows, a batch of one row, -1 entries and rows."""
+    gen = np.random.default_rng(5)
+    long_row = list(gen.integers(-1, 6, 40))
+    features = [
+        (long_row, [0, 40], gen.uniform(0, 2, 40), "mean", 1),
+        (long_row, [0, 3, 3, 40], None, "tile", 37),
+        ([], [0], None, "sum", 1),
+        ([], [0, 0, 0], None, "tile", 3),
+        (long_row[:7], [1, 2, 7], gen.uniform(0, 2, 7), "sum", 1),
+        (long_row[:5], [0, 5], None, "mean", 1),
+        (long_row[:9], [0, 4, 9], None, "tile", 2),
+    ]
+    return gen.standard_normal((4, 3)), [0, 1, 2, 3, -1, 0], "dense", gen.standard_normal((6, 3)), features
+
+
 def assert_backward_launcher_matches_cpu(case, seed, dtype=torch.float32):
     table, rows, _, *lists = as_tensors(case, dtype=dtype)
     grads = output_grads(table_combine_multi(table, rows, None, *lists), seed)
@@ -334,20 +376,7 @@ def test_backward_launcher_matches_cpu(case, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_backward_launcher_one_launch_every_combiner(dtype):
-    # sum / mean / tile, weighted or not, rows longer than BLOCK_N, tile_len spanning slot blocks,
-    # an empty feature and a feature of one row among them, in one launch
-    gen = np.random.default_rng(5)
-    long_row = list(gen.integers(-1, 6, 40))
-    features = [
-        (long_row, [0, 40], gen.uniform(0, 2, 40), "mean", 1),
-        (long_row, [0, 3, 3, 40], None, "tile", 37),
-        ([], [0], None, "sum", 1),
-        (long_row[:7], [1, 2, 7], gen.uniform(0, 2, 7), "sum", 1),
-        (long_row[:5], [0, 5], None, "mean", 1),
-        (long_row[:9], [0, 4, 9], None, "tile", 2),
-    ]
-    assert_backward_launcher_matches_cpu((gen.standard_normal((4, 3)), [0, 1, 2, 3, -1, 0], "dense",
-                                          np.zeros((6, 3)), features), 7, dtype)
+    assert_backward_launcher_matches_cpu(every_combiner_case(), 7, dtype)
 
 
 # -- CUDA == CPU ---------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ takes. The kernels read the anchor through its strides, so it is never materiali
 
 ``table_combine_multi(table, rows, anchor, index[], offsets[], weight[], combiner[], tile_len[])``
 (F >= 1 features, one list entry each) returns ``[table_combine(table, rows, anchor, index[f],
-offsets[f], weight[f], combiner[f], tile_len[f]) for f]``: the same computation per feature (the
-same kernels), in one op. Its autograd is ONE ``[U, dim]`` gradient for the anchor,
+offsets[f], weight[f], combiner[f], tile_len[f]) for f]``: the same computation per feature, in
+one op (CUDA: ONE launch for all the features, the per-feature kernels' bodies). Its autograd is ONE ``[U, dim]`` gradient for the anchor,
 ``segment_combine_backward_multi(grad[], index[], offsets[], weight[], combiner[], tile_len[], U)``
 = ``Σ_f segment_combine_backward(grad[f], ...)``: one zero-filled accumulation buffer that every
 feature's scatter adds into (CPU ``index_add_``; CUDA ONE atomic scatter launch for all the
@@ -93,7 +93,8 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fxrec.ops.dense import check_offsets_content
 from fxrec.ops.triton.combine import (
-    segment_combine_backward_multi_triton, segment_combine_backward_triton, segment_combine_triton, table_combine_triton,
+    segment_combine_backward_multi_triton, segment_combine_backward_triton, segment_combine_triton,
+    table_combine_multi_triton, table_combine_triton,
 )
 
 __all__ = ["segment_combine", "segment_combine_backward", "segment_combine_backward_multi", "table_combine",
@@ -484,9 +485,12 @@ def _check_table_multi(table: Tensor, rows: Tensor, anchor: Tensor | None, index
         _check_table_forward(table, rows, anchor, *args, op=f"table_combine_multi (feature {f})")
 
 
+# The multi ops are cudagraph_unsafe: their CUDA kernels read a table of the features' tensors
+# copied from host memory that lives only for the call (fxrec/ops/triton/combine.py).
 @torch.library.custom_op(
     "fxrec::table_combine_multi",
     mutates_args=(),
+    tags=(torch.Tag.cudagraph_unsafe,),
     schema=(
         "(Tensor table, Tensor rows, Tensor? anchor, Tensor[] index, Tensor[] offsets, Tensor?[] weight, "
         "str[] combiner, int[] tile_len) -> Tensor[]"
@@ -506,7 +510,7 @@ def table_combine_multi(table: Tensor, rows: Tensor, anchor: Tensor | None, inde
 @table_combine_multi.register_kernel("cuda")
 def _(table, rows, anchor, index, offsets, weight, combiner, tile_len):
     _check_table_multi(table, rows, anchor, index, offsets, weight, combiner, tile_len)
-    return [table_combine_triton(table, rows, anchor, *args) for args in zip(index, offsets, weight, combiner, tile_len)]
+    return table_combine_multi_triton(table, rows, anchor, index, offsets, weight, combiner, tile_len)
 
 
 @table_combine_multi.register_fake
@@ -583,6 +587,7 @@ def _check_backward_multi(grads: list[Tensor], index: list[Tensor], offsets: lis
 @torch.library.custom_op(
     "fxrec::segment_combine_backward_multi",
     mutates_args=(),
+    tags=(torch.Tag.cudagraph_unsafe,),
     schema=(
         "(Tensor[] grad, Tensor[] index, Tensor[] offsets, Tensor?[] weight, str[] combiner, int[] tile_len, "
         "SymInt num_rows) -> Tensor"
