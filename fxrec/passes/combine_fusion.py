@@ -60,7 +60,8 @@ def _feature_output(node, position: int) -> tuple[torch.fx.Node, int] | None:
     if not (isinstance(feature, torch.fx.Node) and feature.target is operator.getitem):
         return None
     merged, k = feature.args
-    if not (isinstance(merged, torch.fx.Node) and merged.target is _lookup_unique_merged and type(k) is int):
+    if not (isinstance(merged, torch.fx.Node) and merged.target is _lookup_unique_merged and type(k) is int
+            and len(merged.args) == 3 and not merged.kwargs):  # (tables, values, trainable), as the passes build it
         return None
     return merged, k
 
