@@ -23,6 +23,8 @@ each CUDA launcher under Triton's interpreter on CPU tensors and counting what i
 | sequence_truncate(_multi) (any N)    | 2                        | 1            | 1     | 3 (2 + cumsum), 2 copies, 1 sync |
 | sequence_truncate_3d                 | 3 (2 + arange)           | 1            | 1     | 6 (2 + zeros, cumsum, arange, mul), 1 copy, 1 sync |
 | check_row_lengths (truncate=False)   | 2 (1 + zeros)            | 0            | 1     | 3 + 1 sync    |
+| table_combine_multi (4 features)     | 1                        | 1            | 0     | 4 (table_combine each) |
+| segment_combine_backward_multi (4)   | 2 (1 + zeros)            | 1            | 0     | 8 + 3 adds (one zeros + scatter each) |
 
 The torch kernels (the CPU path; ``bench.feature_ops``'s torch stage on a GPU) of
 ``sequence_truncate``, ``_3d`` and ``feature_cross`` read the data once (were 4, 5 and 3 reads).
@@ -45,6 +47,7 @@ import triton
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import fxrec.ops.triton.bucketize as triton_bucketize
+import fxrec.ops.triton.combine as triton_combine
 import fxrec.ops.triton.hash as triton_hash
 import fxrec.ops.triton.mod as triton_mod
 import fxrec.ops.triton.truncate as triton_truncate
@@ -121,7 +124,7 @@ def counts(monkeypatch):
         return tolist(self)
 
     monkeypatch.setattr(GridExecutor, "__call__", triton_kernel)
-    for module in (triton_mod, triton_bucketize, triton_hash, triton_truncate):
+    for module in (triton_mod, triton_bucketize, triton_hash, triton_truncate, triton_combine):
         monkeypatch.setattr(module, "device_table", table)
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
     return mode
@@ -165,7 +168,26 @@ def _calls(d):
         "sequence_truncate_3d": lambda: triton_truncate.truncate_3d_triton(
             d["bytes"], d["seq_offsets"], d["string_offsets"], None, 3, True),
         "check_row_lengths": lambda: check_row_lengths_with_triton(d["seq_offsets"], 30, "feature 'seq'"),
+        # the coalesced tutorial's dim-16 storage: sum, tile, tile, mean through one anchor
+        "table_combine_multi": lambda args=_storage(d): triton_combine.table_combine_multi_triton(*args),
+        "segment_combine_backward_multi": lambda args=_storage_grads(d): (
+            triton_combine.segment_combine_backward_multi_triton(*args)),
     }
+
+
+def _storage(d):
+    """``table_combine_multi``'s arguments: 4 features of one storage (U = 40 unique ids, dim 16)."""
+    index = [d["single"] % 40, d["seq"] % 40, d["seq"] % 40, d["seq"] % 40]
+    offsets = [d["single_offsets"]] + [d["seq_offsets"]] * 3
+    zero_anchor = torch.zeros(()).expand(40, 16)
+    return (torch.randn(50, 16), torch.arange(40), zero_anchor, index, offsets, [None, None, None, d["seq_weight"]],
+            ["sum", "tile", "tile", "mean"], [1, 5, 5, 1])
+
+
+def _storage_grads(d):
+    table, rows, _, index, offsets, weight, combiner, tile_len = _storage(d)
+    grads = [torch.ones(o.shape[0] - 1, (t if c == "tile" else 1) * 16) for o, c, t in zip(offsets, combiner, tile_len)]
+    return grads, index, offsets, weight, combiner, tile_len, rows.shape[0]
 
 
 _TOLIST = {"tolist": 1}
@@ -182,6 +204,8 @@ EXPECTED = {
     "sequence_truncate_multi": (2, {}, 1, _TOLIST),
     "sequence_truncate_3d": (2, {"arange": 1}, 1, _TOLIST),
     "check_row_lengths": (1, {"zeros": 1}, 0, {"_local_scalar_dense": 1}),
+    "table_combine_multi": (1, {}, 1, {}),
+    "segment_combine_backward_multi": (1, {"zeros": 1}, 1, {}),
 }
 
 

@@ -1,6 +1,8 @@
 """Embedding combiners over ragged rows (SPEC §4.2): ``fxrec::segment_combine``, its backward
-``fxrec::segment_combine_backward``, and ``fxrec::table_combine``, the table lookup fused with the
-combiner (what the embedding layer runs, one op per table lookup).
+``fxrec::segment_combine_backward``, ``fxrec::table_combine``, the table lookup fused with the
+combiner (what the embedding layer runs, one op per table lookup), and ``fxrec::table_combine_multi``
+with its backward ``fxrec::segment_combine_backward_multi``: every feature of one shared lookup
+in one op, one ``[U, dim]`` gradient (what the ``combine_fusion`` pass makes of the former).
 
 ``segment_combine(emb, index, offsets, weight, combiner, tile_len)`` combines rows of a given
 ``emb [U, dim]``:
@@ -44,6 +46,19 @@ out an all-zero anchor ``zeros(()).expand(U, dim)`` (strides ``(0, 0)``: no memo
 grad; its ``.grad`` is the ``[U, dim]`` gradient of the touched rows, which the sparse optimizer
 takes. The kernels read the anchor through its strides, so it is never materialized.
 
+``table_combine_multi(table, rows, anchor, index[], offsets[], weight[], combiner[], tile_len[])``
+(F >= 1 features, one list entry each) returns ``[table_combine(table, rows, anchor, index[f],
+offsets[f], weight[f], combiner[f], tile_len[f]) for f]``: the same computation per feature, in
+one op (CUDA: ONE launch for all the features, the per-feature kernels' bodies). Its autograd is ONE ``[U, dim]`` gradient for the anchor,
+``segment_combine_backward_multi(grad[], index[], offsets[], weight[], combiner[], tile_len[], U)``
+= ``Σ_f segment_combine_backward(grad[f], ...)``: one zero-filled accumulation buffer that every
+feature's scatter adds into (CPU ``index_add_``; CUDA ONE atomic scatter launch for all the
+features), one cast. Per-feature ``table_combine`` nodes reading one anchor instead give
+F zero fills, F scatters and F - 1 adds of ``[U, dim]`` by autograd, and F autograd nodes. Outputs
+without a gradient (unused) are left out of the backward op. The sum runs in another order than
+autograd's sum of per-feature gradients: equal within float rounding (float16 / bfloat16 round
+once, not once per feature). Double backward works (the backward is linear in each ``grad[f]``).
+
 Decisions:
 - ``table_combine`` is one op (not ``gather_rows`` then ``segment_combine``) so that the ``[U, dim]``
   gathered rows are neither written nor read back, nor kept alive for the backward: the forward
@@ -77,9 +92,13 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fxrec.ops.dense import check_offsets_content
-from fxrec.ops.triton.combine import segment_combine_backward_triton, segment_combine_triton, table_combine_triton
+from fxrec.ops.triton.combine import (
+    segment_combine_backward_multi_triton, segment_combine_backward_triton, segment_combine_triton,
+    table_combine_multi_triton, table_combine_triton,
+)
 
-__all__ = ["segment_combine", "segment_combine_backward", "table_combine", "COMBINERS"]
+__all__ = ["segment_combine", "segment_combine_backward", "segment_combine_backward_multi", "table_combine",
+           "table_combine_multi", "COMBINERS"]
 
 COMBINERS = ("sum", "mean", "tile")
 _EMB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -128,8 +147,7 @@ def _check_forward(emb: Tensor, index: Tensor, offsets: Tensor, weight: Tensor |
 
 
 def _check_backward(grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str,
-                    tile_len: int, num_rows: int) -> None:
-    op = "segment_combine_backward"
+                    tile_len: int, num_rows: int, op: str = "segment_combine_backward") -> None:
     _check_common(op, "grad", grad, index, offsets, weight, combiner, tile_len)
     if guard_or_false(grad.shape[0] != offsets.shape[0] - 1):
         raise ValueError(
@@ -145,8 +163,7 @@ def _check_backward(grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor
 
 
 def _check_table_forward(table: Tensor, rows: Tensor, anchor: Tensor | None, index: Tensor, offsets: Tensor,
-                         weight: Tensor | None, combiner: str, tile_len: int) -> None:
-    op = "table_combine"
+                         weight: Tensor | None, combiner: str, tile_len: int, op: str = "table_combine") -> None:
     _check_common(op, "table", table, index, offsets, weight, combiner, tile_len)
     if guard_or_false(table.shape[1] == 0):
         raise ValueError(f"fxrec::{op}: table must be [R, dim] with dim >= 1, got shape {tuple(table.shape)}")
@@ -316,9 +333,18 @@ def segment_combine_backward(grad: Tensor, index: Tensor, offsets: Tensor, weigh
                              tile_len: int, num_rows: int) -> Tensor:
     """Gradient of ``segment_combine`` w.r.t. ``emb``: ``[num_rows, dim]`` (module docstring)."""
     _check_backward(grad, index, offsets, weight, combiner, tile_len, num_rows)
-    lengths = _check_contents("segment_combine_backward", index, offsets, num_rows)
+    dim = grad.shape[1] // tile_len if combiner == "tile" else grad.shape[1]
+    grad_emb = torch.zeros((num_rows, dim), dtype=_accumulate_dtype(grad.dtype), device=grad.device)
+    _scatter_grad_into(grad_emb, "segment_combine_backward", grad, index, offsets, weight, combiner, tile_len)
+    return grad_emb.to(grad.dtype)
+
+
+def _scatter_grad_into(grad_emb: Tensor, op: str, grad: Tensor, index: Tensor, offsets: Tensor,
+                       weight: Tensor | None, combiner: str, tile_len: int) -> None:
+    """CPU: adds the combine backward of ``grad`` into ``grad_emb [U, dim]`` (accumulation dtype)."""
+    lengths = _check_contents(op, index, offsets, grad_emb.shape[0])
     n_rows = lengths.shape[0]
-    acc_dtype = _accumulate_dtype(grad.dtype)
+    acc_dtype = grad_emb.dtype
     if combiner == "tile":
         dim = grad.shape[1] // tile_len
         mask, positions = _tile_slots(offsets, lengths, tile_len)
@@ -334,9 +360,7 @@ def segment_combine_backward(grad: Tensor, index: Tensor, offsets: Tensor, weigh
         item_grad = row_grad[rows] * w[:, None]
     idx = index[positions]
     found = idx >= 0
-    grad_emb = torch.zeros((num_rows, dim), dtype=acc_dtype, device=grad.device)
     grad_emb.index_add_(0, idx[found], item_grad[found])
-    return grad_emb.to(grad.dtype)
 
 
 @segment_combine_backward.register_kernel("cuda")
@@ -387,9 +411,19 @@ def table_combine(table: Tensor, rows: Tensor, anchor: Tensor | None, index: Ten
     """``segment_combine(gather_rows(table, rows) + anchor, index, offsets, weight, combiner,
     tile_len)`` without the ``[U, dim]`` gather (module docstring)."""
     _check_table_forward(table, rows, anchor, index, offsets, weight, combiner, tile_len)
-    lengths = _check_contents("table_combine", index, offsets, rows.shape[0])
+    _check_rows_content("table_combine", table, rows)
+    return _table_combine_cpu("table_combine", table, rows, anchor, index, offsets, weight, combiner, tile_len)
+
+
+def _check_rows_content(op: str, table: Tensor, rows: Tensor) -> None:
+    """CPU kernels only (reads the data)."""
     if rows.numel() and (bool((rows < -1).any()) or bool((rows >= table.shape[0]).any())):
-        raise ValueError(f"fxrec::table_combine: rows entries must lie in [-1, {table.shape[0]}) (-1: no table row)")
+        raise ValueError(f"fxrec::{op}: rows entries must lie in [-1, {table.shape[0]}) (-1: no table row)")
+
+
+def _table_combine_cpu(op: str, table: Tensor, rows: Tensor, anchor: Tensor | None, index: Tensor, offsets: Tensor,
+                       weight: Tensor | None, combiner: str, tile_len: int) -> Tensor:
+    lengths = _check_contents(op, index, offsets, rows.shape[0])
     return _combine_items(lambda idx, dtype: _gather_through(table, rows, anchor, idx, dtype), index, offsets,
                           lengths, weight, combiner, tile_len, table.shape[1], table.dtype)
 
@@ -431,3 +465,181 @@ def _table_combine_grad(ctx, grad: Tensor):
 
 
 table_combine.register_autograd(_table_combine_grad, setup_context=_table_combine_setup)
+
+
+# -- table_combine_multi: every feature that reads one (table, rows, anchor) -------------------------
+
+def _check_lists(op: str, n: int, **lists: list) -> None:
+    if n == 0:
+        raise ValueError(f"fxrec::{op}: needs at least one feature, got none")
+    for name, values in lists.items():
+        if len(values) != n:
+            raise ValueError(f"fxrec::{op}: {name} has {len(values)} entries for {n} features (one per feature)")
+
+
+def _check_table_multi(table: Tensor, rows: Tensor, anchor: Tensor | None, index: list[Tensor], offsets: list[Tensor],
+                       weight: list[Tensor | None], combiner: list[str], tile_len: list[int]) -> None:
+    _check_lists("table_combine_multi", len(index), offsets=offsets, weight=weight, combiner=combiner,
+                 tile_len=tile_len)
+    for f, args in enumerate(zip(index, offsets, weight, combiner, tile_len)):
+        _check_table_forward(table, rows, anchor, *args, op=f"table_combine_multi (feature {f})")
+
+
+# The multi ops are cudagraph_unsafe: their CUDA kernels read a table of the features' tensors
+# copied from host memory that lives only for the call (fxrec/ops/triton/combine.py).
+@torch.library.custom_op(
+    "fxrec::table_combine_multi",
+    mutates_args=(),
+    tags=(torch.Tag.cudagraph_unsafe,),
+    schema=(
+        "(Tensor table, Tensor rows, Tensor? anchor, Tensor[] index, Tensor[] offsets, Tensor?[] weight, "
+        "str[] combiner, int[] tile_len) -> Tensor[]"
+    ),
+)
+def table_combine_multi(table: Tensor, rows: Tensor, anchor: Tensor | None, index: list[Tensor],
+                        offsets: list[Tensor], weight: list[Tensor | None], combiner: list[str],
+                        tile_len: list[int]) -> list[Tensor]:
+    """``[table_combine(table, rows, anchor, index[f], offsets[f], weight[f], combiner[f],
+    tile_len[f]) for f]`` (module docstring): one op for every feature of one lookup."""
+    _check_table_multi(table, rows, anchor, index, offsets, weight, combiner, tile_len)
+    _check_rows_content("table_combine_multi", table, rows)
+    return [_table_combine_cpu(f"table_combine_multi (feature {f})", table, rows, anchor, *args)
+            for f, args in enumerate(zip(index, offsets, weight, combiner, tile_len))]
+
+
+@table_combine_multi.register_kernel("cuda")
+def _(table, rows, anchor, index, offsets, weight, combiner, tile_len):
+    _check_table_multi(table, rows, anchor, index, offsets, weight, combiner, tile_len)
+    return table_combine_multi_triton(table, rows, anchor, index, offsets, weight, combiner, tile_len)
+
+
+@table_combine_multi.register_fake
+def _(table, rows, anchor, index, offsets, weight, combiner, tile_len):
+    _check_table_multi(table, rows, anchor, index, offsets, weight, combiner, tile_len)
+    return [table.new_empty((o.shape[0] - 1, t * table.shape[1] if c == "tile" else table.shape[1]))
+            for o, c, t in zip(offsets, combiner, tile_len)]
+
+
+def _table_combine_multi_setup(ctx, inputs, output) -> None:
+    table, rows, anchor, index, offsets, weight, combiner, tile_len = inputs
+    ctx.n_features = len(index)
+    ctx.save_for_backward(*index, *offsets, *weight)
+    ctx.combiner, ctx.tile_len, ctx.num_rows = combiner, tile_len, rows.shape[0]
+    ctx.weight_requires_grad, ctx.no_weight_grads = _requires_grad(weight), _no_grads(weight)
+
+
+def _requires_grad(tensors: list[Tensor | None]) -> bool:
+    # A Tensor?[] argument holding a None is one autograd input (needs_input_grad has a single
+    # bool for it, False): whether a weight requires grad is read here, in setup_context.
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _no_grads(tensors: list[Tensor | None]) -> list[None] | None:
+    """The backward's "no gradient" for a list argument, in its autograd structure: a list of
+    Tensors is one input per entry (a list of Nones), a list holding a None one input (None)."""
+    return [None] * len(tensors) if all(isinstance(t, Tensor) for t in tensors) else None
+
+
+def _table_combine_multi_grad(ctx, grads: list[Tensor | None]):
+    if ctx.needs_input_grad[0]:
+        raise RuntimeError(
+            "fxrec::table_combine_multi: the table gets no gradient (sparse gradients reach it through anchor); "
+            "pass table.detach()"
+        )
+    if ctx.weight_requires_grad:
+        raise RuntimeError("fxrec::table_combine_multi: weights are data and get no gradient; pass weight.detach()")
+    grad_anchor = None
+    if ctx.needs_input_grad[2]:
+        n = ctx.n_features
+        saved = ctx.saved_tensors
+        index, offsets, weight = saved[:n], saved[n:2 * n], saved[2 * n:]
+        # features whose output got no gradient add nothing: left out of the one backward op
+        used = [f for f in range(n) if grads[f] is not None]
+        grad_anchor = torch.ops.fxrec.segment_combine_backward_multi(
+            [grads[f] for f in used], [index[f] for f in used], [offsets[f] for f in used],
+            [weight[f] for f in used], [ctx.combiner[f] for f in used], [ctx.tile_len[f] for f in used],
+            ctx.num_rows,
+        ) if used else None
+    n = ctx.n_features
+    return None, None, grad_anchor, [None] * n, [None] * n, ctx.no_weight_grads, None, None
+
+
+table_combine_multi.register_autograd(_table_combine_multi_grad, setup_context=_table_combine_multi_setup)
+
+
+# -- segment_combine_backward_multi: the features' gradients summed into one [U, dim] --------------
+
+def _check_backward_multi(grads: list[Tensor], index: list[Tensor], offsets: list[Tensor],
+                          weight: list[Tensor | None], combiner: list[str], tile_len: list[int],
+                          num_rows: int) -> None:
+    op = "segment_combine_backward_multi"
+    _check_lists(op, len(grads), index=index, offsets=offsets, weight=weight, combiner=combiner, tile_len=tile_len)
+    for f, args in enumerate(zip(grads, index, offsets, weight, combiner, tile_len)):
+        _check_backward(*args, num_rows, op=f"{op} (feature {f})")
+    dims = [g.shape[1] // t if c == "tile" else g.shape[1] for g, c, t in zip(grads, combiner, tile_len)]
+    if any(guard_or_false(d != dims[0]) for d in dims) or any(g.dtype != grads[0].dtype for g in grads):
+        raise ValueError(f"fxrec::{op}: every feature's grad must have one dtype and one embedding dim, got "
+                         f"{[(tuple(g.shape), g.dtype) for g in grads]} (combiners {list(combiner)})")
+    if any(g.device != grads[0].device for g in grads):
+        raise ValueError(f"fxrec::{op}: every feature's grad must be on one device, got {[g.device for g in grads]}")
+
+
+@torch.library.custom_op(
+    "fxrec::segment_combine_backward_multi",
+    mutates_args=(),
+    tags=(torch.Tag.cudagraph_unsafe,),
+    schema=(
+        "(Tensor[] grad, Tensor[] index, Tensor[] offsets, Tensor?[] weight, str[] combiner, int[] tile_len, "
+        "SymInt num_rows) -> Tensor"
+    ),
+)
+def segment_combine_backward_multi(grad: list[Tensor], index: list[Tensor], offsets: list[Tensor],
+                                   weight: list[Tensor | None], combiner: list[str], tile_len: list[int],
+                                   num_rows: int) -> Tensor:
+    """``Σ_f segment_combine_backward(grad[f], index[f], offsets[f], weight[f], combiner[f],
+    tile_len[f], num_rows)``, ``[num_rows, dim]``, summed in one accumulation buffer."""
+    _check_backward_multi(grad, index, offsets, weight, combiner, tile_len, num_rows)
+    dim = grad[0].shape[1] // tile_len[0] if combiner[0] == "tile" else grad[0].shape[1]
+    grad_emb = torch.zeros((num_rows, dim), dtype=_accumulate_dtype(grad[0].dtype), device=grad[0].device)
+    for f, args in enumerate(zip(grad, index, offsets, weight, combiner, tile_len)):
+        _scatter_grad_into(grad_emb, f"segment_combine_backward_multi (feature {f})", *args)
+    return grad_emb.to(grad[0].dtype)
+
+
+@segment_combine_backward_multi.register_kernel("cuda")
+def _(grad, index, offsets, weight, combiner, tile_len, num_rows):
+    _check_backward_multi(grad, index, offsets, weight, combiner, tile_len, num_rows)
+    return segment_combine_backward_multi_triton(grad, index, offsets, weight, combiner, tile_len, num_rows)
+
+
+@segment_combine_backward_multi.register_fake
+def _(grad, index, offsets, weight, combiner, tile_len, num_rows):
+    _check_backward_multi(grad, index, offsets, weight, combiner, tile_len, num_rows)
+    dim = grad[0].shape[1] // tile_len[0] if combiner[0] == "tile" else grad[0].shape[1]
+    return grad[0].new_empty((num_rows, dim))
+
+
+def _backward_multi_setup(ctx, inputs, output) -> None:
+    _, index, offsets, weight, combiner, tile_len, _ = inputs
+    ctx.n_features = len(index)
+    ctx.save_for_backward(*index, *offsets, *weight)
+    ctx.combiner, ctx.tile_len = combiner, tile_len
+    ctx.weight_requires_grad, ctx.no_weight_grads = _requires_grad(weight), _no_grads(weight)
+
+
+def _backward_multi_grad(ctx, grad_grad_emb: Tensor):
+    # Linear in every grad[f]: grad[f]'s gradient is feature f's forward of grad_grad_emb.
+    if ctx.weight_requires_grad:
+        raise RuntimeError(
+            "fxrec::segment_combine_backward_multi: weights are data and get no gradient; pass weight.detach()"
+        )
+    n = ctx.n_features
+    saved = ctx.saved_tensors
+    grads = [
+        torch.ops.fxrec.segment_combine(grad_grad_emb, i, o, w, c, t)
+        for i, o, w, c, t in zip(saved[:n], saved[n:2 * n], saved[2 * n:], ctx.combiner, ctx.tile_len)
+    ]
+    return grads, [None] * n, [None] * n, ctx.no_weight_grads, None, None, None
+
+
+segment_combine_backward_multi.register_autograd(_backward_multi_grad, setup_context=_backward_multi_setup)

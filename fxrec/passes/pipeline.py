@@ -4,8 +4,8 @@
 ``explain(x, passes)`` tells, per fxrec op, how many nodes the graph had before and after.
 
 Default passes depend on the graph: ``DEFAULT_PASSES`` (horizontal fusion) for FeatureEngine
-graphs, ``DEFAULT_EMBEDDING_PASSES`` (lookup merge, then table coalescing) for EmbeddingEngine
-graphs.
+graphs, ``DEFAULT_EMBEDDING_PASSES`` (lookup merge, table coalescing, then combine fusion) for
+EmbeddingEngine graphs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.fx
 
 from fxrec.features import graph as G
 from fxrec.nn.modules.embedding import EmbeddingEngine, _lookup_unique, _lookup_unique_merged
+from fxrec.passes.combine_fusion import combine_fusion
 from fxrec.passes.horizontal_fusion import horizontal_fusion
 from fxrec.passes.lookup_merge import lookup_merge
 from fxrec.passes.table_coalesce import table_coalesce
@@ -26,10 +27,11 @@ __all__ = ["Pass", "DEFAULT_PASSES", "DEFAULT_EMBEDDING_PASSES", "apply_passes",
 
 Pass = Callable[[torch.fx.GraphModule], torch.fx.GraphModule]
 
-# FeatureEngine graphs: horizontal fusion. EmbeddingEngine graphs: lookup merge, then table
-# coalescing (lookup + combiner fusion is the op table_combine itself; DESIGN.md, "Passes").
+# FeatureEngine graphs: horizontal fusion. EmbeddingEngine graphs: lookup merge, table coalescing,
+# then combine fusion (lookup + combiner fusion, DESIGN.md "Passes": the gather is fused into
+# table_combine itself; combine_fusion makes one op, one [U, dim] gradient, per shared lookup).
 DEFAULT_PASSES: tuple[Pass, ...] = (horizontal_fusion,)
-DEFAULT_EMBEDDING_PASSES: tuple[Pass, ...] = (lookup_merge, table_coalesce)
+DEFAULT_EMBEDDING_PASSES: tuple[Pass, ...] = (lookup_merge, table_coalesce, combine_fusion)
 
 # Graph helpers that stand for fxrec ops (which one is chosen at run time by the data's dtype).
 _HELPER_OPS = {

@@ -9,11 +9,12 @@ block_size, grad_reduce_by, filter and admit hooks — become ONE ``_lookup_uniq
 over all their features: one ``torch.unique`` of the features' (table tag, id) pairs, one tagged
 ``fxrec::table_find_or_insert`` (and one ``fxrec::init_rows`` with per-row seeds) into the shared
 storage, one grad anchor; each feature's ``fxrec::table_combine`` then reads the ONE physical
-``embedding`` through its slice of the inverse (one combine launch per feature, as before: the
-combiners differ per feature). The tutorial's 6 tables (7 features; dims 8 and 16, one
-initializer) need 6 lookups after ``lookup_merge``; coalesced, 2 (``tests/test_passes_table_coalesce.py``)::
+``embedding`` through its slice of the inverse (``combine_fusion``, the next default pass, makes
+them one ``table_combine_multi`` per storage). The tutorial's 6 tables (7 features; dims 8 and
+16, one initializer) need 6 lookups after ``lookup_merge``; coalesced, 2
+(``tests/test_passes_table_coalesce.py``)::
 
-    >>> explain(EmbeddingEngine(get_embedding_conf()))     # examples/deepctr/embeddings.py
+    >>> explain(EmbeddingEngine(get_embedding_conf()), [lookup_merge, table_coalesce])
     passes: lookup_merge, table_coalesce
     op             before  after
     table_combine       7      7

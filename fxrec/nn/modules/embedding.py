@@ -279,7 +279,8 @@ def _lookup_unique_merged(tables: tuple[HashTable, ...], values: list[Tensor], t
     there, and each table records its own rows of it (``shared_grad_anchor``), so that every
     table's ``take_grads`` returns what the features' own lookups would: a storage both trainable
     and non-trainable features read gives the trainable ones ``rows[used]`` and the inverse
-    remapped into it."""
+    remapped into it. Features of one ``trainable`` flag get the SAME (embedding, rows, anchor)
+    tensors: the ``combine_fusion`` pass combines them in one ``table_combine_multi``."""
     storage = tables[0].storage
     strangers = [t.name for t in tables if t.storage is not storage]
     if strangers:
@@ -353,7 +354,8 @@ class EmbeddingEngine(nn.Module):
         passes: ``False`` (default) runs the graph as built; ``True`` rewrites it once, here, with
             ``fxrec.passes.DEFAULT_EMBEDDING_PASSES`` (lookup merge: one dedup and one lookup per
             table; table coalescing: tables of equal layout share one physical table and one
-            lookup); a sequence of passes runs those. Outputs and gradients are the same either
+            lookup; combine fusion: one ``table_combine_multi`` for the features of one lookup,
+            one ``[U, dim]`` gradient); a sequence of passes runs those. Outputs and gradients are the same either
             way (row numbers may differ: ids are inserted in another order). ``fxrec.passes.explain(engine)``
             shows what the passes do.
     """

@@ -21,6 +21,13 @@ combiner); semantics in ``fxrec/ops/combine.py``.
   summation order, hence the float rounding of duplicated rows, run-dependent on the GPU: the
   result equals the CPU kernel's within rounding, not bit for bit. (table_combine's gradient
   w.r.t. its anchor is this backward, unchanged.)
+- multi forward / backward (``table_combine_multi_triton``; ``segment_combine_backward_multi_triton``,
+  F features into one buffer after one zero fill): ONE launch for all the features. The programs of
+  ``_multi_combine_kernel`` / ``_multi_scatter_kernel`` are the features' programs of the kernels
+  above one after another; each finds its feature in a small int64 table (the features' tensor
+  addresses, sizes, combiner, tile_len, first program; ``device_table``: one non-blocking
+  host-to-device copy, hence the multi ops' ``cudagraph_unsafe`` tag) and runs the sum / mean or tile body for it (runtime branches on the combiner and
+  on weights; the one-feature kernels get them as constants).
 
 Nothing here syncs with the host and nothing reads outside the tensors: offsets are clamped to
 ``[0, N]``, index entries outside ``[0, U)`` are treated like ``-1`` (no embedding), and table
@@ -36,7 +43,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["segment_combine_triton", "segment_combine_backward_triton", "table_combine_triton"]
+from fxrec.ops.triton.mod import device_table
+
+__all__ = ["segment_combine_triton", "segment_combine_backward_triton", "segment_combine_backward_multi_triton",
+           "table_combine_triton", "table_combine_multi_triton"]
 
 _MAX_BLOCK_D = 128
 _BLOCK_N = 32  # items per step of a row's loop (sum/mean, forward and backward)
@@ -101,14 +111,14 @@ def _item_embedding(emb, rows, anchor, idx, in_batch, d, d_ok, n_unique, n_emb_r
 
 
 @triton.jit
-def _segment_reduce_kernel(
-    emb, rows, anchor, index, offsets, weight, out, n_items, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
-    HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    MEAN: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _segment_reduce(
+    emb, rows, anchor, index, offsets, weight, out, row, d_block, n_items, n_unique, n_emb_rows, dim, anchor_s0,
+    anchor_s1, mean, HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """sum / mean forward of row ``row``, columns block ``d_block`` (``mean``: a constant in the
+    one-feature kernel, data in the multi one)."""
+    d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
     begin, end = _row_bounds(offsets, row, n_items)
     acc = tl.zeros([BLOCK_D], dtype=ACC)
@@ -125,20 +135,20 @@ def _segment_reduce_kernel(
         e = _item_embedding(emb, rows, anchor, idx, in_row, d, d_ok, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
                             HAS_ROWS, HAS_ANCHOR, ANCHOR_SCALAR, ACC)
         acc += tl.sum(e.to(ACC) * w[:, None], axis=0)
-    if MEAN:
+    if mean:
         total = tl.sum(weight_sum, axis=0)
         acc = tl.where(total != 0, acc / tl.where(total != 0, total, 1.0), 0.0)
     tl.store(out + row * dim + d, acc.to(out.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
-def _segment_tile_kernel(
-    emb, rows, anchor, index, offsets, out, n_items, n_unique, n_emb_rows, dim, tile_len, anchor_s0, anchor_s1,
-    HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr,
+def _segment_tile(
+    emb, rows, anchor, index, offsets, out, row, s_block, n_items, n_unique, n_emb_rows, dim, tile_len, anchor_s0,
+    anchor_s1, HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    """tile forward of row ``row``, slots block ``s_block``."""
+    s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < tile_len
     begin, end = _row_bounds(offsets, row, n_items)
     present = s_ok & (begin + s < end)
@@ -153,18 +163,40 @@ def _segment_tile_kernel(
 
 
 @triton.jit
-def _row_scatter_kernel(
-    grad, index, offsets, weight, grad_emb, n_items, n_emb_rows, dim,
-    HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _segment_reduce_kernel(
+    emb, rows, anchor, index, offsets, weight, out, n_items, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
+    HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """sum / mean backward: row ``row``'s gradient (times its items' weights; mean: over the row's
-    weight sum, 0 where that is 0) added into each of its items' embedding rows."""
-    row = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    _segment_reduce(emb, rows, anchor, index, offsets, weight, out, tl.program_id(0).to(tl.int64),
+                    tl.program_id(1).to(tl.int64), n_items, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1, MEAN,
+                    HAS_ROWS, HAS_ANCHOR, ANCHOR_SCALAR, HAS_WEIGHT, ACC, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _segment_tile_kernel(
+    emb, rows, anchor, index, offsets, out, n_items, n_unique, n_emb_rows, dim, tile_len, anchor_s0, anchor_s1,
+    HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    _segment_tile(emb, rows, anchor, index, offsets, out, tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+                  n_items, n_unique, n_emb_rows, dim, tile_len, anchor_s0, anchor_s1, HAS_ROWS, HAS_ANCHOR,
+                  ANCHOR_SCALAR, ACC, BLOCK_S, BLOCK_D)
+
+
+@triton.jit
+def _row_scatter(
+    grad, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim, mean,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """sum / mean backward of row ``row``, columns block ``d_block``: the row's gradient (times its
+    items' weights; ``mean``: over the row's weight sum, 0 where that is 0) added into each of its
+    items' embedding rows. ``mean`` is a constant in the one-feature kernel, data in the multi one."""
+    d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
     begin, end = _row_bounds(offsets, row, n_items)
     g = tl.load(grad + row * dim + d, mask=d_ok, other=0.0).to(ACC)
-    if MEAN:
+    if mean:
         weight_sum = tl.zeros([BLOCK_N], dtype=ACC)
         for start in range(begin, end, BLOCK_N):
             i = start + tl.arange(0, BLOCK_N)
@@ -189,14 +221,13 @@ def _row_scatter_kernel(
 
 
 @triton.jit
-def _tile_scatter_kernel(
-    grad, index, offsets, grad_emb, n_items, n_emb_rows, dim, tile_len,
+def _tile_scatter(
+    grad, index, offsets, grad_emb, row, s_block, n_items, n_emb_rows, dim, tile_len,
     ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """tile backward: slot ``s`` of row ``row`` (filled by the row's item ``begin + s``) adds its
-    gradient into that item's embedding row."""
-    row = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    """tile backward of row ``row``, slots block ``s_block``: slot ``s`` (filled by the row's item
+    ``begin + s``) adds its gradient into that item's embedding row."""
+    s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
     begin, end = _row_bounds(offsets, row, n_items)
     present = (s < tile_len) & (begin + s < end)
     idx = tl.load(index + begin + s, mask=present, other=-1)
@@ -208,6 +239,110 @@ def _tile_scatter_kernel(
         tl.atomic_add(grad_emb + idx[:, None] * dim + d[None, :], g, mask=mask)
 
 
+@triton.jit
+def _row_scatter_kernel(
+    grad, index, offsets, weight, grad_emb, n_items, n_emb_rows, dim,
+    HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    _row_scatter(grad, index, offsets, weight, grad_emb, tl.program_id(0).to(tl.int64),
+                 tl.program_id(1).to(tl.int64), n_items, n_emb_rows, dim, MEAN, HAS_WEIGHT, ACC, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _tile_scatter_kernel(
+    grad, index, offsets, grad_emb, n_items, n_emb_rows, dim, tile_len,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    _tile_scatter(grad, index, offsets, grad_emb, tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+                  n_items, n_emb_rows, dim, tile_len, ACC, BLOCK_S, BLOCK_D)
+
+
+# The multi kernels' per-feature table: one row per feature, these columns. "dense": the
+# feature's [B, width] tensor, its output (forward) or its output's gradient (backward).
+_FIELDS = ("dense", "index", "offsets", "weight", "n_items", "kind", "tile_len", "first_program")
+_N_FIELDS = tl.constexpr(len(_FIELDS))
+_F_DENSE, _F_INDEX, _F_OFFSETS, _F_WEIGHT, _F_N_ITEMS, _F_KIND, _F_TILE_LEN, _F_FIRST_PROGRAM = (
+    tl.constexpr(i) for i in range(len(_FIELDS)))
+_KINDS = {"sum": 0, "mean": 1, "tile": 2}
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+
+
+@triton.jit
+def _program_feature(features, n_features, DENSE_T: tl.constexpr, WEIGHT_T: tl.constexpr):
+    """This program's feature in a multi kernel: ``features [F, _N_FIELDS]`` int64 holds per
+    feature (``_FIELDS``) its tensors' addresses (weight 0: none), item count, combiner, tile_len
+    and first program id; program ``p`` works for the last feature whose first program is <= p,
+    on the row and block that feature's own kernel would have given it (tile rows in ``BLOCK_S``
+    slot blocks, sum / mean rows in ``BLOCK_D`` column blocks): its ``local`` program id."""
+    pid = tl.program_id(0).to(tl.int64)
+    f = pid * 0  # an int64 scalar (a loop-carried value)
+    for j in range(1, n_features):
+        f += (tl.load(features + j * _N_FIELDS + _F_FIRST_PROGRAM) <= pid).to(tl.int64)
+    meta = features + f * _N_FIELDS
+    dense = tl.load(meta + _F_DENSE).to(tl.pointer_type(DENSE_T), bitcast=True)
+    index = tl.load(meta + _F_INDEX).to(tl.pointer_type(tl.int64), bitcast=True)
+    offsets = tl.load(meta + _F_OFFSETS).to(tl.pointer_type(tl.int64), bitcast=True)
+    weight_address = tl.load(meta + _F_WEIGHT)
+    weight = weight_address.to(tl.pointer_type(WEIGHT_T), bitcast=True)
+    n_items, kind, tile_len = tl.load(meta + _F_N_ITEMS), tl.load(meta + _F_KIND), tl.load(meta + _F_TILE_LEN)
+    local = pid - tl.load(meta + _F_FIRST_PROGRAM)
+    return dense, index, offsets, weight_address != 0, weight, n_items, kind, tile_len, local
+
+
+@triton.jit
+def _multi_combine_kernel(
+    features, n_features, table, rows, anchor, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
+    OUT_T: tl.constexpr, WEIGHT_T: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Every feature's ``table_combine`` forward in one launch (``table_combine_multi_triton``)."""
+    out, index, offsets, has_weight, weight, n_items, kind, tile_len, local = _program_feature(
+        features, n_features, OUT_T, WEIGHT_T)
+    # (names differ per branch: Triton merges a name bound in both branches, which needs one type)
+    if kind == 2:
+        slot_blocks = tl.cdiv(tile_len, BLOCK_S)
+        _segment_tile(table, rows, anchor, index, offsets, out, local // slot_blocks, local % slot_blocks, n_items,
+                      n_unique, n_emb_rows, dim, tile_len, anchor_s0, anchor_s1, True, HAS_ANCHOR, ANCHOR_SCALAR, ACC,
+                      BLOCK_S, BLOCK_D)
+    else:
+        col_blocks = tl.cdiv(dim, BLOCK_D)
+        row, d_block = local // col_blocks, local % col_blocks
+        if has_weight:
+            _segment_reduce(table, rows, anchor, index, offsets, weight, out, row, d_block, n_items, n_unique,
+                            n_emb_rows, dim, anchor_s0, anchor_s1, kind == 1, True, HAS_ANCHOR, ANCHOR_SCALAR, True,
+                            ACC, BLOCK_N, BLOCK_D)
+        else:
+            _segment_reduce(table, rows, anchor, index, offsets, weight, out, row, d_block, n_items, n_unique,
+                            n_emb_rows, dim, anchor_s0, anchor_s1, kind == 1, True, HAS_ANCHOR, ANCHOR_SCALAR, False,
+                            ACC, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _multi_scatter_kernel(
+    features, n_features, grad_emb, n_emb_rows, dim,
+    GRAD_T: tl.constexpr, WEIGHT_T: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Every feature's backward in one launch (``segment_combine_backward_multi_triton``)."""
+    grad, index, offsets, has_weight, weight, n_items, kind, tile_len, local = _program_feature(
+        features, n_features, GRAD_T, WEIGHT_T)
+    # (names differ per branch: Triton merges a name bound in both branches, which needs one type)
+    if kind == 2:
+        slot_blocks = tl.cdiv(tile_len, BLOCK_S)
+        _tile_scatter(grad, index, offsets, grad_emb, local // slot_blocks, local % slot_blocks, n_items, n_emb_rows,
+                      dim, tile_len, ACC, BLOCK_S, BLOCK_D)
+    else:
+        col_blocks = tl.cdiv(dim, BLOCK_D)
+        row, d_block = local // col_blocks, local % col_blocks
+        if has_weight:
+            _row_scatter(grad, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim, kind == 1,
+                         True, ACC, BLOCK_N, BLOCK_D)
+        else:
+            _row_scatter(grad, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim, kind == 1,
+                         False, ACC, BLOCK_N, BLOCK_D)
+
+
 def _combine_launch(
     emb: Tensor, rows: Tensor | None, anchor: Tensor | None, index: Tensor, offsets: Tensor, weight: Tensor | None,
     combiner: str, tile_len: int,
@@ -217,13 +352,9 @@ def _combine_launch(
     emb, index, offsets = emb.contiguous(), index.contiguous(), offsets.contiguous()
     n_rows, dim = offsets.shape[0] - 1, emb.shape[1]
     n_unique = emb.shape[0] if rows is None else rows.shape[0]
-    anchor_strides = (0, 0) if anchor is None else anchor.stride()  # any strides: no copy of a broadcast anchor
-    # ANCHOR_SCALAR: a stride-0 anchor is one value (an anchor of 0 rows is never read at all)
-    anchor_scalar = anchor is not None and anchor_strides == (0, 0) and anchor.numel() > 0
-    flags = dict(HAS_ROWS=rows is not None, HAS_ANCHOR=anchor is not None, ANCHOR_SCALAR=anchor_scalar,
-                 ACC=_tl_dtype(emb.dtype))
+    anchor, anchor_strides, anchor_flags = _anchor_args(emb, anchor)
+    flags = dict(HAS_ROWS=rows is not None, **anchor_flags, ACC=_tl_dtype(emb.dtype))
     rows = index if rows is None else rows.contiguous()  # unused pointers when absent
-    anchor = emb if anchor is None else anchor
     block_d = _block_d(dim)
     if combiner == "tile":
         out = emb.new_empty((n_rows, tile_len * dim))
@@ -246,6 +377,35 @@ def _combine_launch(
     return out
 
 
+def _anchor_args(emb: Tensor, anchor: Tensor | None) -> tuple[Tensor, tuple[int, int], dict]:
+    """``(anchor tensor or an unused pointer, its strides, HAS_ANCHOR / ANCHOR_SCALAR)``: read
+    through any strides, so a broadcast anchor is never copied; a stride-0 anchor is one value
+    (ANCHOR_SCALAR; an anchor of 0 rows is never read at all)."""
+    strides = (0, 0) if anchor is None else anchor.stride()
+    scalar = anchor is not None and strides == (0, 0) and anchor.numel() > 0
+    return (emb if anchor is None else anchor), strides, dict(HAS_ANCHOR=anchor is not None, ANCHOR_SCALAR=scalar)
+
+
+def _feature_table(features: list[tuple], dim: int, weight_dtype: torch.dtype, device: torch.device):
+    """The multi kernels' launch: ``(table [F, _N_FIELDS] int64 on device, programs, BLOCK_D,
+    BLOCK_S, tensors to keep alive until the launch)`` of ``features`` = ``[(dense, index, offsets,
+    weight, combiner, tile_len)]`` (``_FIELDS``; weights converted to ``weight_dtype``)."""
+    block_d = _block_d(dim)
+    tile_lens = [t for *_, c, t in features if c == "tile"]
+    block_s = min(_rows_per_program(block_d), triton.next_power_of_2(max(tile_lens))) if tile_lens else 1
+    rows, alive, n_programs = [], [], 0
+    for dense, index, offsets, weight, combiner, tile_len in features:
+        index, offsets = index.contiguous(), offsets.contiguous()
+        weight = None if weight is None else weight.to(weight_dtype).contiguous()  # one weight dtype per kernel
+        alive += [dense, index, offsets, weight]  # each feature's copies must outlive the loop
+        rows.append([dense.data_ptr(), index.data_ptr(), offsets.data_ptr(), 0 if weight is None else weight.data_ptr(),
+                     index.shape[0], _KINDS[combiner], tile_len, n_programs])  # _FIELDS' order
+        blocks = triton.cdiv(tile_len, block_s) if combiner == "tile" else triton.cdiv(dim, block_d)
+        n_programs += (offsets.shape[0] - 1) * blocks
+    table, _ = device_table(rows, device)  # one non-blocking copy
+    return table, n_programs, block_d, block_s, alive
+
+
 def segment_combine_triton(
     emb: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str, tile_len: int
 ) -> Tensor:
@@ -262,18 +422,79 @@ def table_combine_triton(
     return _combine_launch(table, rows, anchor, index, offsets, weight, combiner, tile_len)
 
 
+def table_combine_multi_triton(
+    table: Tensor, rows: Tensor, anchor: Tensor | None, index: list[Tensor], offsets: list[Tensor],
+    weight: list[Tensor | None], combiner: list[str], tile_len: list[int],
+) -> list[Tensor]:
+    """``fxrec::table_combine_multi``'s forward: every feature's ``table_combine_triton`` in ONE
+    launch (``_multi_combine_kernel``); a single feature with rows launches its own kernels."""
+    dim = table.shape[1]
+    outs = [table.new_empty((o.shape[0] - 1, (t if c == "tile" else 1) * dim))
+            for o, c, t in zip(offsets, combiner, tile_len)]
+    features = [f for f in zip(outs, index, offsets, weight, combiner, tile_len) if f[0].numel()]
+    if len(features) < 2:
+        return [table_combine_triton(table, rows, anchor, *f) for f in zip(index, offsets, weight, combiner, tile_len)]
+    acc_dtype = _accumulate_dtype(table.dtype)
+    features_table, n_programs, block_d, block_s, alive = _feature_table(features, dim, acc_dtype, table.device)
+    table, rows = table.contiguous(), rows.contiguous()
+    anchor, anchor_strides, anchor_flags = _anchor_args(table, anchor)
+    _multi_combine_kernel[(n_programs,)](
+        features_table, len(features), table, rows, anchor, rows.shape[0], table.shape[0], dim, *anchor_strides,
+        OUT_T=_TL_DTYPES[table.dtype], WEIGHT_T=_tl_dtype(acc_dtype), **anchor_flags, ACC=_tl_dtype(acc_dtype),
+        BLOCK_N=_BLOCK_N, BLOCK_D=block_d, BLOCK_S=block_s,
+    )
+    del alive
+    return outs
+
+
 def segment_combine_backward_triton(
     grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None, combiner: str, tile_len: int, num_rows: int
 ) -> Tensor:
     """Backward: ``grad_emb [num_rows, dim]`` in ``grad``'s dtype (see the module docstring)."""
+    dim = grad.shape[1] // tile_len if combiner == "tile" else grad.shape[1]
+    grad_emb = torch.zeros((num_rows, dim), dtype=_accumulate_dtype(grad.dtype), device=grad.device)
+    if grad_emb.numel():
+        _scatter_launch(grad_emb, grad, index, offsets, weight, combiner, tile_len)
+    return grad_emb.to(grad.dtype)
+
+
+def segment_combine_backward_multi_triton(
+    grads: list[Tensor], index: list[Tensor], offsets: list[Tensor], weight: list[Tensor | None],
+    combiner: list[str], tile_len: list[int], num_rows: int,
+) -> Tensor:
+    """The backward of several features' combines into ONE ``grad_emb [num_rows, dim]`` (in the
+    grads' dtype): one zero fill, then ONE scatter launch for every feature
+    (``_multi_scatter_kernel``; its table of the features' tensors goes to the device in one
+    copy). A single feature with items launches its own kernel (no table to copy)."""
+    device, acc_dtype = grads[0].device, _accumulate_dtype(grads[0].dtype)
+    dim = grads[0].shape[1] // tile_len[0] if combiner[0] == "tile" else grads[0].shape[1]
+    grad_emb = torch.zeros((num_rows, dim), dtype=acc_dtype, device=device)
+    features = [f for f in zip(grads, index, offsets, weight, combiner, tile_len)
+                if f[1].shape[0] and f[2].shape[0] > 1]  # features without items or rows add nothing
+    if grad_emb.numel() == 0 or not features:
+        return grad_emb.to(grads[0].dtype)
+    if len(features) == 1:
+        _scatter_launch(grad_emb, *features[0])
+        return grad_emb.to(grads[0].dtype)
+    features = [(grad.contiguous(), *rest) for grad, *rest in features]
+    features_table, n_programs, block_d, block_s, alive = _feature_table(features, dim, acc_dtype, device)
+    _multi_scatter_kernel[(n_programs,)](
+        features_table, len(features), grad_emb, num_rows, dim, GRAD_T=_TL_DTYPES[grads[0].dtype],
+        WEIGHT_T=_tl_dtype(acc_dtype), ACC=_tl_dtype(acc_dtype), BLOCK_N=_BLOCK_N, BLOCK_D=block_d, BLOCK_S=block_s,
+    )
+    del alive
+    return grad_emb.to(grads[0].dtype)
+
+
+def _scatter_launch(grad_emb: Tensor, grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None,
+                    combiner: str, tile_len: int) -> None:
+    """Adds one feature's combine backward into ``grad_emb`` (fp32 / fp64) with atomics."""
     grad, index, offsets = grad.contiguous(), index.contiguous(), offsets.contiguous()
     n_rows, n_items = offsets.shape[0] - 1, index.shape[0]
+    if n_items == 0 or n_rows == 0:
+        return
     tile = combiner == "tile"
-    dim = grad.shape[1] // tile_len if tile else grad.shape[1]
-    acc_dtype = _accumulate_dtype(grad.dtype)
-    grad_emb = torch.zeros((num_rows, dim), dtype=acc_dtype, device=grad.device)
-    if grad_emb.numel() == 0 or n_items == 0 or n_rows == 0:
-        return grad_emb.to(grad.dtype)
+    num_rows, dim = grad_emb.shape
     block_d = _block_d(dim)
     acc = _tl_dtype(grad.dtype)
     if tile:
@@ -288,4 +509,3 @@ def segment_combine_backward_triton(
             grad, index, offsets, weight if weight is not None else index, grad_emb, n_items, num_rows, dim,
             HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", ACC=acc, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
         )
-    return grad_emb.to(grad.dtype)
