@@ -107,8 +107,11 @@ def unique_tagged(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Te
     starts = first | (sorted_ids != prev_ids) | (sorted_tags != prev_tags)
     run = torch.cumsum(starts, 0) - 1
     inverse = torch.empty_like(run).scatter_(0, order, run)
-    uniq_ids, uniq_tags = sorted_ids[starts], sorted_tags[starts]
-    counts = torch.bincount(run, minlength=uniq_ids.shape[0])
+    # the run starts' positions: the one read-back of the pairs' count (a boolean index per
+    # output, or bincount's max, would each read again)
+    first_of_run = starts.nonzero().squeeze(1)
+    uniq_ids, uniq_tags = sorted_ids[first_of_run], sorted_tags[first_of_run]
+    counts = torch.zeros_like(first_of_run).scatter_add_(0, run, torch.ones_like(run))
     return uniq_ids, uniq_tags, inverse, counts
 
 
