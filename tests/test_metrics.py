@@ -371,6 +371,14 @@ def test_gauc_errors_and_state():
 
 def _dist_worker(rank: int, world: int, init_file: str, out_dir: str, preds, labels, groups):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    gloo_all_reduce = dist.all_reduce
+
+    def nccl_like_all_reduce(tensor, *args, **kwargs):  # gloo reduces any layout, NCCL refuses strided ones
+        if not tensor.is_contiguous():
+            raise ValueError("Tensors must be contiguous")
+        return gloo_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = nccl_like_all_reduce  # this spawned process's module only
     try:
         p, y, g = (torch.tensor(x[rank::world]) for x in (preds, labels, groups))
         synced, local = AUROC(dist_sync_on_step=True), AUROC(dist_sync_on_step=False)

@@ -230,6 +230,7 @@ class AUROC(nn.Module):
         below = at_or_below[:-1]
         counts = torch.cat([at_or_below[-1] - below, below], 1).t()  # fp, tp, tn, fn
         if self.dist_sync_on_step and _distributed():
+            counts = counts.contiguous()  # NCCL reduces contiguous tensors only (gloo takes any)
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         return counts
 
