@@ -220,11 +220,14 @@ def _sharded_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None
         asked = _ids_of(got)
         owned, owned_tags, inverse, _ = unique_tagged(asked, got[:, 2].contiguous())
     local = _local_rows(tables, owned, owned_tags)
-    rows = torch.ops.fxrec.gather_rows(tables[0].embedding, local)[inverse]
+    # Row gathers through fxrec::gather_rows, not ``rows[index]``: Inductor (torch 2.11) lowers
+    # an index of [n, dim] rows with an unbacked n into a 2-D kernel whose launch grid divides by
+    # zero when n is 0 (a rank asked for no rows of a table this step: seen on 4 GPUs).
+    rows = torch.ops.fxrec.gather_rows(tables[0].embedding, local[inverse])
     answered = _all_to_all(rows, recv_splits, send_splits, "rows")
     # back to uniq order by a gather through the inverse permutation (module docstring: compiled)
     back = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
-    return answered[back]
+    return torch.ops.fxrec.gather_rows(answered, back)
 
 
 def lookup_rows(tables: HashTable | Sequence[HashTable], uniq: Tensor, tags: Tensor | None = None) -> tuple[Tensor, Tensor]:
