@@ -291,11 +291,20 @@ def _(emb, index, offsets, weight, combiner, tile_len):
     return segment_combine_triton(emb, index, offsets, weight, combiner, tile_len)
 
 
+def _combined_width(combiner: str, tile_len: int, dim: int) -> int:
+    """Columns of a combined output: ``tile_len`` rows side by side for tile, else one row."""
+    return tile_len * dim if combiner == "tile" else dim
+
+
+def _row_dim(combiner: str, tile_len: int, width: int) -> int:
+    """The embedding dim behind a combined output's (its gradient's) ``width`` columns."""
+    return width // tile_len if combiner == "tile" else width
+
+
 @segment_combine.register_fake
 def _(emb, index, offsets, weight, combiner, tile_len):
     _check_forward(emb, index, offsets, weight, combiner, tile_len)
-    width = tile_len * emb.shape[1] if combiner == "tile" else emb.shape[1]
-    return emb.new_empty((offsets.shape[0] - 1, width))
+    return emb.new_empty((offsets.shape[0] - 1, _combined_width(combiner, tile_len, emb.shape[1])))
 
 
 def _combine_setup(ctx, inputs, output) -> None:
@@ -333,7 +342,7 @@ def segment_combine_backward(grad: Tensor, index: Tensor, offsets: Tensor, weigh
                              tile_len: int, num_rows: int) -> Tensor:
     """Gradient of ``segment_combine`` w.r.t. ``emb``: ``[num_rows, dim]`` (module docstring)."""
     _check_backward(grad, index, offsets, weight, combiner, tile_len, num_rows)
-    dim = grad.shape[1] // tile_len if combiner == "tile" else grad.shape[1]
+    dim = _row_dim(combiner, tile_len, grad.shape[1])
     grad_emb = torch.zeros((num_rows, dim), dtype=_accumulate_dtype(grad.dtype), device=grad.device)
     _scatter_grad_into(grad_emb, "segment_combine_backward", grad, index, offsets, weight, combiner, tile_len)
     return grad_emb.to(grad.dtype)
@@ -372,7 +381,7 @@ def _(grad, index, offsets, weight, combiner, tile_len, num_rows):
 @segment_combine_backward.register_fake
 def _(grad, index, offsets, weight, combiner, tile_len, num_rows):
     _check_backward(grad, index, offsets, weight, combiner, tile_len, num_rows)
-    dim = grad.shape[1] // tile_len if combiner == "tile" else grad.shape[1]
+    dim = _row_dim(combiner, tile_len, grad.shape[1])
     return grad.new_empty((num_rows, dim))
 
 
@@ -437,8 +446,7 @@ def _(table, rows, anchor, index, offsets, weight, combiner, tile_len):
 @table_combine.register_fake
 def _(table, rows, anchor, index, offsets, weight, combiner, tile_len):
     _check_table_forward(table, rows, anchor, index, offsets, weight, combiner, tile_len)
-    width = tile_len * table.shape[1] if combiner == "tile" else table.shape[1]
-    return table.new_empty((offsets.shape[0] - 1, width))
+    return table.new_empty((offsets.shape[0] - 1, _combined_width(combiner, tile_len, table.shape[1])))
 
 
 def _table_combine_setup(ctx, inputs, output) -> None:
@@ -516,7 +524,7 @@ def _(table, rows, anchor, index, offsets, weight, combiner, tile_len):
 @table_combine_multi.register_fake
 def _(table, rows, anchor, index, offsets, weight, combiner, tile_len):
     _check_table_multi(table, rows, anchor, index, offsets, weight, combiner, tile_len)
-    return [table.new_empty((o.shape[0] - 1, t * table.shape[1] if c == "tile" else table.shape[1]))
+    return [table.new_empty((o.shape[0] - 1, _combined_width(c, t, table.shape[1])))
             for o, c, t in zip(offsets, combiner, tile_len)]
 
 
@@ -548,9 +556,9 @@ def _table_combine_multi_grad(ctx, grads: list[Tensor | None]):
         )
     if ctx.weight_requires_grad:
         raise RuntimeError("fxrec::table_combine_multi: weights are data and get no gradient; pass weight.detach()")
+    n = ctx.n_features
     grad_anchor = None
     if ctx.needs_input_grad[2]:
-        n = ctx.n_features
         saved = ctx.saved_tensors
         index, offsets, weight = saved[:n], saved[n:2 * n], saved[2 * n:]
         # features whose output got no gradient add nothing: left out of the one backward op
@@ -560,7 +568,6 @@ def _table_combine_multi_grad(ctx, grads: list[Tensor | None]):
             [weight[f] for f in used], [ctx.combiner[f] for f in used], [ctx.tile_len[f] for f in used],
             ctx.num_rows,
         ) if used else None
-    n = ctx.n_features
     return None, None, grad_anchor, [None] * n, [None] * n, ctx.no_weight_grads, None, None
 
 
@@ -576,7 +583,7 @@ def _check_backward_multi(grads: list[Tensor], index: list[Tensor], offsets: lis
     _check_lists(op, len(grads), index=index, offsets=offsets, weight=weight, combiner=combiner, tile_len=tile_len)
     for f, args in enumerate(zip(grads, index, offsets, weight, combiner, tile_len)):
         _check_backward(*args, num_rows, op=f"{op} (feature {f})")
-    dims = [g.shape[1] // t if c == "tile" else g.shape[1] for g, c, t in zip(grads, combiner, tile_len)]
+    dims = [_row_dim(c, t, g.shape[1]) for g, c, t in zip(grads, combiner, tile_len)]
     if any(guard_or_false(d != dims[0]) for d in dims) or any(g.dtype != grads[0].dtype for g in grads):
         raise ValueError(f"fxrec::{op}: every feature's grad must have one dtype and one embedding dim, got "
                          f"{[(tuple(g.shape), g.dtype) for g in grads]} (combiners {list(combiner)})")
@@ -599,7 +606,7 @@ def segment_combine_backward_multi(grad: list[Tensor], index: list[Tensor], offs
     """``Σ_f segment_combine_backward(grad[f], index[f], offsets[f], weight[f], combiner[f],
     tile_len[f], num_rows)``, ``[num_rows, dim]``, summed in one accumulation buffer."""
     _check_backward_multi(grad, index, offsets, weight, combiner, tile_len, num_rows)
-    dim = grad[0].shape[1] // tile_len[0] if combiner[0] == "tile" else grad[0].shape[1]
+    dim = _row_dim(combiner[0], tile_len[0], grad[0].shape[1])
     grad_emb = torch.zeros((num_rows, dim), dtype=_accumulate_dtype(grad[0].dtype), device=grad[0].device)
     for f, args in enumerate(zip(grad, index, offsets, weight, combiner, tile_len)):
         _scatter_grad_into(grad_emb, f"segment_combine_backward_multi (feature {f})", *args)
@@ -615,7 +622,7 @@ def _(grad, index, offsets, weight, combiner, tile_len, num_rows):
 @segment_combine_backward_multi.register_fake
 def _(grad, index, offsets, weight, combiner, tile_len, num_rows):
     _check_backward_multi(grad, index, offsets, weight, combiner, tile_len, num_rows)
-    dim = grad[0].shape[1] // tile_len[0] if combiner[0] == "tile" else grad[0].shape[1]
+    dim = _row_dim(combiner[0], tile_len[0], grad[0].shape[1])
     return grad[0].new_empty((num_rows, dim))
 
 

@@ -89,22 +89,26 @@ def new_index(capacity: int, device: torch.device | str | None = None) -> tuple[
     return keys, torch.full((capacity,), EMPTY, dtype=torch.int32, device=device)
 
 
+def run_starts(values: Tensor) -> Tensor:
+    """bool ``[n]``: True where an entry of 1-D ``values`` starts a run of equal entries (the first,
+    and each that differs from its predecessor). The predecessor comes from a shifted copy (``cat``
+    then ``narrow`` to the same length), not ``values[:-1]``: torch 2.11's Inductor fails to lower
+    that slice of an unbacked length (``KeyError: 'unbacked_bindings'``)."""
+    n = values.shape[0]
+    previous = torch.cat([values.new_zeros(1), values]).narrow(0, 0, n)
+    return (values != previous) | (torch.arange(n, device=values.device) == 0)
+
+
 def unique_tagged(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``torch.unique`` of the (tag, id) pairs of flat ``ids`` and ``tags``: ``(ids, tags,
     inverse, counts)`` of the distinct pairs, ascending by tag, then id. A lexicographic sort
     (two stable sorts) and run boundaries: ``torch.unique(dim=...)`` would do, but Inductor
     miscompiles its strides (torch 2.13: ``assert_size_stride`` fails on ``aten.unique_dim``).
-    Each pair is compared with its predecessor through a shifted copy (``cat`` then ``narrow`` to
-    the same length), not ``x[1:]``: torch 2.11's Inductor fails to lower that slice of an
-    unbacked length (``KeyError: 'unbacked_bindings'``)."""
+    Each pair is compared with its predecessor by ``run_starts``."""
     by_id = torch.sort(ids, stable=True).indices
     order = by_id[torch.sort(tags[by_id], stable=True).indices]
     sorted_ids, sorted_tags = ids[order], tags[order]
-    n = sorted_ids.shape[0]
-    prev_ids = torch.cat([sorted_ids.new_zeros(1), sorted_ids]).narrow(0, 0, n)
-    prev_tags = torch.cat([sorted_tags.new_zeros(1), sorted_tags]).narrow(0, 0, n)
-    first = torch.arange(n, device=ids.device) == 0
-    starts = first | (sorted_ids != prev_ids) | (sorted_tags != prev_tags)
+    starts = run_starts(sorted_ids) | run_starts(sorted_tags)
     run = torch.cumsum(starts, 0) - 1
     inverse = torch.empty_like(run).scatter_(0, order, run)
     # the run starts' positions: the one read-back of the pairs' count (a boolean index per

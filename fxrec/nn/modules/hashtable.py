@@ -79,7 +79,7 @@ from fxrec.distributed import sharded
 from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
 from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, ConstantInitializer, Initializer
 from fxrec.nn.modules.table_storage import TableStorage, capacity_for
-from fxrec.ops.table import EMPTY, filled_state, table_items
+from fxrec.ops.table import EMPTY, filled_state, run_starts, table_items
 
 __all__ = ["GRAD_REDUCE_BY", "MAX_ROWS_ENV", "HashTable", "filter_out_sparse_param", "shared_grad_anchor"]
 
@@ -469,12 +469,8 @@ def _merge_rows(rows: Tensor, grads: Tensor, counts: Tensor | None) -> tuple[Ten
     host sync (a sort, a cumulative max and an ``index_add_`` per summed input). ``counts`` None:
     not summed (None returned)."""
     sorted_rows, order = torch.sort(rows)
-    n = sorted_rows.shape[0]
-    # each entry against its predecessor through a shifted copy (cat + narrow: compile-friendly,
-    # as fxrec.ops.table.unique_tagged); -1 runs stay -1
-    prev = torch.cat([sorted_rows.new_full((1,), -1), sorted_rows]).narrow(0, 0, n)
-    positions = torch.arange(n, device=rows.device)
-    starts = (positions == 0) | (sorted_rows != prev)
+    starts = run_starts(sorted_rows)
+    positions = torch.arange(sorted_rows.shape[0], device=rows.device)
     run_start = torch.where(starts, positions, 0).cummax(0).values
     summed = torch.zeros_like(grads).index_add_(0, run_start, grads[order])
     occurrences = None if counts is None else torch.zeros_like(counts).index_add_(0, run_start, counts[order])
