@@ -366,6 +366,19 @@ def test_launchers_match_cpu_float64(case):
     assert_launcher_matches_cpu(case, torch.float64)
 
 
+@pytest.mark.parametrize("combiner", COMBINERS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_launcher_backward_hot_id_matches_cpu(combiner, weighted):
+    # Row 2 is 150 of the 210 items (a hot id): 150 atomic adds into one row, against the CPU's
+    # sequential index_add_.
+    gen = np.random.default_rng(11)
+    index = gen.permutation([2] * 150 + list(gen.integers(-1, 5, 60))).tolist()
+    offsets = [0, 1, 3, 90, 90, 210]
+    weight = gen.uniform(0, 2, 210).tolist() if weighted else None
+    case = (gen.standard_normal((5, 4)).tolist(), index, offsets, weight, combiner, 100)
+    assert_launcher_matches_cpu(case, torch.float32)
+
+
 def test_launcher_bfloat16_matches_cpu():
     gen = torch.Generator().manual_seed(4)
     emb = torch.randn(4, 3, generator=gen).bfloat16()
