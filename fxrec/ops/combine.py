@@ -196,6 +196,16 @@ def _check_contents(op: str, index: Tensor, offsets: Tensor, num_rows: int) -> T
     return lengths
 
 
+def _refuse_grads(op: str, table: bool = False, weight: bool = False) -> None:
+    """Backward through an op whose table or weights require grad raises (module docstring's
+    decisions) rather than silently returning no gradient for them."""
+    if table:
+        raise RuntimeError(f"fxrec::{op}: the table gets no gradient (sparse gradients reach it through anchor); "
+                           "pass table.detach()")
+    if weight:
+        raise RuntimeError(f"fxrec::{op}: weights are data and get no gradient; pass weight.detach()")
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -314,10 +324,7 @@ def _combine_setup(ctx, inputs, output) -> None:
 
 
 def _combine_grad(ctx, grad: Tensor):
-    if ctx.needs_input_grad[3]:
-        raise RuntimeError(
-            "fxrec::segment_combine: weights are data and get no gradient; pass weight.detach()"
-        )
+    _refuse_grads("segment_combine", weight=ctx.needs_input_grad[3])
     index, offsets, weight = ctx.saved_tensors
     grad_emb = torch.ops.fxrec.segment_combine_backward(
         grad, index, offsets, weight, ctx.combiner, ctx.tile_len, ctx.num_rows
@@ -393,10 +400,7 @@ def _backward_setup(ctx, inputs, output) -> None:
 
 def _backward_grad(ctx, grad_grad_emb: Tensor):
     # The backward is linear in grad (grad_emb = Aᵀ grad): its gradient is the forward, A grad_grad_emb.
-    if ctx.needs_input_grad[3]:
-        raise RuntimeError(
-            "fxrec::segment_combine_backward: weights are data and get no gradient; pass weight.detach()"
-        )
+    _refuse_grads("segment_combine_backward", weight=ctx.needs_input_grad[3])
     index, offsets, weight = ctx.saved_tensors
     grad = torch.ops.fxrec.segment_combine(grad_grad_emb, index, offsets, weight, ctx.combiner, ctx.tile_len)
     return grad, None, None, None, None, None, None
@@ -456,13 +460,7 @@ def _table_combine_setup(ctx, inputs, output) -> None:
 
 
 def _table_combine_grad(ctx, grad: Tensor):
-    if ctx.needs_input_grad[0]:
-        raise RuntimeError(
-            "fxrec::table_combine: the table gets no gradient (sparse gradients reach it through anchor); "
-            "pass table.detach()"
-        )
-    if ctx.needs_input_grad[5]:
-        raise RuntimeError("fxrec::table_combine: weights are data and get no gradient; pass weight.detach()")
+    _refuse_grads("table_combine", table=ctx.needs_input_grad[0], weight=ctx.needs_input_grad[5])
     grad_anchor = None
     if ctx.needs_input_grad[2]:
         index, offsets, weight = ctx.saved_tensors
@@ -549,13 +547,7 @@ def _no_grads(tensors: list[Tensor | None]) -> list[None] | None:
 
 
 def _table_combine_multi_grad(ctx, grads: list[Tensor | None]):
-    if ctx.needs_input_grad[0]:
-        raise RuntimeError(
-            "fxrec::table_combine_multi: the table gets no gradient (sparse gradients reach it through anchor); "
-            "pass table.detach()"
-        )
-    if ctx.weight_requires_grad:
-        raise RuntimeError("fxrec::table_combine_multi: weights are data and get no gradient; pass weight.detach()")
+    _refuse_grads("table_combine_multi", table=ctx.needs_input_grad[0], weight=ctx.weight_requires_grad)
     n = ctx.n_features
     grad_anchor = None
     if ctx.needs_input_grad[2]:
@@ -636,10 +628,7 @@ def _backward_multi_setup(ctx, inputs, output) -> None:
 
 def _backward_multi_grad(ctx, grad_grad_emb: Tensor):
     # Linear in every grad[f]: grad[f]'s gradient is feature f's forward of grad_grad_emb.
-    if ctx.weight_requires_grad:
-        raise RuntimeError(
-            "fxrec::segment_combine_backward_multi: weights are data and get no gradient; pass weight.detach()"
-        )
+    _refuse_grads("segment_combine_backward_multi", weight=ctx.weight_requires_grad)
     n = ctx.n_features
     saved = ctx.saved_tensors
     grads = [
