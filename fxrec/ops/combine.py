@@ -54,8 +54,9 @@ one op (CUDA: ONE launch for all the features, the per-feature kernels' bodies).
 = ``Σ_f segment_combine_backward(grad[f], ...)``: one zero-filled accumulation buffer that every
 feature's scatter adds into (CPU ``index_add_``; CUDA ONE atomic scatter launch for all the
 features), one cast. Per-feature ``table_combine`` nodes reading one anchor instead give
-F zero fills, F scatters and F - 1 adds of ``[U, dim]`` by autograd, and F autograd nodes. Outputs
-without a gradient (unused) are left out of the backward op. The sum runs in another order than
+F zero fills, F scatters and F - 1 adds of ``[U, dim]`` by autograd, and F autograd nodes. An
+unused output's gradient reaches the backward as zeros (autograd materializes it, eager and
+compiled alike) and adds nothing. The sum runs in another order than
 autograd's sum of per-feature gradients: equal within float rounding (float16 / bfloat16 round
 once, not once per feature). Double backward works (the backward is linear in each ``grad[f]``).
 
@@ -552,14 +553,10 @@ def _table_combine_multi_grad(ctx, grads: list[Tensor | None]):
     grad_anchor = None
     if ctx.needs_input_grad[2]:
         saved = ctx.saved_tensors
-        index, offsets, weight = saved[:n], saved[n:2 * n], saved[2 * n:]
-        # features whose output got no gradient add nothing: left out of the one backward op
-        used = [f for f in range(n) if grads[f] is not None]
         grad_anchor = torch.ops.fxrec.segment_combine_backward_multi(
-            [grads[f] for f in used], [index[f] for f in used], [offsets[f] for f in used],
-            [weight[f] for f in used], [ctx.combiner[f] for f in used], [ctx.tile_len[f] for f in used],
+            list(grads), list(saved[:n]), list(saved[n:2 * n]), list(saved[2 * n:]), ctx.combiner, ctx.tile_len,
             ctx.num_rows,
-        ) if used else None
+        )
     return None, None, grad_anchor, [None] * n, [None] * n, ctx.no_weight_grads, None, None
 
 

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fxrec.ops.triton import cdiv, next_power_of_2
 from fxrec.ops.triton.mod import device_table
 
 __all__ = ["segment_combine_triton", "segment_combine_backward_triton", "segment_combine_backward_multi_triton",
@@ -65,7 +66,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def _block_d(dim: int) -> int:
-    return min(_MAX_BLOCK_D, triton.next_power_of_2(max(dim, 1)))
+    return min(_MAX_BLOCK_D, next_power_of_2(max(dim, 1)))
 
 
 def _rows_per_program(block_d: int) -> int:
@@ -359,8 +360,8 @@ def _combine_launch(
     if combiner == "tile":
         out = emb.new_empty((n_rows, tile_len * dim))
         if out.numel():
-            block_s = min(_rows_per_program(block_d), triton.next_power_of_2(tile_len))
-            grid = (n_rows, triton.cdiv(tile_len, block_s))
+            block_s = min(_rows_per_program(block_d), next_power_of_2(tile_len))
+            grid = (n_rows, cdiv(tile_len, block_s))
             _segment_tile_kernel[grid](
                 emb, rows, anchor, index, offsets, out, index.shape[0], n_unique, emb.shape[0], dim, tile_len,
                 *anchor_strides, **flags, BLOCK_S=block_s, BLOCK_D=block_d,
@@ -369,7 +370,7 @@ def _combine_launch(
     out = emb.new_empty((n_rows, dim))
     if out.numel():
         weight = weight.contiguous() if weight is not None else None
-        _segment_reduce_kernel[(n_rows, triton.cdiv(dim, block_d))](
+        _segment_reduce_kernel[(n_rows, cdiv(dim, block_d))](
             emb, rows, anchor, index, offsets, weight if weight is not None else index, out, index.shape[0], n_unique,
             emb.shape[0], dim, *anchor_strides, **flags,
             HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
@@ -392,7 +393,7 @@ def _feature_table(features: list[tuple], dim: int, weight_dtype: torch.dtype, d
     weight, combiner, tile_len)]`` (``_FIELDS``; weights converted to ``weight_dtype``)."""
     block_d = _block_d(dim)
     tile_lens = [t for *_, c, t in features if c == "tile"]
-    block_s = min(_rows_per_program(block_d), triton.next_power_of_2(max(tile_lens))) if tile_lens else 1
+    block_s = min(_rows_per_program(block_d), next_power_of_2(max(tile_lens))) if tile_lens else 1
     rows, alive, n_programs = [], [], 0
     for dense, index, offsets, weight, combiner, tile_len in features:
         index, offsets = index.contiguous(), offsets.contiguous()
@@ -400,7 +401,7 @@ def _feature_table(features: list[tuple], dim: int, weight_dtype: torch.dtype, d
         alive += [dense, index, offsets, weight]  # each feature's copies must outlive the loop
         rows.append([dense.data_ptr(), index.data_ptr(), offsets.data_ptr(), 0 if weight is None else weight.data_ptr(),
                      index.shape[0], _KINDS[combiner], tile_len, n_programs])  # _FIELDS' order
-        blocks = triton.cdiv(tile_len, block_s) if combiner == "tile" else triton.cdiv(dim, block_d)
+        blocks = cdiv(tile_len, block_s) if combiner == "tile" else cdiv(dim, block_d)
         n_programs += (offsets.shape[0] - 1) * blocks
     table, _ = device_table(rows, device)  # one non-blocking copy
     return table, n_programs, block_d, block_s, alive
@@ -498,14 +499,14 @@ def _scatter_launch(grad_emb: Tensor, grad: Tensor, index: Tensor, offsets: Tens
     block_d = _block_d(dim)
     acc = _tl_dtype(grad.dtype)
     if tile:
-        block_s = min(_rows_per_program(block_d), triton.next_power_of_2(tile_len))
-        _tile_scatter_kernel[(n_rows, triton.cdiv(tile_len, block_s))](
+        block_s = min(_rows_per_program(block_d), next_power_of_2(tile_len))
+        _tile_scatter_kernel[(n_rows, cdiv(tile_len, block_s))](
             grad, index, offsets, grad_emb, n_items, num_rows, dim, tile_len, ACC=acc, BLOCK_S=block_s,
             BLOCK_D=block_d,
         )
     else:
         weight = weight.contiguous() if weight is not None else None
-        _row_scatter_kernel[(n_rows, triton.cdiv(dim, block_d))](
+        _row_scatter_kernel[(n_rows, cdiv(dim, block_d))](
             grad, index, offsets, weight if weight is not None else index, grad_emb, n_items, num_rows, dim,
             HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", ACC=acc, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
         )
