@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oracles import hash_string
+from oracles import hash_string, to_int64
 from test_io_support import FORMATS, read_all, rows_of, write_files
 
 pytestmark = pytest.mark.skipif(
@@ -89,3 +89,87 @@ def test_read_time_hash_equals_hash_op_on_trans_int8_bytes(tmp_path):
     op = torch.ops.fxrec.hash_bytes(bytes_rt.values(), bytes_rt.offsets()[1], "farm")
     assert torch.equal(ids.values(), op & np.int64(2**63 - 1).item())
     assert torch.equal(ids.offsets()[0], bytes_rt.offsets()[0])
+
+
+# The C loop (fxrec/io/hash_strings.c) directly, and the op fallback where it can't be built.
+
+from fxrec.io import hashing  # noqa: E402
+from fxrec.utils.native import NativeUnavailable, load_library  # noqa: E402
+
+
+def packed(strings, lead=0, dtype=np.int64):
+    """(int8 data, absolute offsets) with ``lead`` unrelated bytes before the first string."""
+    data = np.frombuffer(b"\xab" * lead + b"".join(strings), dtype=np.int8)
+    offsets = lead + np.concatenate([[0], np.cumsum([len(s) for s in strings], dtype=np.int64)])
+    return data, offsets.astype(dtype)
+
+
+@pytest.fixture
+def without_compiler(monkeypatch):
+    monkeypatch.setenv("CC", "fxrec-no-such-compiler")
+    hashing._native_kernels.cache_clear()
+    yield
+    hashing._native_kernels.cache_clear()
+
+
+def test_the_c_loop_is_built_here():
+    # CI machines have a C compiler (torch.compile on CPU needs one too): the fast path is tested.
+    assert hashing._native_kernels() is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    strings=st.lists(st.binary(max_size=200), max_size=50),
+    hash_type=st.sampled_from(["farm", "murmur"]),
+    bucket=st.sampled_from([0, 1, 7, 2**40, 2**63 + 5, 2**64 - 1]),
+    lead=st.integers(0, 9),
+    dtype=st.sampled_from([np.int32, np.int64]),
+)
+def test_hash_strings_matches_oracle(strings, hash_type, bucket, lead, dtype):
+    data, offsets = packed(strings, lead, dtype)
+    got = hashing.hash_strings(data, offsets, hash_type, bucket)
+    assert got.dtype == np.int64 and got.shape == (len(strings),)
+    assert got.tolist() == [to_int64(expected_id(s, hash_type, bucket)) for s in strings]
+
+
+@pytest.mark.parametrize("hash_type", ["farm", "murmur"])
+def test_hash_strings_long_strings_and_every_length_class(hash_type):
+    rng = np.random.default_rng(5)
+    strings = [bytes(rng.integers(0, 256, n, dtype=np.uint8)) for n in [*range(0, 130), 1000, 4097, 70000]]
+    data, offsets = packed(strings, lead=3)
+    got = hashing.hash_strings(data, offsets, hash_type, 0)
+    assert got.tolist() == [expected_id(s, hash_type, 0) for s in strings]
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize(
+    "offsets, bad", [([0, 2, 1, 3], "string 1"), ([0, 2, 9], "string 0"), ([-1, 2], "string 0")]
+)
+def test_hash_strings_rejects_bad_offsets(dtype, offsets, bad):
+    data = np.zeros(4, np.int8)
+    with pytest.raises(ValueError, match=f"{bad}'s offsets .* 4-byte data buffer"):
+        hashing.hash_strings(data, np.array(offsets, dtype), "farm", 0)
+
+
+def test_without_a_compiler_the_op_hashes_with_a_warning(without_compiler):
+    strings = [b"", b"a", b"x" * 70, "héllo".encode()]
+    data, offsets = packed(strings, lead=2, dtype=np.int32)
+    with pytest.warns(RuntimeWarning, match="fxrec-no-such-compiler"):
+        got = hashing.hash_strings(data, offsets, "murmur", 1000)
+    assert got.tolist() == [expected_id(s, "murmur", 1000) for s in strings]
+
+
+def test_load_library_builds_once_and_reports_compiler_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXREC_CACHE_DIR", str(tmp_path / "cache"))
+    good = tmp_path / "twice.c"
+    good.write_text("long fxrec_twice(long x) { return 2 * x; }\n")
+    assert load_library(good).fxrec_twice(21) == 42
+    built = sorted((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("twice-") and built[0].suffix == ".so"
+    assert load_library(good).fxrec_twice(4) == 8
+    assert sorted((tmp_path / "cache").iterdir()) == built  # no rebuild, no leftover partial file
+    broken = tmp_path / "broken.c"
+    broken.write_text("int fxrec_broken( {\n")
+    with pytest.raises(NativeUnavailable, match="failed to build .*broken.c"):
+        load_library(broken)
+    assert sorted((tmp_path / "cache").iterdir()) == built

@@ -1,16 +1,30 @@
 """Read-time hashing of string columns (``varlen_feature(..., hash_type=..., hash_bucket=...)``).
 
-Strings are hashed with ``torch.ops.fxrec.hash_bytes``, the same vectorized kernel as the ``Hash``
-feature op (farm = farmhash Fingerprint64, murmur = MurmurHash64A seed 0), straight from the
-Arrow string buffers. Then, as in RecIS (SPEC §2): ``hash_bucket == 0`` keeps the hash with bit 63
-cleared (a non-negative id); ``hash_bucket > 0`` gives ``uint64(h) % hash_bucket``, computed in
-unsigned arithmetic so a negative ``h`` buckets as its unsigned value does.
+The same functions as the ``Hash`` feature op (``torch.ops.fxrec.hash_bytes``: farm = farmhash
+Fingerprint64, murmur = MurmurHash64A seed 0), straight from the Arrow string buffers. Then, as in
+RecIS (SPEC §2): ``hash_bucket == 0`` keeps the hash with bit 63 cleared (a non-negative id);
+``hash_bucket > 0`` gives ``uint64(h) % hash_bucket``, computed in unsigned arithmetic so a
+negative ``h`` buckets as its unsigned value does.
+
+A reader thread hashes each decoded stripe in one call of a C loop (``hash_strings.c``, built on
+first use: ``fxrec.utils.native``), which reads each string once and releases the GIL, so reader
+threads hash in parallel. The op's vectorized torch kernel makes ~100 passes over a stripe's
+strings, hashed in ~40 M strings per CPU-second: twice what decoding them costs (bench/README.md,
+"Reading"). Where no C compiler is available the op's CPU kernel does the hashing (same ids,
+slower), with one warning.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
+
+from fxrec.utils.native import NativeUnavailable, load_library
 
 __all__ = ["HASH_TYPES", "hash_strings"]
 
@@ -19,21 +33,55 @@ HASH_TYPES = ("farm", "murmur")
 _CLEAR_BIT_63 = np.int64(0x7FFF_FFFF_FFFF_FFFF)
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
+@functools.cache
+def _native_kernels() -> dict[np.dtype, ctypes._CFuncPtr] | None:
+    """The C loop for int32 and int64 Arrow offsets, or None (with a warning) where it can't be built."""
+    try:
+        library = load_library(Path(__file__).with_name("hash_strings.c"))
+    except NativeUnavailable as error:
+        warnings.warn(f"read-time hashing falls back to the Hash op's torch kernel (slower): {error}", RuntimeWarning)
+        return None
+    kernels = {}
+    for dtype, name in ((np.dtype(np.int32), "fxrec_hash_strings_i32"), (np.dtype(np.int64), "fxrec_hash_strings_i64")):
+        fn = getattr(library, name)
+        # data, nbytes, offsets, n, hash_type, bucket, out -> -1 or the first bad string's index
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint64, ctypes.c_void_p]
+        fn.restype = ctypes.c_int64
+        kernels[dtype] = fn
+    return kernels
+
+
+def _hash_native(kernel, data: np.ndarray, string_offsets: np.ndarray, hash_type: str, hash_bucket: int) -> np.ndarray:
+    offsets = np.ascontiguousarray(string_offsets)
+    data = np.ascontiguousarray(data)
+    out = np.empty(len(offsets) - 1, np.int64)
+    bad = kernel(data.ctypes.data, data.size, offsets.ctypes.data, out.size, HASH_TYPES.index(hash_type), hash_bucket, out.ctypes.data)
+    if bad >= 0:
+        raise ValueError(
+            f"string {bad}'s offsets {offsets[bad]}..{offsets[bad + 1]} are decreasing or outside the "
+            f"{data.size}-byte data buffer (first offset {offsets[0]}, last {offsets[-1]})"
+        )
+    return out
+
+
+def _hash_with_op(data: np.ndarray, string_offsets: np.ndarray, hash_type: str, hash_bucket: int) -> np.ndarray:
     # Arrow-allocated buffers are writable; a read-only one (e.g. from a memory map) is copied
     # so torch never holds a tensor over memory it must not write.
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
+    values = torch.from_numpy(data if data.flags.writeable else data.copy())
+    offsets = torch.from_numpy(string_offsets.astype(np.int64))
+    hashes = torch.ops.fxrec.hash_bytes(values, offsets, hash_type).numpy()
+    if hash_bucket == 0:
+        return np.bitwise_and(hashes, _CLEAR_BIT_63, out=hashes)
+    return (hashes.view(np.uint64) % np.uint64(hash_bucket)).view(np.int64)
 
 
 def hash_strings(data: np.ndarray, string_offsets: np.ndarray, hash_type: str, hash_bucket: int) -> np.ndarray:
     """int64 ids of the strings ``data[string_offsets[i]:string_offsets[i + 1]]``.
 
-    ``data``: int8 bytes; ``string_offsets``: absolute positions into ``data`` (n + 1 entries).
+    ``data``: int8 bytes; ``string_offsets``: int32 or int64 absolute positions into ``data``
+    (n + 1 entries). Offsets out of order or outside ``data`` raise ValueError.
     """
-    # One call: fxrec.io's threads run torch ops on one core each (fxrec.io.threads), so the
-    # kernel's ops may be as large as it likes (few ops per string: little time under the GIL).
-    offsets = torch.from_numpy(string_offsets.astype(np.int64))
-    hashes = torch.ops.fxrec.hash_bytes(_tensor(data), offsets, hash_type).numpy()
-    if hash_bucket == 0:
-        return np.bitwise_and(hashes, _CLEAR_BIT_63, out=hashes)
-    return (hashes.view(np.uint64) % np.uint64(hash_bucket)).view(np.int64)
+    kernels = _native_kernels()
+    if kernels is None:
+        return _hash_with_op(data, string_offsets, hash_type, hash_bucket)
+    return _hash_native(kernels[string_offsets.dtype], data, string_offsets, hash_type, hash_bucket)
