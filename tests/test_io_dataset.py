@@ -27,6 +27,7 @@ from test_io_support import (
     KINDS,
     collect,
     declare,
+    decode_batch_rows,
     delivered_rows,
     expected_table,
     random_table,
@@ -62,17 +63,20 @@ def batches_of(items):
     threads=st.integers(1, 4),
     prefetch=st.integers(0, 3),
     drop_remainder=st.booleans(),
+    decode_rows=st.none() | st.integers(1, 50),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_batches_match_pyarrow(
-    tmp_path_factory, fmt, kinds, file_rows, unit_rows, max_len, batch_size, threads, prefetch, drop_remainder, seed
+    tmp_path_factory, fmt, kinds, file_rows, unit_rows, max_len, batch_size, threads, prefetch, drop_remainder,
+    decode_rows, seed
 ):
     rng = np.random.default_rng(seed)
     kinds = {f"c{i}": kind for i, kind in enumerate(kinds)}
     tables = [random_table(kinds, n, rng, max_len=max_len, null_p=0.1) for n in file_rows]
     paths = write_files(tmp_path_factory.mktemp("d"), tables, fmt, unit_rows)
     ds = make(fmt, paths, kinds, batch_size, read_threads_num=threads, prefetch=prefetch, drop_remainder=drop_remainder)
-    batches = batches_of(read_all(ds))
+    with decode_batch_rows(decode_rows):
+        batches = batches_of(read_all(ds))
 
     total = sum(file_rows)
     sizes = [len(rows_of(b["c0"])) for b in batches]
@@ -96,12 +100,18 @@ RESUME_KINDS = {"ids": "int_list", "s": "str_list", "h": "hashed_str_list", "d":
     threads=st.tuples(st.integers(1, 4), st.integers(1, 4)),
     prefetch=st.tuples(st.integers(0, 3), st.integers(0, 3)),
     shuffle=st.booleans(),
+    decode_rows=st.none() | st.integers(1, 30),
     seed=st.integers(0, 2**32 - 1),
     data=st.data(),
 )
 def test_resume_is_exact(
-    tmp_path_factory, fmt, file_rows, unit_rows, batch_size, threads, prefetch, shuffle, seed, data
+    tmp_path_factory, fmt, file_rows, unit_rows, batch_size, threads, prefetch, shuffle, decode_rows, seed, data
 ):
+    with decode_batch_rows(decode_rows):
+        check_resume_is_exact(tmp_path_factory, fmt, file_rows, unit_rows, batch_size, threads, prefetch, shuffle, seed, data)
+
+
+def check_resume_is_exact(tmp_path_factory, fmt, file_rows, unit_rows, batch_size, threads, prefetch, shuffle, seed, data):
     rng = np.random.default_rng(seed)
     tables = [random_table(RESUME_KINDS, n, rng, max_len=6, null_p=0.1) for n in file_rows]
     paths = write_files(tmp_path_factory.mktemp("d"), tables, fmt, unit_rows)

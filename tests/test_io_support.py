@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -13,7 +14,7 @@ import pyarrow.orc as orc
 import pyarrow.parquet as pq
 import torch
 
-from fxrec.io import OrcDataset, ParquetDataset
+from fxrec.io import OrcDataset, ParquetDataset, orc_dataset, parquet_dataset
 from fxrec.ragged import RaggedTensor
 from oracles import hash_string
 
@@ -22,6 +23,21 @@ DIM = 3  # fixed-length columns of the random schemas
 # str_list is read as trans_int8 bytes, hashed_str_list hashed at read time (farm)
 KINDS = ("int_list", "float_list", "str_list", "hashed_str_list", "kv_list", "fixed_list", "fixed_scalar")
 DEFAULTS = {"fixed_list": [-1.0, -2.0, -3.0], "fixed_scalar": [-7.0]}
+
+
+@contextlib.contextmanager
+def decode_batch_rows(rows: int | None):
+    """Readers decode every file in record batches of ``rows`` rows (None: their own choice), so
+    that small test files still decode in several batches."""
+    if rows is None:
+        yield
+        return
+    saved = orc_dataset._MIN_BATCH_ROWS, orc_dataset._MAX_BATCH_ROWS, parquet_dataset._BATCH_ROWS
+    orc_dataset._MIN_BATCH_ROWS = orc_dataset._MAX_BATCH_ROWS = parquet_dataset._BATCH_ROWS = rows
+    try:
+        yield
+    finally:
+        orc_dataset._MIN_BATCH_ROWS, orc_dataset._MAX_BATCH_ROWS, parquet_dataset._BATCH_ROWS = saved
 
 
 # -- data ---------------------------------------------------------------------------------------

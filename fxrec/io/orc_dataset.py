@@ -1,9 +1,14 @@
 """``OrcDataset``: RecIS's ORC reader (``fxrec.io.orc_dataset.OrcDataset``).
 
-ORC specifics live here: files are decoded stripe by stripe (``ORCFile.read_stripe``), and a
-resumed read starts at the stripe holding the resume row. pyarrow does not expose per-stripe
-row counts, so they are read from the file tail (``StripeInformation.numberOfRows`` in ORC's
-``Footer`` protobuf: a fixed, documented part of the ORC format).
+ORC specifics live here: a file is decoded as a stream of record batches of a few MB
+(pyarrow.dataset's ORC scan, which runs liborc's row reader batch by batch), not stripe by stripe
+(``ORCFile.read_stripe`` decodes a whole stripe, tens to hundreds of MB, into one liborc batch).
+Small batches decode faster: liborc reuses one batch's buffers for the next, where a stripe-sized
+batch is freshly mapped memory, page-faulted in on every stripe (bench/README.md, "Reading":
+decoding the tutorial's files in ~2 MB batches took 0.05 CPU-s a file against 0.1-0.2 whole),
+and batch packing starts while the rest of the file still decodes. A resumed read decodes the
+file holding the resume row from its start and skips the rows before it (one file at most; the
+ORC scan can't seek to a stripe).
 """
 
 from __future__ import annotations
@@ -11,84 +16,37 @@ from __future__ import annotations
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as fs
 import pyarrow.orc as orc
 
 from fxrec.io.dataset import DatasetBase
-from fxrec.io.errors import DataError
 
 __all__ = ["OrcDataset"]
 
-# ORC protobuf field numbers: FileTail.footer = 2, Footer.stripes = 3,
-# StripeInformation.numberOfRows = 5.
-_TAIL_FOOTER, _FOOTER_STRIPES, _STRIPE_ROWS = 2, 3, 5
-
-
-def _varint(buffer: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buffer[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _protobuf_fields(buffer: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of a serialized protobuf message, top level only."""
-    pos = 0
-    while pos < len(buffer):
-        key, pos = _varint(buffer, pos)
-        wire_type = key & 7
-        if wire_type == 0:
-            value, pos = _varint(buffer, pos)
-        elif wire_type == 2:
-            size, pos = _varint(buffer, pos)
-            value, pos = buffer[pos : pos + size], pos + size
-        elif wire_type in (1, 5):
-            size = 8 if wire_type == 1 else 4
-            value, pos = buffer[pos : pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type}")
-        yield key >> 3, value
-
-
-def _stripe_rows(file: orc.ORCFile, path: str) -> list[int]:
-    try:
-        tail = file.reader.serialized_file_tail()
-        footer = next(value for field, value in _protobuf_fields(tail) if field == _TAIL_FOOTER)
-        rows = [
-            dict(_protobuf_fields(stripe)).get(_STRIPE_ROWS, 0)
-            for field, stripe in _protobuf_fields(footer)
-            if field == _FOOTER_STRIPES
-        ]
-    except (IndexError, StopIteration, ValueError) as error:
-        raise DataError(path, None, f"cannot parse the ORC footer (corrupt or truncated?): {error!r}") from error
-    if len(rows) != file.nstripes or sum(rows) != file.nrows:
-        raise DataError(path, None, f"ORC footer lists {len(rows)} stripes / {sum(rows)} rows, "
-                        f"the reader {file.nstripes} / {file.nrows}")
-    return rows
+# Encoded bytes per decoded record batch: rows per batch = this / the file's encoded bytes per row.
+_BATCH_BYTES = 2 << 20
+_MIN_BATCH_ROWS, _MAX_BATCH_ROWS = 64, 65536
+_FORMAT = ds.OrcFileFormat()
+_LOCAL = fs.LocalFileSystem()
 
 
 class _OrcFile:
     def __init__(self, path: str):
         self._path = path
-        self._file = orc.ORCFile(path)
-        self.schema: pa.Schema = self._file.schema
-        self.num_rows: int = self._file.nrows
-        self._stripe_rows = _stripe_rows(self._file, path)
+        file = orc.ORCFile(path)
+        self.schema: pa.Schema = file.schema
+        self.num_rows: int = file.nrows
+        bytes_per_row = file.content_length / max(file.nrows, 1)
+        self._batch_rows = int(min(max(_BATCH_BYTES / max(bytes_per_row, 1), _MIN_BATCH_ROWS), _MAX_BATCH_ROWS))
 
     def batches(self, start_row: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        stripe_start = 0
-        for index, rows in enumerate(self._stripe_rows):
-            if stripe_start + rows > start_row and rows:
-                batch = self._file.read_stripe(index, columns=columns)
-                if batch.num_rows != rows:
-                    problem = f"stripe {index} decoded {batch.num_rows} rows, its footer says {rows}"
-                    raise DataError(self._path, None, problem)
-                skip = start_row - stripe_start
-                yield batch.slice(skip) if skip > 0 else batch
-            stripe_start += rows
+        fragment = _FORMAT.make_fragment(self._path, filesystem=_LOCAL)
+        row = 0
+        for batch in fragment.to_batches(columns=columns, batch_size=self._batch_rows, use_threads=False):
+            if row + batch.num_rows > start_row:
+                yield batch.slice(start_row - row) if start_row > row else batch
+            row += batch.num_rows
 
 
 class OrcDataset(DatasetBase):
