@@ -416,3 +416,46 @@ def test_tutorial_get_dataset(tmp_path, monkeypatch):
     assert isinstance(first["sparse4"], RaggedTensor) and first["sparse5"].values().dtype == torch.int8
     assert [b.decode() for b in rows_of(first["sparse5"].cpu())[0]] == table["sparse5"][0].as_py()
     assert rows_of(first["sparse1"].cpu()) == [[i] for i in range(64)]
+
+
+def test_orc_reads_grow_pyarrow_io_pool_to_read_threads_num(small_files):
+    """The ORC scan decodes on pyarrow's IO pool: fewer pool threads than readers would cap the
+    files decoded at once below read_threads_num."""
+    paths, kinds, _ = small_files
+    before = pa.io_thread_count()
+    try:
+        pa.set_io_thread_count(1)
+        assert batches_of(read_all(make("orc", paths, kinds, 4, read_threads_num=5)))
+        assert pa.io_thread_count() == 5
+        assert batches_of(read_all(make("orc", paths, kinds, 4, read_threads_num=2)))
+        assert pa.io_thread_count() == 5  # never shrunk
+    finally:
+        pa.set_io_thread_count(before)
+
+
+def test_orc_readers_decode_later_files_while_the_first_is_consumed(tmp_path, monkeypatch):
+    """Files decode in many small record batches; each reader must be able to decode its whole
+    (small) file ahead of the consumer, or the readers run one file at a time."""
+    tables = [pa.table({"ids": pa.array([[i, r] for r in range(30)])}) for i in range(3)]
+    paths = write_files(tmp_path, tables, "orc", unit_rows=30)
+    decoded = {}  # file index -> record batches decoded
+    read_file = OrcDataset._read_file
+
+    def counting_read_file(self, file_index, path, start_row, put):
+        def counting_put(chunk):
+            decoded[file_index] = decoded.get(file_index, 0) + 1
+            put(chunk)
+
+        read_file(self, file_index, path, start_row, counting_put)
+
+    monkeypatch.setattr(OrcDataset, "_read_file", counting_read_file)
+    with decode_batch_rows(1):
+        ds = make("orc", paths, {"ids": "int_list"}, 1, read_threads_num=3, prefetch=0)
+        it = iter(ds)
+        first = next(it)
+        deadline = time.time() + 10
+        while decoded.get(2, 0) < 30 and time.time() < deadline:
+            time.sleep(0.01)
+        assert decoded.get(1) == 30 and decoded.get(2) == 30, decoded
+        rest = list(it)
+    assert [rows_of(b[0]["ids"]) for b in [first, *rest]] == [[[i, r]] for i in range(3) for r in range(30)]

@@ -103,6 +103,9 @@ class DatasetBase(IterableDataset):
 
     file_suffix: str = ""
     format_name: str = ""
+    # Decoded record batches a reader may hold before the consumer reaches its file: readers of
+    # later files decode while earlier files are consumed, within this bound on memory.
+    chunks_ahead: int = 2
 
     @staticmethod
     @abstractmethod
@@ -280,7 +283,9 @@ class DatasetBase(IterableDataset):
             functools.partial(self._read_file, index, shard[index], first.row if index == first.file_index else 0)
             for index in range(first.file_index, len(shard))
         )
-        chunks = ordered_parallel(reads, self._read_threads_num, max_ahead=2 * self._read_threads_num, stop=stop)
+        chunks = ordered_parallel(
+            reads, self._read_threads_num, max_ahead=2 * self._read_threads_num, queue_size=self.chunks_ahead, stop=stop
+        )
         plans = pack(chunks, self._batch_size, self._drop_remainder)
         packs = (functools.partial(self._pack, parts, position) for parts, position in plans)
         try:

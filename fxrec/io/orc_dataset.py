@@ -6,7 +6,8 @@ ORC specifics live here: a file is decoded as a stream of record batches of a fe
 Small batches decode faster: liborc reuses one batch's buffers for the next, where a stripe-sized
 batch is freshly mapped memory, page-faulted in on every stripe (bench/README.md, "Reading":
 decoding the tutorial's files in ~2 MB batches took 0.05 CPU-s a file against 0.1-0.2 whole),
-and batch packing starts while the rest of the file still decodes. A resumed read decodes the
+and batch packing starts while the rest of the file still decodes. The scan decodes on
+pyarrow's IO thread pool, which iteration grows to ``read_threads_num`` threads. A resumed read decodes the
 file holding the resume row from its start and skips the rows before it (one file at most; the
 ORC scan can't seek to a stripe).
 """
@@ -64,7 +65,18 @@ class OrcDataset(DatasetBase):
 
     file_suffix = ".orc"
     format_name = "ORC"
+    # ~2 MB batches: what two whole 64 MB stripes held, so that a file's reader decodes its file
+    # while the consumer is still at an earlier one (2 batches ahead serialized the readers).
+    chunks_ahead = 64
 
     @staticmethod
     def open_file(path: str) -> _OrcFile:
         return _OrcFile(path)
+
+    def __iter__(self):
+        # The ORC scan decodes on pyarrow's IO thread pool (8 threads by default) while the reader
+        # thread that asked waits: with fewer pool threads than readers, files would decode
+        # read_threads_num at a time no longer. The pool is process-wide; it only ever grows here.
+        if pa.io_thread_count() < self._read_threads_num:
+            pa.set_io_thread_count(self._read_threads_num)
+        return super().__iter__()
