@@ -3,13 +3,12 @@
 ORC specifics live here: a file is decoded as a stream of record batches of a few MB
 (pyarrow.dataset's ORC scan, which runs liborc's row reader batch by batch), not stripe by stripe
 (``ORCFile.read_stripe`` decodes a whole stripe, tens to hundreds of MB, into one liborc batch).
-Small batches decode faster: liborc reuses one batch's buffers for the next, where a stripe-sized
-batch is freshly mapped memory, page-faulted in on every stripe (bench/README.md, "Reading":
-decoding the tutorial's files in ~2 MB batches took 0.05 CPU-s a file against 0.1-0.2 whole),
-and batch packing starts while the rest of the file still decodes. The scan decodes on
-pyarrow's IO thread pool, which iteration grows to ``read_threads_num`` threads. A resumed read decodes the
-file holding the resume row from its start and skips the rows before it (one file at most; the
-ORC scan can't seek to a stripe).
+Small batches decode with a third less CPU (bench/README.md, "Reading"): liborc reuses one
+batch's buffers for the next, where a stripe-sized batch is freshly mapped memory, page-faulted
+in on every stripe; and batch packing starts while the rest of the file still decodes. The scan
+decodes on pyarrow's IO thread pool, which iteration grows to ``read_threads_num`` threads. A
+resumed read decodes the file holding the resume row from its start and skips the rows before
+it (one file at most: the ORC scan can't seek to a stripe).
 """
 
 from __future__ import annotations
