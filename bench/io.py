@@ -14,8 +14,10 @@ pass over all files (files in the page cache):
   size, touching each column's buffers (decode only, no conversion, no batching);
 - fxrec: ``OrcDataset`` reading the same columns as the tutorial's get_dataset into batches of
   --batch-size, sparse5 either as trans_int8 bytes or hashed at read time (hash_type="farm").
-Printed: median rows/s, median ids/s (sparse1-4 ids + sparse5 strings), and the median over
-rounds of fxrec / raw speed (each round's two passes ran back to back).
+Printed: median rows/s, median ids/s (sparse1-4 ids + sparse5 strings), the median over rounds
+of fxrec / raw speed (each round's two passes ran back to back), and each pass's cores busy
+(process CPU seconds / wall seconds): a pass that keeps fewer cores busy than it has threads is
+waiting on something (locks, the GIL, the consumer), not computing.
 """
 
 from __future__ import annotations
@@ -102,19 +104,21 @@ def fxrec_pass(paths: list[str], threads: int, batch_size: int, sparse5: str, de
 
 
 def timed_interleaved(repeat: int, runs: dict) -> dict:
-    """Wall times and counts of each run over ``repeat`` rounds; within a round the runs go one
-    after the other, first one then the other first, so machine drift (other tenants, allocator
-    state left by the previous pass) hits each of them alike."""
+    """Wall times, counts and median cores busy of each run over ``repeat`` rounds; within a round
+    the runs go one after the other, first one then the other first, so machine drift (other
+    tenants, allocator state left by the previous pass) hits each of them alike."""
     times = {name: [] for name in runs}
+    cores = {name: [] for name in runs}
     counts = {}
     names = list(runs)
     for round_ in range(repeat):
         for name in names if round_ % 2 == 0 else names[::-1]:  # alternate who goes first
             fn = runs[name]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             counts[name] = fn()
             times[name].append(time.perf_counter() - start)
-    return {name: (times[name], counts[name]) for name in runs}
+            cores[name].append((time.process_time() - start_cpu) / times[name][-1])
+    return {name: (times[name], counts[name], statistics.median(cores[name])) for name in runs}
 
 
 def machine() -> str:
@@ -148,7 +152,7 @@ def main() -> None:
     print()
     header = (
         f"{'sparse5':<10} {'threads':>7} {'raw rows/s':>11} {'fxrec rows/s':>12} {'fxrec Mids/s':>12} "
-        f"{'fxrec/raw':>9}"
+        f"{'fxrec/raw':>9} {'raw cores':>9} {'fxrec cores':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -161,13 +165,13 @@ def main() -> None:
                     "fxrec": lambda: fxrec_pass(paths, threads, args.batch_size, sparse5, args.device),
                 },
             )
-            (raw_t, (raw_rows, raw_ids)), (fx_t, (fx_rows, fx_ids)) = timed["raw"], timed["fxrec"]
+            (raw_t, (raw_rows, raw_ids), raw_cores), (fx_t, (fx_rows, fx_ids), fx_cores) = timed["raw"], timed["fxrec"]
             raw_s, fx_s = statistics.median(raw_t), statistics.median(fx_t)
             ratio = statistics.median(r / f for r, f in zip(raw_t, fx_t))  # per round: same conditions
             assert (fx_rows, fx_ids) == (raw_rows, raw_ids), ((fx_rows, fx_ids), (raw_rows, raw_ids))
             print(
                 f"{sparse5:<10} {threads:>7} {raw_rows / raw_s:>11,.0f} {fx_rows / fx_s:>12,.0f} "
-                f"{fx_ids / fx_s / 1e6:>12.1f} {ratio:>9.2f}",
+                f"{fx_ids / fx_s / 1e6:>12.1f} {ratio:>9.2f} {raw_cores:>9.1f} {fx_cores:>11.1f}",
                 flush=True,
             )
 
