@@ -3,16 +3,19 @@
     python bench/io.py               # the tutorial's data: 10 ORC files x 2047 rows
     python bench/io.py --scale 10    # 10x the files
     python bench/io.py --device cuda # batches delivered on the GPU (pinned + non_blocking copy)
+    python bench/io.py --format parquet  # the same data as Parquet files, ParquetDataset
 
 Data: the tutorial's generator (seeded): per row, dense columns, three 1-id columns, an id
 sequence (sparse4) and a string sequence (sparse5) of 1..1999 items each; every file holds the
-same table, as in the tutorial. Written once into --data-dir and reused.
+same table, as in the tutorial. Written once into --data-dir and reused (``--format parquet``:
+the ORC files rewritten once as Parquet with pyarrow's defaults, into <data-dir>-parquet).
 
 Measured, per read_threads_num in --threads, over --repeat rounds of one raw pass and one fxrec
 pass over all files (files in the page cache):
-- raw: ``pyarrow.orc.ORCFile(path).read(columns)`` for every file on a thread pool of the same
-  size, touching each column's buffers (decode only, no conversion, no batching);
-- fxrec: ``OrcDataset`` reading the same columns as the tutorial's get_dataset into batches of
+- raw: ``pyarrow.orc.ORCFile(path).read(columns)`` (Parquet: ``ParquetFile(path).read(columns,
+  use_threads=False)``) for every file on a thread pool of the same size, touching each column's
+  buffers (decode only, no conversion, no batching);
+- fxrec: ``OrcDataset`` (``ParquetDataset``) reading the same columns as the tutorial's get_dataset into batches of
   --batch-size, sparse5 either as trans_int8 bytes or hashed at read time (hash_type="farm").
 Printed: median rows/s, median ids/s (sparse1-4 ids + sparse5 strings), the median over rounds
 of fxrec / raw speed (each round's two passes ran back to back), and each pass's cores busy
@@ -34,12 +37,13 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.orc as orc
+import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from examples.deepctr.data import generate_data  # noqa: E402
-from fxrec.io.orc_dataset import OrcDataset  # noqa: E402
+from fxrec.io import OrcDataset, ParquetDataset  # noqa: E402
 
 ROWS_PER_FILE = 2047
 BASE_FILES = 10
@@ -59,6 +63,25 @@ def make_data(data_dir: str, num_files: int) -> list[str]:
     return paths
 
 
+def as_parquet(orc_paths: list[str], data_dir: str) -> list[str]:
+    os.makedirs(data_dir, exist_ok=True)
+    paths = []
+    for orc_path in orc_paths:
+        path = os.path.join(data_dir, os.path.basename(orc_path)[: -len(".orc")] + ".parquet")
+        if not os.path.exists(path):
+            pq.write_table(orc.ORCFile(orc_path).read(), path + ".partial")
+            os.replace(path + ".partial", path)
+        paths.append(path)
+    return paths
+
+
+RAW_READ = {
+    "orc": lambda path: orc.ORCFile(path).read(columns=COLUMNS),
+    "parquet": lambda path: pq.ParquetFile(path).read(columns=COLUMNS, use_threads=False),
+}
+DATASETS = {"orc": OrcDataset, "parquet": ParquetDataset}
+
+
 def warm_page_cache(paths: list[str]) -> None:
     for path in paths:
         with open(path, "rb") as f:
@@ -66,9 +89,9 @@ def warm_page_cache(paths: list[str]) -> None:
                 pass
 
 
-def raw_pass(paths: list[str], threads: int) -> tuple[int, int]:
+def raw_pass(paths: list[str], threads: int, fmt: str = "orc") -> tuple[int, int]:
     def read(path):
-        table = orc.ORCFile(path).read(columns=COLUMNS)
+        table = RAW_READ[fmt](path)
         for column in table.columns:
             for chunk in column.chunks:
                 chunk.buffers()  # conversion-free access to what was decoded
@@ -80,8 +103,12 @@ def raw_pass(paths: list[str], threads: int) -> tuple[int, int]:
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
-def fxrec_pass(paths: list[str], threads: int, batch_size: int, sparse5: str, device: str) -> tuple[int, int]:
-    dataset = OrcDataset(batch_size, read_threads_num=threads, prefetch=2, transform_fn=lambda x: x[0], device=device)
+def fxrec_pass(
+    paths: list[str], threads: int, batch_size: int, sparse5: str, device: str, fmt: str = "orc"
+) -> tuple[int, int]:
+    dataset = DATASETS[fmt](
+        batch_size, read_threads_num=threads, prefetch=2, transform_fn=lambda x: x[0], device=device
+    )
     dataset.add_paths(paths)
     dataset.fixedlen_feature("label", [0.0])
     dataset.fixedlen_feature("dense1", [0.0] * 8)
@@ -140,14 +167,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "pin", "cuda"])
     parser.add_argument("--sparse5", default="trans_int8,farm", help="comma list of trans_int8 / farm / murmur")
     parser.add_argument("--data-dir", default=None, help="default: /tmp/fxrec_bench_io/scale<N>")
+    parser.add_argument("--format", default="orc", choices=sorted(DATASETS))
     args = parser.parse_args()
 
     data_dir = args.data_dir or f"/tmp/fxrec_bench_io/scale{args.scale}"
     paths = make_data(data_dir, BASE_FILES * args.scale)
+    if args.format == "parquet":
+        paths = as_parquet(paths, data_dir.rstrip("/") + "-parquet")
     warm_page_cache(paths)
     size_mb = sum(os.path.getsize(p) for p in paths) / 2**20
     print(f"machine: {machine()}")
-    print(f"data: {len(paths)} files x {ROWS_PER_FILE} rows, {size_mb:.0f} MiB; batch_size {args.batch_size}; "
+    print(f"data: {len(paths)} {args.format} files x {ROWS_PER_FILE} rows, {size_mb:.0f} MiB; batch_size {args.batch_size}; "
           f"device {args.device}; medians of {args.repeat} rounds")
     print()
     header = (
@@ -161,8 +191,8 @@ def main() -> None:
             timed = timed_interleaved(
                 args.repeat,
                 {
-                    "raw": lambda: raw_pass(paths, threads),
-                    "fxrec": lambda: fxrec_pass(paths, threads, args.batch_size, sparse5, args.device),
+                    "raw": lambda: raw_pass(paths, threads, args.format),
+                    "fxrec": lambda: fxrec_pass(paths, threads, args.batch_size, sparse5, args.device, args.format),
                 },
             )
             (raw_t, (raw_rows, raw_ids), raw_cores), (fx_t, (fx_rows, fx_ids), fx_cores) = timed["raw"], timed["fxrec"]

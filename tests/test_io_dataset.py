@@ -27,7 +27,7 @@ from test_io_support import (
     KINDS,
     collect,
     declare,
-    decode_batch_rows,
+    decoding_in_batches_of,
     delivered_rows,
     expected_table,
     random_table,
@@ -75,7 +75,7 @@ def test_batches_match_pyarrow(
     tables = [random_table(kinds, n, rng, max_len=max_len, null_p=0.1) for n in file_rows]
     paths = write_files(tmp_path_factory.mktemp("d"), tables, fmt, unit_rows)
     ds = make(fmt, paths, kinds, batch_size, read_threads_num=threads, prefetch=prefetch, drop_remainder=drop_remainder)
-    with decode_batch_rows(decode_rows):
+    with decoding_in_batches_of(decode_rows):
         batches = batches_of(read_all(ds))
 
     total = sum(file_rows)
@@ -107,7 +107,7 @@ RESUME_KINDS = {"ids": "int_list", "s": "str_list", "h": "hashed_str_list", "d":
 def test_resume_is_exact(
     tmp_path_factory, fmt, file_rows, unit_rows, batch_size, threads, prefetch, shuffle, decode_rows, seed, data
 ):
-    with decode_batch_rows(decode_rows):
+    with decoding_in_batches_of(decode_rows):
         check_resume_is_exact(tmp_path_factory, fmt, file_rows, unit_rows, batch_size, threads, prefetch, shuffle, seed, data)
 
 
@@ -433,13 +433,14 @@ def test_orc_reads_grow_pyarrow_io_pool_to_read_threads_num(small_files):
         pa.set_io_thread_count(before)
 
 
-def test_orc_readers_decode_later_files_while_the_first_is_consumed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_readers_decode_later_files_while_the_first_is_consumed(tmp_path, monkeypatch, fmt):
     """Files decode in many small record batches; each reader must be able to decode its whole
     (small) file ahead of the consumer, or the readers run one file at a time."""
     tables = [pa.table({"ids": pa.array([[i, r] for r in range(30)])}) for i in range(3)]
-    paths = write_files(tmp_path, tables, "orc", unit_rows=30)
+    paths = write_files(tmp_path, tables, fmt, unit_rows=30)
     decoded = {}  # file index -> record batches decoded
-    read_file = OrcDataset._read_file
+    read_file = FORMATS[fmt]._read_file
 
     def counting_read_file(self, file_index, path, start_row, put):
         def counting_put(chunk):
@@ -448,13 +449,13 @@ def test_orc_readers_decode_later_files_while_the_first_is_consumed(tmp_path, mo
 
         read_file(self, file_index, path, start_row, counting_put)
 
-    monkeypatch.setattr(OrcDataset, "_read_file", counting_read_file)
-    with decode_batch_rows(1):
-        ds = make("orc", paths, {"ids": "int_list"}, 1, read_threads_num=3, prefetch=0)
+    monkeypatch.setattr(FORMATS[fmt], "_read_file", counting_read_file)
+    with decoding_in_batches_of(1):
+        ds = make(fmt, paths, {"ids": "int_list"}, 1, read_threads_num=3, prefetch=0)
         it = iter(ds)
         first = next(it)
         deadline = time.time() + 10
-        while decoded.get(2, 0) < 30 and time.time() < deadline:
+        while min(decoded.get(1, 0), decoded.get(2, 0)) < 30 and time.time() < deadline:
             time.sleep(0.01)
         assert decoded.get(1) == 30 and decoded.get(2) == 30, decoded
         rest = list(it)

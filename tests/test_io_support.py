@@ -14,7 +14,8 @@ import pyarrow.orc as orc
 import pyarrow.parquet as pq
 import torch
 
-from fxrec.io import OrcDataset, ParquetDataset, orc_dataset, parquet_dataset
+from fxrec.io import OrcDataset, ParquetDataset
+from fxrec.io import dataset as dataset_module
 from fxrec.ragged import RaggedTensor
 from oracles import hash_string
 
@@ -26,18 +27,18 @@ DEFAULTS = {"fixed_list": [-1.0, -2.0, -3.0], "fixed_scalar": [-7.0]}
 
 
 @contextlib.contextmanager
-def decode_batch_rows(rows: int | None):
+def decoding_in_batches_of(rows: int | None):
     """Readers decode every file in record batches of ``rows`` rows (None: their own choice), so
     that small test files still decode in several batches."""
     if rows is None:
         yield
         return
-    saved = orc_dataset._MIN_BATCH_ROWS, orc_dataset._MAX_BATCH_ROWS, parquet_dataset._BATCH_ROWS
-    orc_dataset._MIN_BATCH_ROWS = orc_dataset._MAX_BATCH_ROWS = parquet_dataset._BATCH_ROWS = rows
+    saved = dataset_module.DECODE_BATCH_ROWS
+    dataset_module.DECODE_BATCH_ROWS = (rows, rows)
     try:
         yield
     finally:
-        orc_dataset._MIN_BATCH_ROWS, orc_dataset._MAX_BATCH_ROWS, parquet_dataset._BATCH_ROWS = saved
+        dataset_module.DECODE_BATCH_ROWS = saved
 
 
 # -- data ---------------------------------------------------------------------------------------

@@ -4,10 +4,12 @@ The read path of one iteration::
 
     shard files (sorted, i % worker_num == worker_idx, then by DataLoader worker)
       -> read_threads_num files decoded at once on a pool of threads: open, check the declared
-         columns' types, decode stripe / row group by stripe / row group into zero-copy pieces
-         (fxrec.io.columns); chunks consumed in file order (fxrec.io.threads.ordered_parallel)
+         columns' types, decode in record batches of a few MB (``decode_batch_rows``) into
+         zero-copy pieces (fxrec.io.columns); chunks consumed in file order
+         (fxrec.io.threads.ordered_parallel), up to ``chunks_ahead`` of a file held before the
+         consumer reaches it
       -> cut into batches of exactly batch_size rows across file boundaries (fxrec.io.packing)
-      -> packed into tensors (zero copy within a stripe, else one concatenation per column),
+      -> packed into tensors (zero copy within a decoded batch, else one concatenation per column),
          pinned and sent to the GPU if asked, on ``pack_threads_num`` threads, ``prefetch``
          batches ahead, delivered in order
       -> [dict] (RecIS's shape) -> transform_fn -> the consumer.
@@ -44,7 +46,22 @@ from fxrec.io.state import IOState
 from fxrec.io.threads import ordered_parallel
 from fxrec.ragged import RaggedTensor
 
-__all__ = ["DataFile", "DatasetBase"]
+__all__ = ["DataFile", "DatasetBase", "decode_batch_rows"]
+
+# Encoded (on-disk) bytes per decoded record batch, and the bounds of its rows. A few MB: the
+# decoder reuses one batch's buffers for the next, where a batch of a whole stripe / row group is
+# fresh memory page-faulted in every time, and packing starts while the file still decodes
+# (bench/README.md, "Reading").
+DECODE_BATCH_BYTES = 2 << 20
+DECODE_BATCH_ROWS = (64, 65536)
+
+
+def decode_batch_rows(path: str, num_rows: int) -> int:
+    """Rows per decoded record batch of the file at ``path``: DECODE_BATCH_BYTES of its encoded
+    bytes, within DECODE_BATCH_ROWS."""
+    bytes_per_row = os.path.getsize(path) / max(num_rows, 1)
+    low, high = DECODE_BATCH_ROWS
+    return int(min(max(DECODE_BATCH_BYTES / max(bytes_per_row, 1.0), low), high))
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -56,8 +73,8 @@ class DataFile(Protocol):
     num_rows: int
 
     def batches(self, start_row: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        """The file's rows from ``start_row`` on, in order, decoded unit by unit (stripe / row
-        group, so memory stays bounded by a unit, not a file)."""
+        """The file's rows from ``start_row`` on, in order, in record batches of
+        ``decode_batch_rows`` rows (memory stays bounded by a batch, not a file)."""
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -103,9 +120,11 @@ class DatasetBase(IterableDataset):
 
     file_suffix: str = ""
     format_name: str = ""
-    # Decoded record batches a reader may hold before the consumer reaches its file: readers of
-    # later files decode while earlier files are consumed, within this bound on memory.
-    chunks_ahead: int = 2
+    # Decoded record batches a reader may hold before the consumer reaches its file, so readers
+    # of later files decode while earlier files are consumed (with 2, the readers of files that
+    # decode into many batches ran one at a time); at ~2 MB a batch, about what two whole 64 MB
+    # stripes held when files were decoded stripe by stripe.
+    chunks_ahead: int = 64
 
     @staticmethod
     @abstractmethod

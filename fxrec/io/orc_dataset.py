@@ -20,13 +20,10 @@ import pyarrow.dataset as ds
 import pyarrow.fs as fs
 import pyarrow.orc as orc
 
-from fxrec.io.dataset import DatasetBase
+from fxrec.io.dataset import DatasetBase, decode_batch_rows
 
 __all__ = ["OrcDataset"]
 
-# Encoded bytes per decoded record batch: rows per batch = this / the file's encoded bytes per row.
-_BATCH_BYTES = 2 << 20
-_MIN_BATCH_ROWS, _MAX_BATCH_ROWS = 64, 65536
 _FORMAT = ds.OrcFileFormat()
 _LOCAL = fs.LocalFileSystem()
 
@@ -37,8 +34,7 @@ class _OrcFile:
         file = orc.ORCFile(path)
         self.schema: pa.Schema = file.schema
         self.num_rows: int = file.nrows
-        bytes_per_row = file.content_length / max(file.nrows, 1)
-        self._batch_rows = int(min(max(_BATCH_BYTES / max(bytes_per_row, 1), _MIN_BATCH_ROWS), _MAX_BATCH_ROWS))
+        self._batch_rows = decode_batch_rows(path, file.nrows)
 
     def batches(self, start_row: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
         fragment = _FORMAT.make_fragment(self._path, filesystem=_LOCAL)
@@ -64,9 +60,6 @@ class OrcDataset(DatasetBase):
 
     file_suffix = ".orc"
     format_name = "ORC"
-    # ~2 MB batches: what two whole 64 MB stripes held, so that a file's reader decodes its file
-    # while the consumer is still at an earlier one (2 batches ahead serialized the readers).
-    chunks_ahead = 64
 
     @staticmethod
     def open_file(path: str) -> _OrcFile:
