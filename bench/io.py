@@ -15,8 +15,8 @@ pass over all files (files in the page cache):
 - raw: ``pyarrow.orc.ORCFile(path).read(columns)`` (Parquet: ``ParquetFile(path).read(columns,
   use_threads=False)``) for every file on a thread pool of the same size, touching each column's
   buffers (decode only, no conversion, no batching);
-- fxrec: ``OrcDataset`` (``ParquetDataset``) reading the same columns as the tutorial's get_dataset into batches of
-  --batch-size, sparse5 either as trans_int8 bytes or hashed at read time (hash_type="farm").
+- fxrec: ``OrcDataset`` (``ParquetDataset``) reading the same columns as the tutorial's
+  get_dataset into batches of --batch-size, sparse5 either as trans_int8 bytes or hashed at read time (hash_type="farm").
 Printed: median rows/s, median ids/s (sparse1-4 ids + sparse5 strings), the median over rounds
 of fxrec / raw speed (each round's two passes ran back to back), and each pass's cores busy
 (process CPU seconds / wall seconds): a pass that keeps fewer cores busy than it has threads is
@@ -89,7 +89,7 @@ def warm_page_cache(paths: list[str]) -> None:
                 pass
 
 
-def raw_pass(paths: list[str], threads: int, fmt: str = "orc") -> tuple[int, int]:
+def raw_pass(paths: list[str], threads: int, fmt: str) -> tuple[int, int]:
     def read(path):
         table = RAW_READ[fmt](path)
         for column in table.columns:
@@ -104,7 +104,7 @@ def raw_pass(paths: list[str], threads: int, fmt: str = "orc") -> tuple[int, int
 
 
 def fxrec_pass(
-    paths: list[str], threads: int, batch_size: int, sparse5: str, device: str, fmt: str = "orc"
+    paths: list[str], threads: int, batch_size: int, sparse5: str, device: str, fmt: str
 ) -> tuple[int, int]:
     dataset = DATASETS[fmt](
         batch_size, read_threads_num=threads, prefetch=2, transform_fn=lambda x: x[0], device=device
@@ -177,8 +177,8 @@ def main() -> None:
     warm_page_cache(paths)
     size_mb = sum(os.path.getsize(p) for p in paths) / 2**20
     print(f"machine: {machine()}")
-    print(f"data: {len(paths)} {args.format} files x {ROWS_PER_FILE} rows, {size_mb:.0f} MiB; batch_size {args.batch_size}; "
-          f"device {args.device}; medians of {args.repeat} rounds")
+    print(f"data: {len(paths)} {args.format} files x {ROWS_PER_FILE} rows, {size_mb:.0f} MiB; "
+          f"batch_size {args.batch_size}; device {args.device}; medians of {args.repeat} rounds")
     print()
     header = (
         f"{'sparse5':<10} {'threads':>7} {'raw rows/s':>11} {'fxrec rows/s':>12} {'fxrec Mids/s':>12} "

@@ -6,7 +6,7 @@ The read path of one iteration::
       -> read_threads_num files decoded at once on a pool of threads: open, check the declared
          columns' types, decode in record batches of a few MB (``decode_batch_rows``) into
          zero-copy pieces (fxrec.io.columns); chunks consumed in file order
-         (fxrec.io.threads.ordered_parallel), up to ``chunks_ahead`` of a file held before the
+         (fxrec.io.threads.ordered_parallel), up to ``_CHUNKS_AHEAD`` of a file held before the
          consumer reaches it
       -> cut into batches of exactly batch_size rows across file boundaries (fxrec.io.packing)
       -> packed into tensors (zero copy within a decoded batch, else one concatenation per column),
@@ -62,6 +62,13 @@ def decode_batch_rows(path: str, num_rows: int) -> int:
     bytes_per_row = os.path.getsize(path) / max(num_rows, 1)
     low, high = DECODE_BATCH_ROWS
     return int(min(max(DECODE_BATCH_BYTES / max(bytes_per_row, 1.0), low), high))
+
+
+# Decoded record batches a reader may hold before the consumer reaches its file, so readers of
+# later files decode while earlier files are consumed (with 2, the readers of files that decode
+# into many batches ran one at a time); at ~2 MB a batch, about what two whole 64 MB stripes held
+# when files were decoded stripe by stripe.
+_CHUNKS_AHEAD = 64
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -120,11 +127,6 @@ class DatasetBase(IterableDataset):
 
     file_suffix: str = ""
     format_name: str = ""
-    # Decoded record batches a reader may hold before the consumer reaches its file, so readers
-    # of later files decode while earlier files are consumed (with 2, the readers of files that
-    # decode into many batches ran one at a time); at ~2 MB a batch, about what two whole 64 MB
-    # stripes held when files were decoded stripe by stripe.
-    chunks_ahead: int = 64
 
     @staticmethod
     @abstractmethod
@@ -303,7 +305,7 @@ class DatasetBase(IterableDataset):
             for index in range(first.file_index, len(shard))
         )
         chunks = ordered_parallel(
-            reads, self._read_threads_num, max_ahead=2 * self._read_threads_num, queue_size=self.chunks_ahead, stop=stop
+            reads, self._read_threads_num, max_ahead=2 * self._read_threads_num, queue_size=_CHUNKS_AHEAD, stop=stop
         )
         plans = pack(chunks, self._batch_size, self._drop_remainder)
         packs = (functools.partial(self._pack, parts, position) for parts, position in plans)

@@ -6,10 +6,10 @@ RecIS (SPEC §2): ``hash_bucket == 0`` keeps the hash with bit 63 cleared (a non
 ``hash_bucket > 0`` gives ``uint64(h) % hash_bucket``, computed in unsigned arithmetic so a
 negative ``h`` buckets as its unsigned value does.
 
-A reader thread hashes each decoded stripe in one call of a C loop (``hash_strings.c``, built on
-first use: ``fxrec.utils.native``), which reads each string once and releases the GIL, so reader
-threads hash in parallel. The op's vectorized torch kernel makes ~100 passes over a stripe's
-strings, hashed in ~40 M strings per CPU-second: twice what decoding them costs (bench/README.md,
+A reader thread hashes each decoded record batch in one call of a C loop (``hash_strings.c``,
+built on first use: ``fxrec.utils.native``), which reads each string once and releases the GIL,
+so reader threads hash in parallel. The op's vectorized torch kernel makes ~100 passes over the
+strings, ~40 M strings per CPU-second: twice what decoding them costs (bench/README.md,
 "Reading"). Where no C compiler is available the op's CPU kernel does the hashing (same ids,
 slower), with one warning.
 """

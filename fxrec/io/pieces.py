@@ -4,13 +4,14 @@ A *piece* holds some consecutive rows of one column of one file. Its arrays are 
 Arrow buffers that pyarrow decoded into (no copy); slicing a piece by rows makes new views.
 ``concat`` packs the pieces of one batch into torch tensors:
 
-- a batch whose rows lie in one decoded unit (stripe / row group), in the delivered dtype and
-  not bound for pinned memory, gets tensors over the Arrow buffers themselves (zero copy: the
-  tensor keeps the buffer alive; batches of one unit cover disjoint ranges of it, so a consumer
-  writing into one batch never changes another);
-- otherwise (rows from several units or files, a dtype cast, pinned / GPU delivery) each array
-  is packed with ONE ``np.concatenate`` written straight into the output tensor's memory, pinned
-  when the batch goes to the GPU: that is the single copy on the read path, and it also casts.
+- a batch whose rows lie in one decoded record batch, in the delivered dtype and not bound for
+  pinned memory, gets tensors over the Arrow buffers themselves (zero copy: the tensor keeps the
+  buffer alive; batches of one record batch cover disjoint ranges of it, so a consumer writing
+  into one batch never changes another);
+- otherwise (rows from several record batches or files, a dtype cast, pinned / GPU delivery)
+  each array is packed with ONE ``np.concatenate`` written straight into the output tensor's
+  memory, pinned when the batch goes to the GPU: that is the single copy on the read path, and
+  it also casts.
 
 Offsets are always fresh int64 arrays (Arrow's are int32 and not rebased), which is small.
 
