@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 from hypothesis import given, settings
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from examples.deepctr.embeddings import get_embedding_conf
 from fxrec.framework.checkpoint import CheckpointManager
@@ -139,6 +140,79 @@ def test_sparse_adamwtf_training_equal():
         assert sorted(a) == sorted(b)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6, msg=f"{name}.{key}")
+
+
+class UpdateCalls(TorchDispatchMode):
+    """Counts ``fxrec::sparse_adam_update`` calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket is torch.ops.fxrec.sparse_adam_update
+        return func(*args, **(kwargs or {}))
+
+
+def step_update_calls(engine, opt, batch) -> int:
+    """Train ``engine`` one step on ``batch``; the optimizer step's update calls."""
+    loss_of(engine(batch)).backward()
+    with UpdateCalls() as counter:
+        opt.step()
+    opt.zero_grad()
+    return counter.calls
+
+
+def storages_of(engine) -> list:
+    return list({id(t.storage): t.storage for t in engine.tables.values()}.values())
+
+
+def test_one_update_per_storage():
+    """A step updates each storage's rows with ONE op for all its tables (equal scalars), and
+    trains as the uncoalesced tables do (one update each); on top of ``test_sparse_adamwtf_training_equal``
+    this counts the calls, also when a storage's tables are looked up separately (several
+    anchors, rows merged)."""
+    options = get_embedding_conf(device=torch.device("cpu"), tile_len=3)
+    plain, coalesced = engines(options)
+    separate = EmbeddingEngine(copy.deepcopy(options))  # coalesced below, its lookups stay per feature
+    coalesce_tables([separate.tables[n] for n in ["sparse2", "sparse4", "sparse5", "sparse1_x_sparse2"]])
+    engines_opts = [(e, SparseAdamWTF(filter_out_sparse_param(e), lr=0.01)) for e in (plain, coalesced, separate)]
+    assert [len(storages_of(e)) for e, _ in engines_opts] == [6, 2, 3]
+    for s, b in enumerate([8, 1, 0, 5]):
+        calls = [step_update_calls(e, opt, tutorial_batch(b, s)) for e, opt in engines_opts]
+        assert calls == [6, 2, 3]
+    assert_tables_equal(plain.tables, coalesced.tables, exact=False)
+    assert_tables_equal(plain.tables, separate.tables, exact=False)
+
+
+def test_tables_with_different_optimizer_scalars_update_alone():
+    """Loaded optimizer state whose tables' scalars differ (one table some steps ahead) splits its
+    storage's update into one per table, each with its own bias corrections; training then equals
+    the uncoalesced tables'. Loading equal scalars for all joins them again."""
+    options = get_embedding_conf(device=torch.device("cpu"), tile_len=2)
+    plain, coalesced = engines(options)
+    opts = [SparseAdamWTF(filter_out_sparse_param(e), lr=0.01) for e in (plain, coalesced)]
+    for e, opt in zip((plain, coalesced), opts):
+        train(e, [tutorial_batch(6, 0)], opt)
+    ahead = opts[0].state_dict()
+    entry = ahead["state"]["sparse4"]  # coalesced with sparse2, sparse5 and sparse1_x_sparse2
+    entry["step"] = entry["step"] + 5
+    entry["b1p"] = entry["b1p"] * 0.9 ** 5
+    entry["b2p"] = entry["b2p"] * 0.999 ** 5
+    for opt in opts:
+        opt.load_state_dict(copy.deepcopy(ahead))
+    for s, b in enumerate([7, 3]):
+        assert [step_update_calls(e, opt, tutorial_batch(b, s + 1)) for e, opt in zip((plain, coalesced), opts)] == [6, 5]
+    assert_tables_equal(plain.tables, coalesced.tables, exact=False)
+    for name in plain.tables:
+        for key in ("step", "b1p", "b2p"):
+            assert torch.equal(opts[0].table_state[name][key], opts[1].table_state[name][key]), (name, key)
+    level = opts[1].state_dict()
+    for name in level["state"]:
+        for key in ("step", "b1p", "b2p"):
+            level["state"][name][key] = level["state"]["sparse1"][key]
+    opts[1].load_state_dict(level)
+    assert step_update_calls(coalesced, opts[1], tutorial_batch(4, 9)) == 2
 
 
 @pytest.mark.parametrize("direction", ["plain->coalesced", "coalesced->plain"])

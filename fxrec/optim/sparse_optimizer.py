@@ -1,7 +1,7 @@
 """``SparseOptimizer``: the base of fxrec's sparse optimizers (SPEC §5.1, §4.5).
 
 A sparse optimizer updates the rows of ``HashTable``s that a step touched, lazily (rows without a
-gradient keep their bits, and so do their slots), with one fused op per table
+gradient keep their bits, and so do their slots), with one fused op per physical table
 (``torch.ops.fxrec.sparse_*_update``). Subclasses name their slots and their update.
 
 Decisions:
@@ -16,7 +16,15 @@ Decisions:
   ``GradScaler`` and friends skip them); the tables themselves live in ``self.tables``
   (``{name: HashTable}``), and torch's per-param ``self.state`` stays unused.
 - Gradients: ``table.take_grads()`` gives each touched row once, already reduced per the table's
-  ``grad_reduce_by`` (SPEC §4.5), padded with rows -1 that the update ops skip: no host sync. With ``set_grad_accum_steps(k)``, a ``"worker"`` table's
+  ``grad_reduce_by`` (SPEC §4.5), padded with rows -1 that the update ops skip: no host sync.
+- One update per storage: tables coalesced into one storage (``table_coalesce``) share its rows,
+  slots, hyperparameters and ``grad_reduce_by``, and their lookups share gradient anchors, so
+  when all of them are this optimizer's and their scalars are equal, ONE update serves them all
+  (``take_storage_grads``: each shared anchor read once), not one per table reading the whole
+  anchor with the other tables' rows -1: per step one op call and one pass over the anchor per
+  storage. Every step advances every table's scalars alike, so tables whose scalars were equal
+  stay equal; ``load_state_dict`` may make them differ (it compares what it loaded, on the host),
+  and then those tables are updated one by one, each with its own scalars. With ``set_grad_accum_steps(k)``, a ``"worker"`` table's
   gradients (sums over the k micro-batches' occurrences) are divided by k, averaging them as
   dense gradients are; an ``"id"`` table's are not: its mean over occurrences already runs over
   every occurrence of the k micro-batches, so it is an average as it stands. (This is for loops
@@ -68,7 +76,7 @@ from torch.optim import Optimizer
 
 from fxrec.distributed.env import is_distributed
 from fxrec.distributed.sharded import reduce_grads_to_owners
-from fxrec.nn.modules.hashtable import HashTable
+from fxrec.nn.modules.hashtable import HashTable, take_storage_grads
 
 __all__ = ["SparseOptimizer", "check_hyperparameter"]
 
@@ -128,6 +136,9 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             name: self._new_table_state(table.embedding.device) for name, table in self.tables.items()
         }
         self.grad_accum_steps = 1
+        # Each table's scalars as loaded (Python numbers; () for the initial ones): tables with
+        # equal entries hold equal scalars, as every step advances all of them alike.
+        self._scalar_values: dict[str, tuple] = {name: () for name in self.tables}
         for table in self.tables.values():
             self._slots(table)
 
@@ -192,18 +203,37 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        if is_distributed():  # sharded tables: every rank's gradients of the ids this rank owns
-            merged = reduce_grads_to_owners(list(self.tables.values()))
-        else:
-            merged = [table.take_grads() for table in self.tables.values()]
         tables = list(self.tables.values())
+        if is_distributed():  # sharded tables: every rank's gradients of the ids this rank owns
+            units = [[i] for i in range(len(tables))]
+            merged = reduce_grads_to_owners(tables)
+        else:
+            units = self._update_units(list(self.tables), tables)
+            merged = [tables[unit[0]].take_grads() if len(unit) == 1 else take_storage_grads([tables[i] for i in unit])
+                      for unit in units]
         scalars = self._advance([self._table_state(name, table) for name, table in self.tables.items()], group)
-        for table, table_scalars, (rows, grads) in zip(tables, scalars, merged):
+        for unit, (rows, grads) in zip(units, merged):
+            table = tables[unit[0]]
             if table.grad_reduce_by == "worker" and self.grad_accum_steps != 1:
                 grads = grads / self.grad_accum_steps
-            self._update(table, table_scalars, self._slots(table), rows, grads, group)  # no rows: only the counters move
+            # the unit's tables share the storage, the hyperparameters and equal scalars
+            self._update(table, scalars[unit[0]], self._slots(table), rows, grads, group)  # no rows: only the counters move
         HashTable.advance_steps(tables)
         return loss
+
+    def _update_units(self, names: list[str], tables: list[HashTable]) -> list[list[int]]:
+        """The tables (indices into ``tables``, named ``names``) that one update serves: every
+        member of a storage together when all of them are this optimizer's and their scalars are
+        equal (module docstring), else each table alone."""
+        by_storage: dict[int, list[int]] = {}
+        for i, table in enumerate(tables):
+            by_storage.setdefault(id(table.storage), []).append(i)
+        units = []
+        for unit in by_storage.values():
+            whole = len(unit) == len(tables[unit[0]].storage.members)
+            in_step = len({self._scalar_values[names[i]] for i in unit}) == 1
+            units.extend([unit] if whole and in_step else [[i] for i in unit])
+        return units
 
     # -- state_dict ------------------------------------------------------------------------------
 
@@ -278,5 +308,6 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             state = self._table_state(name, table)
             for key, value in scalars.items():  # in place: a compiled step keeps its tensors
                 state[key].copy_(value)
+            self._scalar_values[name] = tuple(value.item() for _, value in sorted(scalars.items()))
         group = self.param_groups[0]
         group.update({key: value for key, value in groups[0].items() if key not in ("params", "param_names")})

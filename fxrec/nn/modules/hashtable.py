@@ -81,7 +81,8 @@ from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, ConstantInitializer, Initi
 from fxrec.nn.modules.table_storage import TableStorage, capacity_for
 from fxrec.ops.table import EMPTY, filled_state, run_starts, table_items
 
-__all__ = ["GRAD_REDUCE_BY", "MAX_ROWS_ENV", "HashTable", "filter_out_sparse_param", "shared_grad_anchor"]
+__all__ = ["GRAD_REDUCE_BY", "MAX_ROWS_ENV", "HashTable", "filter_out_sparse_param", "shared_grad_anchor",
+           "take_storage_grads"]
 
 GRAD_REDUCE_BY = ("worker", "id")
 MAX_ROWS_ENV = "FXREC_MAX_ROWS_PER_RANK"
@@ -107,11 +108,14 @@ class _PendingGrad:
     """Rows a lookup read this step, the anchor their gradient accumulates in, and how often each
     occurred."""
 
-    rows: Tensor  # int64 [U]
+    rows: Tensor  # int64 [U]: this table's rows, -1 at the other tables' entries of a shared anchor
     # [U', dim] zeros (stride 0, U' >= U: a grad sink of fxrec.compile), a leaf that requires
     # grad; after backward the first U rows of .grad are the rows' gradients
     anchor: Tensor
     counts: Tensor  # [U] (int64 from a dedup, or float32), read only by "id" tables and sharded lookups
+    # int64 [U]: the rows of every table that shares the anchor (``take_storage_grads``); ``rows``
+    # itself when the lookup read this table alone
+    lookup_rows: Tensor
     ids: Tensor | None = None  # int64 [U] for a sharded lookup, whose rows are not this table's (take_id_grads)
 
 
@@ -320,24 +324,7 @@ class HashTable(nn.Module):
         ``take_id_grads``'."""
         pending = [p for p in self._pending if p.anchor.grad is not None and p.ids is None]
         self._pending = []
-        device = self.keys.device
-        if not pending:
-            return (torch.empty(0, dtype=torch.int64, device=device),
-                    torch.empty(0, self.dim, dtype=torch.float32, device=device))
-        by_id = self.grad_reduce_by == "id"  # only then are the occurrence counts needed
-        if len(pending) == 1:  # one lookup's rows are distinct but for -1: as they are
-            p = pending[0]
-            rows, counts = p.rows, p.counts
-            grads = p.anchor.grad[:rows.shape[0]].to(torch.float32)
-        else:
-            rows, grads, counts = _merge_rows(
-                torch.cat([p.rows for p in pending]),
-                torch.cat([p.anchor.grad[:p.rows.shape[0]] for p in pending]).to(torch.float32),
-                torch.cat([p.counts.to(torch.float32) for p in pending]) if by_id else None,
-            )
-        if by_id:
-            grads = grads / counts.to(torch.float32).clamp_min(1.0)[:, None]
-        return rows, grads
+        return _reduced_grads([(p.rows, p) for p in pending], self)
 
     def take_id_grads(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(ids [R], sums [R, dim], counts [R])`` of the pending lookups recorded by id (sharded
@@ -407,7 +394,10 @@ class HashTable(nn.Module):
         new row (-1: dropped)."""
         for p in self._pending:
             if p.ids is None:  # sharded lookups' rows are not this table's
-                p.rows = remap[p.rows]
+                own = p.rows
+                p.rows = remap[own]
+                # a shared anchor's lookup rows: remapped by each member, into its own copy
+                p.lookup_rows = p.rows if p.lookup_rows is own else remap[p.lookup_rows]
 
     # -- state_dict -----------------------------------------------------------------------------------
 
@@ -463,12 +453,53 @@ class HashTable(nn.Module):
                 unexpected_keys.append(key)
 
 
+def _reduced_grads(pending: list[tuple[Tensor, _PendingGrad]], table: HashTable) -> tuple[Tensor, Tensor]:
+    """``take_grads``' result for the pending lookups ``(rows, entry)`` (their gradients taken at
+    ``rows``) of ``table`` (or of the storage ``table`` is a member of: ``take_storage_grads``)."""
+    if not pending:
+        device = table.keys.device
+        return (torch.empty(0, dtype=torch.int64, device=device),
+                torch.empty(0, table.dim, dtype=torch.float32, device=device))
+    by_id = table.grad_reduce_by == "id"  # only then are the occurrence counts needed
+    if len(pending) == 1:  # one lookup's rows are distinct but for -1: as they are
+        rows, p = pending[0]
+        counts = p.counts
+        grads = p.anchor.grad[:rows.shape[0]].to(torch.float32)
+    else:
+        rows, grads, counts = _merge_rows(
+            torch.cat([rows for rows, _ in pending]),
+            torch.cat([p.anchor.grad[:rows.shape[0]] for rows, p in pending]).to(torch.float32),
+            torch.cat([p.counts.to(torch.float32) for _, p in pending]) if by_id else None,
+        )
+    if by_id:
+        grads = grads / counts.to(torch.float32).clamp_min(1.0)[:, None]
+    return rows, grads
+
+
+def take_storage_grads(tables: list[HashTable]) -> tuple[Tensor, Tensor]:
+    """``(rows, grads)`` of every row the pending lookups of ``tables`` -- ALL the members of one
+    storage -- touched, each row once (rows -1: padding), and clears their pending lookups: what
+    each member's ``take_grads`` gives, in one result whose update serves them all (the sparse
+    optimizer's one update per storage). A lookup of several members (one anchor they share) is
+    read once, with every member's rows, where ``take_grads`` reads it once per member, the other
+    members' entries -1. Lookups recorded by row only (unsharded)."""
+    pending, seen = [], set()
+    for table in tables:
+        for p in table._pending:
+            if p.anchor.grad is not None and p.ids is None and id(p.anchor) not in seen:
+                seen.add(id(p.anchor))
+                pending.append((p.lookup_rows, p))
+        table._pending = []
+    return _reduced_grads(pending, tables[0])
+
+
 def _merge_rows(rows: Tensor, grads: Tensor, counts: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(rows, grads, counts)`` of the same length with each row once: the entries sorted by row,
     each run of one row summed into its first entry, the run's other entries row -1 (padding), no
     host sync (a sort, a cumulative max and an ``index_add_`` per summed input). ``counts`` None:
-    not summed (None returned)."""
-    sorted_rows, order = torch.sort(rows)
+    not summed (None returned). The sort is stable, so a row's sum adds its entries in the order
+    given (on CPU: the same bits whichever other rows the entries hold)."""
+    sorted_rows, order = torch.sort(rows, stable=True)
     starts = run_starts(sorted_rows)
     positions = torch.arange(sorted_rows.shape[0], device=rows.device)
     run_start = torch.where(starts, positions, 0).cummax(0).values
@@ -507,7 +538,7 @@ def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | Non
         # A new list, not an append: under torch.compile an anchor put into the list object that
         # existed before the graph would escape it ("requires_grad_() intermediate leaked as
         # output"); a list made in the graph and dropped by take_grads / clear_grads does not.
-        table._pending = [*table._pending, _PendingGrad(own, leaf, counts, ids)]
+        table._pending = [*table._pending, _PendingGrad(own, leaf, counts, rows, ids)]
     return anchor
 
 
