@@ -74,7 +74,7 @@ class _SparseAdamBase(SparseOptimizer):
     def _advance(self, states, group):
         """Besides ``step``: ``b1p *= beta1; b2p *= beta2`` ([1] float64 tensors, in place:
         ``fxrec.optim.sparse_optimizer``), then each table's bias corrections ``1 - b1p``,
-        ``1 - b2p`` as 0-d tensors: a few foreach ops for all tables."""
+        ``1 - b2p`` ([1] tensors): a few foreach ops for all tables."""
         super()._advance(states, group)
         beta1, beta2 = (float(b) for b in group["betas"])
         corrections = []
@@ -83,7 +83,7 @@ class _SparseAdamBase(SparseOptimizer):
             torch._foreach_mul_(products, beta)
             # 1 - b as (-b) + 1: the same correctly rounded float64 difference
             corrections.append(torch._foreach_add(torch._foreach_neg(products), 1.0))
-        return [(bc1.reshape(()), bc2.reshape(())) for bc1, bc2 in zip(*corrections)]
+        return list(zip(*corrections))
 
     def _update(self, table, scalars, slots, rows, grads, group):
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -91,7 +91,7 @@ class _SparseAdamBase(SparseOptimizer):
         torch.ops.fxrec.sparse_adam_update(
             table.embedding, slots["exp_avg"], slots["exp_avg_sq"], rows, grads,
             float(group["lr"]), beta1, beta2, float(group["eps"]), self._decay(group),
-            bias_correction1, bias_correction2,
+            bias_correction1.reshape(()), bias_correction2.reshape(()),  # only the updated units' (one per storage)
         )
 
 

@@ -108,15 +108,21 @@ class _PendingGrad:
     """Rows a lookup read this step, the anchor their gradient accumulates in, and how often each
     occurred."""
 
-    rows: Tensor  # int64 [U]: this table's rows, -1 at the other tables' entries of a shared anchor
+    # int64 [U]: the lookup's rows, of every table that shares the anchor (``take_storage_grads``)
+    lookup_rows: Tensor
     # [U', dim] zeros (stride 0, U' >= U: a grad sink of fxrec.compile), a leaf that requires
     # grad; after backward the first U rows of .grad are the rows' gradients
     anchor: Tensor
     counts: Tensor  # [U] (int64 from a dedup, or float32), read only by "id" tables and sharded lookups
-    # int64 [U]: the rows of every table that shares the anchor (``take_storage_grads``); ``rows``
-    # itself when the lookup read this table alone
-    lookup_rows: Tensor
+    tags: Tensor | None  # [U]: each row's table tag where the lookup read several tables, else None
+    tag: int  # this table's tag
     ids: Tensor | None = None  # int64 [U] for a sharded lookup, whose rows are not this table's (take_id_grads)
+
+    @property
+    def rows(self) -> Tensor:
+        """This table's rows: -1 at the other tables' entries (made where read, by the per-table
+        paths only: the optimizer's per-storage update reads ``lookup_rows``)."""
+        return self.lookup_rows if self.tags is None else torch.where(self.tags == self.tag, self.lookup_rows, -1)
 
 
 class HashTable(nn.Module):
@@ -394,10 +400,7 @@ class HashTable(nn.Module):
         new row (-1: dropped)."""
         for p in self._pending:
             if p.ids is None:  # sharded lookups' rows are not this table's
-                own = p.rows
-                p.rows = remap[own]
-                # a shared anchor's lookup rows: remapped by each member, into its own copy
-                p.lookup_rows = p.rows if p.lookup_rows is own else remap[p.lookup_rows]
+                p.lookup_rows = remap[p.lookup_rows]  # a shared anchor's: each member remaps its own copy
 
     # -- state_dict -----------------------------------------------------------------------------------
 
@@ -513,8 +516,9 @@ def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | Non
     """The anchor of ``fxrec::table_combine`` for unique ``rows [U]`` of one storage that
     ``tables`` read (``tags [U]``: each row's table tag; None: all rows ``tables[0]``'s): in
     training mode with grad enabled ONE zero ``[U, dim]`` leaf (stride 0) that requires grad, and
-    each table records it with its own rows (the others' -1) as a pending gradient, so that its
-    ``take_grads`` returns what its own lookup would; else None. ``counts [U]`` (default 1 each):
+    each table records it as a pending gradient with the lookup's rows and tags (its own rows:
+    those of its tag, the others' -1), so that its ``take_grads`` returns what its own lookup
+    would; else None. ``counts [U]`` (default 1 each):
     how often each row occurs, for ``grad_reduce_by="id"``. ``ids [U]``: a sharded lookup
     (``fxrec.distributed.sharded``), whose ``rows`` index the rows fetched from the owners: each
     table records the gradient by id (its own entries: rows >= 0), for ``take_id_grads``."""
@@ -534,11 +538,10 @@ def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | Non
     # as given (a dedup's int64 counts): converted where read, by "id" tables and sharded lookups only
     counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts.reshape(-1)
     for table in tables:
-        own = rows if tags is None else torch.where(tags == table.tag, rows, -1)
         # A new list, not an append: under torch.compile an anchor put into the list object that
         # existed before the graph would escape it ("requires_grad_() intermediate leaked as
         # output"); a list made in the graph and dropped by take_grads / clear_grads does not.
-        table._pending = [*table._pending, _PendingGrad(own, leaf, counts, rows, ids)]
+        table._pending = [*table._pending, _PendingGrad(rows, leaf, counts, tags, table.tag, ids)]
     return anchor
 
 
