@@ -27,7 +27,8 @@ Variants (``samples/s`` = B / median step time; ratios against ``torch compiled`
 First-compile time: the first step of a compiled variant (tracing, Inductor, the backward's
 compile), once per variant (fxrec compiles one graph for every B; torch recompiles per B).
 ``--sync-debug`` (CUDA) counts the host syncs of one step per fxrec variant
-(``torch.cuda.set_sync_debug_mode``).
+(``torch.cuda.set_sync_debug_mode``). ``--variants 'fxrec passes' ...`` runs only those (the
+baseline ``torch compiled`` always runs): two trees compared on one lease without the compiles.
 
 Counted first (METHOD.md), B = 4096, seq_len 1000, float32:
   FLOPs  the MLP's first layer dominates: 32056 x 128 x 2 per row forward, x3 with its two
@@ -321,7 +322,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sync-debug", action="store_true", help="count each fxrec variant's host syncs (CUDA)")
     parser.add_argument("--world-size", type=int, default=1,
                         help="> 1: scaling of the fxrec steps from 1 to this many processes (module docstring)")
+    parser.add_argument("--variants", nargs="+", default=[name for name, _, _ in VARIANTS],
+                        choices=[name for name, _, _ in VARIANTS], metavar="VARIANT",
+                        help="the variants to run (quoted names, e.g. 'fxrec passes'); the baseline 'torch compiled' "
+                             "always runs")
     args = parser.parse_args(argv)
+    variants = [v for v in VARIANTS if v[0] in args.variants or v[0] == "torch compiled"]
     if args.steps < 1 or args.pool < 1 or args.seq_len < 1 or args.max_seq_len < 2 or args.world_size < 1:
         raise ValueError("need --steps >= 1, --pool >= 1, --seq-len >= 1, --max-seq-len >= 2, --world-size >= 1")
     if args.world_size > 1:
@@ -337,7 +343,7 @@ def main(argv=None) -> None:
               "torch": {b: [torch_batch(r, args.seq_len, device) for r in rs] for b, rs in raws.items()}}
     results = {}  # (variant, B) -> ms, or the exception that stopped that variant (reported, not fatal)
     compile_s, syncs = {}, {}
-    for name, make, kind in VARIANTS:
+    for name, make, kind in variants:
         model, forward, dense, sparse = make(kind, device, args.seq_len)
         step = make_step(forward, dense, sparse)
         for b in args.batch_sizes:
@@ -366,7 +372,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|" + ("---|" if syncs else ""))
     for b in args.batch_sizes:
         ref = results["torch compiled", b]
-        for name, _, _ in VARIANTS:
+        for name, _, _ in variants:
             ms = results[name, b]
             if isinstance(ms, Exception):
                 row = f"| {name} | {b} | failed: {type(ms).__name__} | | |"
