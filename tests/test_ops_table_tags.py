@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec.*)
 from fxrec.ops.table import (
-    EMPTY, FILLED, MAX_TAG, OCCUPANCY, TAG_SHIFT, filled_state, new_index, table_items, unique_tagged,
+    EMPTY, FILLED, MAX_TAG, OCCUPANCY, TAG_SHIFT, filled_state, new_index, run_starts, table_items, unique_tagged,
 )
 from fxrec.ops.triton.table import table_find_or_insert_triton, table_find_triton
 from oracles import mix64
@@ -101,7 +101,12 @@ def test_triton_find_equals_cpu_find(pairs, queries):
     assert got.tolist() == expect.tolist()
 
 
-@given(pairs=pairs_st)
+many_tags_st = st.one_of(a_tag, st.integers(0, MAX_TAG))
+# all of one pair (every occurrence a duplicate), or pairs of many tags
+dup_pairs_st = st.builds(lambda pair, n: [pair] * n, st.tuples(a_tag, an_id), st.integers(1, 6))
+
+
+@given(pairs=st.one_of(pairs_st, st.lists(st.tuples(many_tags_st, an_id), max_size=40), dup_pairs_st))
 def test_unique_tagged_equals_sorted_set(pairs):
     ids, tags = as_tensors(pairs)
     uniq, uniq_tags, inverse, counts = unique_tagged(ids, tags)
@@ -110,6 +115,18 @@ def test_unique_tagged_equals_sorted_set(pairs):
     assert uniq.dtype == torch.int64 and uniq_tags.dtype == torch.int32
     assert [distinct[i] for i in inverse.tolist()] == pairs
     assert counts.tolist() == [pairs.count(p) for p in distinct]
+
+
+an_int32 = st.one_of(st.sampled_from([-(2**31), -1, 0, 1, 2**31 - 1]), st.integers(-3, 3))
+
+
+@given(values_dtype=st.one_of(st.tuples(st.lists(an_id, max_size=24), st.just(torch.int64)),
+                              st.tuples(st.lists(an_int32, max_size=24), st.just(torch.int32))))
+def test_run_starts_marks_first_and_changes(values_dtype):
+    values, dtype = values_dtype
+    starts = run_starts(torch.tensor(values, dtype=dtype))
+    assert starts.dtype == torch.bool
+    assert starts.tolist() == [i == 0 or v != values[i - 1] for i, v in enumerate(values)]
 
 
 def test_tag_zero_is_untagged_and_home_slot():

@@ -89,26 +89,32 @@ def new_index(capacity: int, device: torch.device | str | None = None) -> tuple[
     return keys, torch.full((capacity,), EMPTY, dtype=torch.int32, device=device)
 
 
+def _predecessors(values: Tensor, first: int) -> Tensor:
+    """1-D ``values`` shifted one place: entry ``i`` holds ``values[i - 1]``, entry 0 ``first``.
+    A shifted copy (padded in front, then ``narrow`` to the same length), not ``values[:-1]``:
+    torch 2.11's Inductor fails to lower that slice of an unbacked length (``KeyError:
+    'unbacked_bindings'``)."""
+    return torch.nn.functional.pad(values, (1, 0), value=first).narrow(0, 0, values.shape[0])
+
+
 def run_starts(values: Tensor) -> Tensor:
     """bool ``[n]``: True where an entry of 1-D ``values`` starts a run of equal entries (the first,
-    and each that differs from its predecessor). The predecessor comes from a shifted copy (``cat``
-    then ``narrow`` to the same length), not ``values[:-1]``: torch 2.11's Inductor fails to lower
-    that slice of an unbacked length (``KeyError: 'unbacked_bindings'``)."""
-    n = values.shape[0]
-    previous = torch.cat([values.new_zeros(1), values]).narrow(0, 0, n)
-    return (values != previous) | (torch.arange(n, device=values.device) == 0)
+    and each that differs from its predecessor: ``_predecessors`` says why a shifted copy)."""
+    first = torch.arange(values.shape[0], device=values.device) == 0
+    return (values != _predecessors(values, 0)) | first
 
 
 def unique_tagged(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``torch.unique`` of the (tag, id) pairs of flat ``ids`` and ``tags``: ``(ids, tags,
-    inverse, counts)`` of the distinct pairs, ascending by tag, then id. A lexicographic sort
-    (two stable sorts) and run boundaries: ``torch.unique(dim=...)`` would do, but Inductor
-    miscompiles its strides (torch 2.13: ``assert_size_stride`` fails on ``aten.unique_dim``).
-    Each pair is compared with its predecessor by ``run_starts``."""
-    by_id = torch.sort(ids, stable=True).indices
-    order = by_id[torch.sort(tags[by_id], stable=True).indices]
-    sorted_ids, sorted_tags = ids[order], tags[order]
-    starts = run_starts(sorted_ids) | run_starts(sorted_tags)
+    """``torch.unique`` of the (tag, id) pairs of flat ``ids`` and ``tags`` (int32 table tags,
+    >= 0): ``(ids, tags, inverse, counts)`` of the distinct pairs, ascending by tag, then id. A
+    lexicographic sort (two stable sorts) and run boundaries: ``torch.unique(dim=...)`` would do,
+    but Inductor miscompiles its strides (torch 2.13: ``assert_size_stride`` fails on
+    ``aten.unique_dim``). A pair starts a run where its tag or its id differs from its
+    predecessor's; the first pair's predecessor has tag -1, so it always starts one."""
+    ids_by_id, by_id = torch.sort(ids, stable=True)
+    sorted_tags, by_tag = torch.sort(tags[by_id], stable=True)
+    order, sorted_ids = by_id[by_tag], ids_by_id[by_tag]
+    starts = (sorted_tags != _predecessors(sorted_tags, -1)) | (sorted_ids != _predecessors(sorted_ids, 0))
     run = torch.cumsum(starts, 0) - 1
     inverse = torch.empty_like(run).scatter_(0, order, run)
     # the run starts' positions: the one read-back of the pairs' count (a boolean index per

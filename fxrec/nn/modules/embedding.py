@@ -57,6 +57,7 @@ Decisions:
 
 from __future__ import annotations
 
+import itertools
 import keyword
 import operator
 from dataclasses import dataclass, field
@@ -293,8 +294,10 @@ def _lookup_unique_merged(tables: tuple[HashTable, ...], values: list[Tensor], t
         uniq, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)
         uniq_tags = None
     else:
-        item_tags = torch.cat([torch.full((n,), t.tag, dtype=torch.int32, device=flat.device)
-                               for n, t in zip(sizes, tables)])
+        # one fill per run of consecutive features of one table, not one per feature
+        runs = itertools.groupby(zip(sizes, tables), key=lambda size_table: size_table[1].tag)
+        item_tags = torch.cat([torch.full((sum(n for n, _ in run),), tag, dtype=torch.int32, device=flat.device)
+                               for tag, run in runs])
         uniq, uniq_tags, inverse, counts = unique_tagged(flat, item_tags)
     # one process: one tagged lookup in the storage; sharded: the (tag, id) pairs go to the ids'
     # owners, each does one tagged lookup in its storage (fxrec.distributed.sharded)

@@ -89,6 +89,8 @@ class TableStorage(nn.Module):
         # the base of every gradient anchor (``shared_grad_anchor``: a stride-0 view of it per
         # lookup; nothing writes it): one zero, not a fill kernel per lookup
         self.register_buffer("zero", torch.zeros((), dtype=dtype, device=device))
+        # -1, no row: ``torch.where``'s other operand (a Python -1 is a tensor made per lookup)
+        self.register_buffer("no_row", torch.full((), -1, dtype=torch.int64, device=device))
         # per member, on the device: inserts count into them without a host sync
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64, device=device))
         self.register_buffer("seeds", torch.zeros(0, dtype=torch.int64, device=device))
@@ -154,12 +156,13 @@ class TableStorage(nn.Module):
         if len(modes) > 1:
             raise ValueError(f"HashTable: coalesced tables {[t.name for t in members]} are looked up together but "
                              "are not all in one mode (training / eval, admitting or not): set the mode on all")
+        member = None if tags is None else tags.long()  # each id's member (its tag) as an index, converted once
         if not first.admits:
             rows = torch.ops.fxrec.table_find(self.keys, self.state, ids, tags)
             if first.training:
                 found = rows >= 0
-                steps = self._steps(tags)
-                self.last_seen[rows[found]] = steps if tags is None else steps[found]
+                steps = self._steps(member)
+                self.last_seen[rows[found]] = steps if member is None else steps[found]
             return rows
         if not torch.compiler.is_compiling():
             # Growth replaces the buffers: it cannot run inside a compiled graph, whose caller
@@ -171,24 +174,28 @@ class TableStorage(nn.Module):
         # boolean index is a host sync per lookup and, compiled, a data-dependent size. ONE op
         # writes the new rows' initial values straight into the embedding; their optimizer slots
         # already hold the slots' initial values (free rows do: class docstring).
-        new_rows = torch.where(inserted, rows, -1)
-        if tags is None:
-            self.counts.narrow(0, 0, 1).add_(inserted.sum())  # in place, 3 ops (``counts[0] +=``: 5)
+        new_rows = torch.where(inserted, rows, self.no_row)
+        if member is None:
+            # member 0's count in place: all of counts for a lone member, else a view (one op
+            # more; ``counts[0] +=``: three more)
+            count = self.counts if len(self.members) == 1 else self.counts.narrow(0, 0, 1)
+            count.add_(inserted.sum())
             first.initializer.write_rows(self.embedding, new_rows, ids, self.members[0].seed, first.block_size)
         else:
-            self.counts.index_add_(0, tags.long(), inserted.long())
-            first.initializer.write_rows(self.embedding, new_rows, ids, 0, first.block_size, self.seeds[tags.long()])
-        self.last_seen[rows] = self._steps(tags)
+            self.counts.index_add_(0, member, inserted.long())
+            first.initializer.write_rows(self.embedding, new_rows, ids, 0, first.block_size, self.seeds[member])
+        self.last_seen[rows] = self._steps(member)
         for table in {id(t): t for t in members}.values():  # the row cap: per logical table (its count)
             if table.max_rows is not None:
                 table._check_row_cap(int(table.count))
         return rows
 
-    def _steps(self, tags: Tensor | None) -> Tensor:
-        """The table step of each id's member (``tags``), or member 0's (0-d) without tags."""
-        if tags is None:
+    def _steps(self, member: Tensor | None) -> Tensor:
+        """The table step of each id's member (``member``: int64 member indices, the tags), or
+        member 0's (0-d) without."""
+        if member is None:
             return self.members[0].step
-        return torch.stack([t.step for t in self.members])[tags.long()]
+        return torch.stack([t.step for t in self.members])[member]
 
     # -- rebuilds -----------------------------------------------------------------------------------
 
