@@ -2,7 +2,7 @@
 naive O(N x T) baseline measured in the same run, plus Gauc's forward.
 
   fxrec AUROC           update (input check: one host sync; arithmetic bucket; scatter_add
-                        histogram; reverse cumsum) + compute, T = 200
+                        histogram; cumulative sum) + compute, T = 200
   fxrec AUROC, no check the same with ``validate_args=False`` (no host sync)
   bucketize variant     the same counts with ``torch.bucketize`` for the bucket (what the
                         arithmetic bucket replaces)
@@ -30,8 +30,10 @@ from bench.timing import machine, median_ms
 from fxrec.metrics import AUROC, Gauc
 
 
-def naive_counts(pred: torch.Tensor, label: torch.Tensor, thr: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
-    """[4, T] tp, fp, tn, fn by comparing every prediction with every threshold."""
+def naive_counts(pred: torch.Tensor, label: torch.Tensor, thr: torch.Tensor,
+                 chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """([fp, tp], [tn, fn]) per threshold (``AUROC._batch_counts``'s layout) by comparing every
+    prediction with every threshold."""
     tp = torch.zeros(thr.numel(), dtype=torch.int64, device=pred.device)
     fp = torch.zeros_like(tp)
     pos_total = neg_total = 0
@@ -42,16 +44,16 @@ def naive_counts(pred: torch.Tensor, label: torch.Tensor, thr: torch.Tensor, chu
         fp += (above & ~yb).sum(0)
         pos_total = pos_total + y.sum()
         neg_total = neg_total + (y.numel() - y.sum())
-    return torch.stack([tp, fp, neg_total - fp, pos_total - tp])
+    return torch.stack([fp, tp]), torch.stack([neg_total - fp, pos_total - tp])
 
 
-def bucketize_counts(m: AUROC, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+def bucketize_counts(m: AUROC, pred: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t = m.num_thresholds
     bins = torch.bucketize(pred, m.thresholds.to(pred.dtype)) * 2 + label
     hist = torch.zeros(2 * (t + 1), dtype=torch.int64, device=pred.device).scatter_add_(0, bins, torch.ones_like(bins))
     at_or_above = hist.view(t + 1, 2).flip(0).cumsum(0).flip(0)
     tp, fp, total = at_or_above[1:, 1], at_or_above[1:, 0], at_or_above[0]
-    return torch.stack([tp, fp, total[0] - fp, total[1] - tp])
+    return torch.stack([fp, tp]), torch.stack([total[0] - fp, total[1] - tp])
 
 
 def main() -> None:
@@ -76,9 +78,9 @@ def main() -> None:
     checked, unchecked = AUROC(t).to(dev), AUROC(t, validate_args=False).to(dev)
     thr = checked.thresholds.to(pred.dtype)
 
-    reference = checked._batch_counts(pred, label)
-    assert torch.equal(naive_counts(pred, label, thr), reference), "naive counts differ"
-    assert torch.equal(bucketize_counts(checked, pred, label), reference), "bucketize counts differ"
+    reference = torch.cat(checked._batch_counts(pred, label))
+    assert torch.equal(torch.cat(naive_counts(pred, label, thr)), reference), "naive counts differ"
+    assert torch.equal(torch.cat(bucketize_counts(checked, pred, label)), reference), "bucketize counts differ"
 
     def fxrec_step(m):
         def run():
@@ -87,7 +89,7 @@ def main() -> None:
         return run
 
     def counts_then_auc(fn):
-        return lambda: AUROC._auc(*fn())
+        return lambda: checked._auc(*fn())
 
     gauc = Gauc().to(dev)
     rows = [

@@ -265,6 +265,32 @@ def test_auroc_bad_shapes_and_arguments():
     assert m.tp.tolist()[0] == 2 and m.tp.tolist()[-1] == 1
 
 
+@pytest.mark.parametrize("pdtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("ldtype, check_ops", [(torch.bool, 2), (torch.int64, 3), (torch.float32, 4)])
+def test_auroc_step_op_count(pdtype, ldtype, check_ops):
+    """update + compute run every training step, and on a GPU each aten op costs the host a
+    dispatch (bench/step_host.py): their count is pinned (29, plus the value check's, plus a
+    float16 cast; the tutorial's float32 predictions with autograd history and float labels: 33,
+    were 55), with no op that would sync a GPU but the CPU check's read, and the oracle's results."""
+    from bench.step_host import HostOpCounter
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.rand(64, generator=gen).to(pdtype).requires_grad_()
+    y = (torch.rand(64, generator=gen) < 0.3).to(ldtype)
+    compared = p.detach().numpy() if pdtype == torch.float64 else p.detach().float().numpy()
+    counts = tf_counts(compared, y.long().numpy(), 200)
+    cast = int(pdtype == torch.float16)
+    for validate, ops, syncs in [(True, 29 + check_ops + cast, {"Tensor.tolist"}), (False, 29 + cast, set())]:
+        m = AUROC(validate_args=validate)
+        with HostOpCounter("cpu") as counter:
+            m.update(p, y)
+            auc = m.compute()
+        assert counter.ops <= ops and {reason for reason, _, _ in counter.syncs} == syncs
+        for name, expected in zip(("tp", "fp", "tn", "fn"), counts):
+            np.testing.assert_array_equal(getattr(m, name).numpy(), expected, err_msg=name)
+        assert abs(float(auc) - tf_auc(*counts)) <= 1e-12
+
+
 def test_auroc_buffers_in_state_dict():
     model = torch.nn.Module()
     model.auc = AUROC(num_thresholds=50)

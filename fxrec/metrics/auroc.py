@@ -10,13 +10,13 @@ so every term is >= 0).
 
 How the counts are made (no N x T comparison matrix): each prediction's bucket ``k`` = the number
 of thresholds it exceeds (what ``torch.bucketize(pred, thr)`` returns); a histogram of
-``2 k + label`` (``scatter_add_`` into ``2 (T + 1)`` bins: no host sync, unlike CUDA
+``k + (T + 1) label`` (``scatter_add`` into ``2 (T + 1)`` bins: no host sync, unlike CUDA
 ``bincount``); then a cumulative sum gives, per threshold ``j``, how many negatives and
 positives have ``k <= j``: that is tn and fn, and the totals minus them fp and tp. Because the thresholds are evenly spaced the bucket is
-computed arithmetically (``ceil(pred * (T - 1))``, then corrected by one comparison with each
-neighbouring threshold, so float rounding cannot move a prediction across a threshold): 3-5x
-faster than ``torch.bucketize``'s binary search on CPU (``bench/metrics.py``), and identical to it
-(tested).
+computed arithmetically (``floor(1 + pred * (T - 1))``, which is ``k`` or ``k + 1``, then corrected
+by one comparison with the threshold below it, so float rounding cannot move a prediction across a
+threshold): 3-5x faster than ``torch.bucketize``'s binary search on CPU (``bench/metrics.py``), and
+identical to it (tested).
 
 With exact counts the binned curve's trapezoid is the Mann-Whitney AUC of the *bucket indices*
 (ties counted half): it differs from the exact AUC only through positive/negative pairs that fall
@@ -120,7 +120,7 @@ class AUROC(nn.Module):
         self.register_buffer("thresholds", torch.tensor(auroc_thresholds(t), dtype=torch.float64), persistent=False)
         for name in ("tp", "fp", "tn", "fn"):
             self.register_buffer(name, torch.zeros(t, dtype=torch.int64))
-        self._bounds = self._make_bounds()
+        self._make_constants()
         # a GPU batch's value check on its way to the host: (flags [2] in pinned memory, its event)
         self._pending_check: tuple[torch.Tensor, torch.cuda.Event] | None = None
 
@@ -129,18 +129,33 @@ class AUROC(nn.Module):
         # counters' (possibly new) device. The int64 counters are never cast by dtype moves.
         super()._apply(fn, recurse)
         self.thresholds = torch.tensor(auroc_thresholds(self.num_thresholds), dtype=torch.float64, device=self.tp.device)
-        self._bounds = self._make_bounds()
+        self._make_constants()
         return self
 
-    def _make_bounds(self) -> dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]]:
-        """Per comparison dtype (float32, float64: ``_check``), the thresholds and each bucket's
-        lower threshold (``[k]``: ``thr[k - 1]``, k >= 1): made with the buffers, not per batch
-        (nor while a compiled step runs, which would recompile when it filled a cache)."""
-        bounds = {}
+    def _make_constants(self) -> None:
+        """The tensors every batch uses, on the counters' device: made with the buffers, not per
+        batch (each would be ops per step; nor while a compiled step runs, which would recompile
+        when it filled a cache). Plain attributes, not buffers: ``.half()`` must not round them.
+
+        - ``_bounds``: per comparison dtype (float32, float64: ``_check``), the thresholds and each
+          bucket's lower threshold (``[k]``: ``thr[k - 1]``, k >= 1; [0] is never read);
+        - ``_one``: int64 1, the histogram's count per prediction (expanded, no copy);
+        - ``_empty_hist``: the zero histogram ``scatter_add`` returns a filled copy of;
+        - ``_rate_scale``, ``_rate_eps``: (fpr, tpr)'s numerators are (fp / 2, tp + 1e-6) (``_auc``),
+          ``_denominator_eps`` TF's smoothing of their denominators; float64, so the int64 counts
+          they meet become float64;
+        - ``_trapezoid_signs``: -1, +1 (each neighbouring pair's fpr difference, tpr sum)."""
+        device = self.tp.device
+        self._bounds = {}
         for dtype in (torch.float32, torch.float64):
             thr = self.thresholds.to(dtype)
-            bounds[dtype] = (thr, torch.cat([thr[:1], thr[:-1]]))
-        return bounds
+            self._bounds[dtype] = (thr, torch.cat([thr[:1], thr]))
+        self._one = torch.ones((), dtype=torch.int64, device=device)
+        self._empty_hist = torch.zeros(2 * (self.num_thresholds + 1), dtype=torch.int64, device=device)
+        self._rate_scale = torch.tensor([[0.5], [1.0]], dtype=torch.float64, device=device)
+        self._rate_eps = torch.tensor([[0.0], [EPSILON]], dtype=torch.float64, device=device)
+        self._denominator_eps = torch.tensor([EPSILON], dtype=torch.float64, device=device)
+        self._trapezoid_signs = torch.tensor([[-1.0], [1.0]], dtype=torch.float64, device=device)
 
     def extra_repr(self) -> str:
         return f"num_thresholds={self.num_thresholds}, dist_sync_on_step={self.dist_sync_on_step}"
@@ -163,12 +178,13 @@ class AUROC(nn.Module):
         """The value check of a batch (class docstring): at once on the CPU, the next call's on a GPU."""
         # One pass per input, its extremes read back together (in pred's dtype: a stack promotes)
         # and compared on the host: aminmax propagates NaN, which fails both comparisons there.
-        # Float labels: one "any" of label * (1 - label), non-zero (NaN included) iff a label is
-        # not 0 or 1; integer labels: their extremes; bool labels need no check.
+        # Float labels: one "any" of label - label * label (one addcmul), non-zero (NaN included)
+        # iff a label is not 0 or 1 (in (0, 1) the rounded square stays below the label);
+        # integer labels: their extremes; bool labels need no check.
         stats = list(torch.aminmax(pred))
         if label.dtype != torch.bool:
             if label.is_floating_point() or label.is_complex():
-                stats.append((label * (1 - label)).any().to(pred.device))
+                stats.append(label.addcmul(label, label, value=-1).any().to(pred.device))
             else:
                 stats.extend(s.to(pred.device) for s in torch.aminmax(label))
         values = torch.stack(stats)
@@ -207,55 +223,56 @@ class AUROC(nn.Module):
         t = self.num_thresholds
         if t > _ARITH_MAX_T:
             return torch.bucketize(pred, thr)
-        # Estimate (exact up to rounding: j/(T-1) < p <=> j <= ceil(p (T-1)) - 1), clamped to
-        # [1, T-1] in float (keeps huge values convertible) and again as int (NaN's conversion),
-        # then move by one where a neighbouring threshold says so. Valid for p outside [0, 1]
-        # too: they land in bucket 0 or T, as bucketize puts them. In place where possible: the
-        # passes are memory-bound.
-        est = (pred * (t - 1)).ceil_().clamp_(1, t - 1).long().clamp_(1, t - 1)
+        # Estimate 1 + p (T - 1) (one op: the int64 1 promotes to pred's dtype), clamped to [1, T]
+        # in float (keeps huge values convertible) and again as int (NaN's conversion). Its floor
+        # is k or k + 1 whatever the rounding (p > thr[k - 1] ~ (k - 1) / (T - 1) puts it at k or
+        # above, p <= thr[k] below k + 2), and the threshold below it says which. Valid for p
+        # outside [0, 1] too: they land in bucket 0 or T, as bucketize puts them; NaN compares
+        # false, so it stays in bucket 1. In place where possible: the passes are memory-bound.
+        est = torch.add(self._one, pred, alpha=t - 1).clamp_(1, t).long().clamp_(1, t)
         too_high = thr_below.index_select(0, est) >= pred
-        too_low = thr.index_select(0, est) < pred
-        return est.add_(too_low).sub_(too_high.long())
+        return est.add_(too_high, alpha=-1)  # (sub_ refuses bool operands)
 
-    def _batch_counts(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """int64 [4, T]: this batch's fp, tp, tn, fn per threshold (all-reduced if asked)."""
-        pred, label = self._check(pred, label)
-        t = self.num_thresholds
-        bins = self._buckets(pred).mul_(2).add_(label != 0)  # any non-zero label: positive (in bounds)
-        hist = torch.zeros(2 * (t + 1), dtype=torch.int64, device=pred.device)
-        hist.scatter_add_(0, bins, torch.ones_like(bins))
-        # [k, 0] negatives, [k, 1] positives with bucket <= k; at threshold j those with bucket
-        # <= j are predicted negative (tn, fn), the rest of each total positive (fp, tp)
-        at_or_below = hist.view(t + 1, 2).cumsum(0)
-        below = at_or_below[:-1]
-        counts = torch.cat([at_or_below[-1] - below, below], 1).t()  # fp, tp, tn, fn
-        if self.dist_sync_on_step and _distributed():
-            counts = counts.contiguous()  # NCCL reduces contiguous tensors only (gloo takes any)
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        return counts
+    def _batch_counts(self, pred: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's counts per threshold (all-reduced if asked), int64 [2, T] each: ``above``
+        (fp, tp: predicted positive) and ``below`` (tn, fn: predicted negative)."""
+        with torch.no_grad():  # pred may carry autograd history: recording it would add ops
+            pred, label = self._check(pred, label)
+            t = self.num_thresholds
+            # bin k + (T + 1) label; any non-zero label counts as positive (in bounds)
+            bins = self._buckets(pred).add_(label != 0, alpha=t + 1)
+            hist = self._empty_hist.scatter_add(0, bins, self._one.expand_as(bins))
+            if self.dist_sync_on_step and _distributed():
+                dist.all_reduce(hist, op=dist.ReduceOp.SUM)  # the counts below are linear in it
+            # [0, k] negatives, [1, k] positives with bucket <= k; at threshold j those with bucket
+            # <= j are predicted negative (tn, fn), the rest of each total positive (fp, tp)
+            below, total = hist.view(2, t + 1).cumsum(1).split([t, 1], 1)
+            return total - below, below
 
-    @staticmethod
-    def _auc(tp: torch.Tensor, fp: torch.Tensor, tn: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
-        tp, fp, tn, fn = (c.double() for c in (tp, fp, tn, fn))
-        tpr = (tp + EPSILON) / (tp + fn + EPSILON)
-        fpr = fp / (fp + tn + EPSILON)
-        return ((fpr[:-1] - fpr[1:]) * (tpr[:-1] + tpr[1:]) / 2.0).sum()
+    def _auc(self, above: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+        """The AUC (module docstring's formula) of int64 [2, T] counts: ``above`` fp, tp and
+        ``below`` tn, fn; in float64, the bits of the formula evaluated term by term."""
+        # [fpr / 2, tpr]: the trapezoid's 1/2 taken in fp's numerator, which is exact (a power of
+        # 2, far from float64's underflow), so every later rounding is the formula's, halved
+        rates = torch.addcmul(self._rate_eps, above, self._rate_scale) / (above + below + self._denominator_eps)
+        # left + right * (-1, +1): (fpr[j] - fpr[j+1]) / 2 and tpr[j] + tpr[j+1]; their product
+        pairs = torch.addcmul(rates[:, :-1], rates[:, 1:], self._trapezoid_signs)
+        return pairs.prod(0).sum()
 
     # -- the metric API --------------------------------------------------------------------------
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
         """Add this batch's counts to the counters."""
-        counts = self._batch_counts(pred, label).to(self.tp.device)
-        torch._foreach_add_([self.fp, self.tp, self.tn, self.fn], counts.unbind(0))
+        above, below = self._batch_counts(pred, label)
+        torch._foreach_add_([self.fp, self.tp, self.tn, self.fn], [*above, *below])
 
     def compute(self) -> torch.Tensor:
         """AUC (float64 0-dim tensor) of everything accumulated since the last reset."""
-        return self._auc(self.tp, self.fp, self.tn, self.fn)
+        return self._auc(torch.stack([self.fp, self.tp]), torch.stack([self.tn, self.fn]))
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """AUC of this batch alone (the counters are left as they are)."""
-        fp, tp, tn, fn = self._batch_counts(pred, label).unbind(0)
-        return self._auc(tp, fp, tn, fn)
+        return self._auc(*self._batch_counts(pred, label))
 
     def reset(self) -> None:
         """Zero the counters."""
