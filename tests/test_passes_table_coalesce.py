@@ -22,7 +22,7 @@ from fxrec.nn.initializers import NormalInitializer, UniformInitializer
 from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
 from fxrec.nn.modules.hashtable import HashTable, filter_out_sparse_param
 from fxrec.nn.modules.table_storage import coalesce_tables
-from fxrec.optim import SparseAdamWTF
+from fxrec.optim import SparseAdagrad, SparseAdamWTF, SparseSGD
 from fxrec.passes import DEFAULT_EMBEDDING_PASSES, explain, lookup_merge, op_counts, table_coalesce
 from embedding_cases import (
     INT64_MAX, INT64_MIN, assert_tables_equal, by_id, cases, check_equal, configs, grads_by_id, loss_of, tutorial_batch,
@@ -142,15 +142,19 @@ def test_sparse_adamwtf_training_equal():
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6, msg=f"{name}.{key}")
 
 
+UPDATE_OPS = (torch.ops.fxrec.sparse_adam_update, torch.ops.fxrec.sparse_adagrad_update,
+              torch.ops.fxrec.sparse_sgd_update)
+
+
 class UpdateCalls(TorchDispatchMode):
-    """Counts ``fxrec::sparse_adam_update`` calls."""
+    """Counts the sparse optimizers' update op calls."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func.overloadpacket is torch.ops.fxrec.sparse_adam_update
+        self.calls += func.overloadpacket in UPDATE_OPS
         return func(*args, **(kwargs or {}))
 
 
@@ -167,7 +171,8 @@ def storages_of(engine) -> list:
     return list({id(t.storage): t.storage for t in engine.tables.values()}.values())
 
 
-def test_one_update_per_storage():
+@pytest.mark.parametrize("optimizer", [SparseAdamWTF, SparseAdagrad, SparseSGD])
+def test_one_update_per_storage(optimizer):
     """A step updates each storage's rows with ONE op for all its tables (equal scalars), and
     trains as the uncoalesced tables do (one update each); on top of ``test_sparse_adamwtf_training_equal``
     this counts the calls, also when a storage's tables are looked up separately (several
@@ -176,7 +181,7 @@ def test_one_update_per_storage():
     plain, coalesced = engines(options)
     separate = EmbeddingEngine(copy.deepcopy(options))  # coalesced below, its lookups stay per feature
     coalesce_tables([separate.tables[n] for n in ["sparse2", "sparse4", "sparse5", "sparse1_x_sparse2"]])
-    engines_opts = [(e, SparseAdamWTF(filter_out_sparse_param(e), lr=0.01)) for e in (plain, coalesced, separate)]
+    engines_opts = [(e, optimizer(filter_out_sparse_param(e), lr=0.01)) for e in (plain, coalesced, separate)]
     assert [len(storages_of(e)) for e, _ in engines_opts] == [6, 2, 3]
     for s, b in enumerate([8, 1, 0, 5]):
         calls = [step_update_calls(e, opt, tutorial_batch(b, s)) for e, opt in engines_opts]
