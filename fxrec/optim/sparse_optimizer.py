@@ -16,7 +16,12 @@ Decisions:
   ``GradScaler`` and friends skip them); the tables themselves live in ``self.tables``
   (``{name: HashTable}``), and torch's per-param ``self.state`` stays unused.
 - Gradients: ``table.take_grads()`` gives each touched row once, already reduced per the table's
-  ``grad_reduce_by`` (SPEC §4.5), padded with rows -1 that the update ops skip: no host sync.
+  ``grad_reduce_by`` (SPEC §4.5), padded with rows -1 that the update ops skip: no host sync. With ``set_grad_accum_steps(k)``, a ``"worker"`` table's
+  gradients (sums over the k micro-batches' occurrences) are divided by k, averaging them as
+  dense gradients are; an ``"id"`` table's are not: its mean over occurrences already runs over
+  every occurrence of the k micro-batches, so it is an average as it stands. (This is for loops
+  that backpropagate the unscaled loss. ``fxrec.framework.Trainer`` scales the loss by 1/k, which
+  averages dense and sparse gradients alike, "id" tables included, and sets this to 1.)
 - One update per storage: tables coalesced into one storage (``table_coalesce``) share its rows,
   slots, hyperparameters and ``grad_reduce_by``, and their lookups share gradient anchors, so
   when all of them are this optimizer's and their scalars are equal, ONE update serves them all
@@ -24,12 +29,7 @@ Decisions:
   anchor with the other tables' rows -1: per step one op call and one pass over the anchor per
   storage. Every step advances every table's scalars alike, so tables whose scalars were equal
   stay equal; ``load_state_dict`` may make them differ (it compares what it loaded, on the host),
-  and then those tables are updated one by one, each with its own scalars. With ``set_grad_accum_steps(k)``, a ``"worker"`` table's
-  gradients (sums over the k micro-batches' occurrences) are divided by k, averaging them as
-  dense gradients are; an ``"id"`` table's are not: its mean over occurrences already runs over
-  every occurrence of the k micro-batches, so it is an average as it stands. (This is for loops
-  that backpropagate the unscaled loss. ``fxrec.framework.Trainer`` scales the loss by 1/k, which
-  averages dense and sparse gradients alike, "id" tables included, and sets this to 1.)
+  and then those tables are updated one by one, each with its own scalars.
 - Several processes (a process group of more than one rank): tables are row-wise SHARDED, and
   ``step`` first sends every rank's row gradients to the ids' owners
   (``fxrec.distributed.sharded.reduce_grads_to_owners``: reduced over all ranks per
