@@ -115,14 +115,7 @@ class _PendingGrad:
     anchor: Tensor
     counts: Tensor  # [U] (int64 from a dedup, or float32), read only by "id" tables and sharded lookups
     tags: Tensor | None  # [U]: each row's table tag where the lookup read several tables, else None
-    tag: int  # this table's tag
     ids: Tensor | None = None  # int64 [U] for a sharded lookup, whose rows are not this table's (take_id_grads)
-
-    @property
-    def rows(self) -> Tensor:
-        """This table's rows: -1 at the other tables' entries (made where read, by the per-table
-        paths only: the optimizer's per-storage update reads ``lookup_rows``)."""
-        return self.lookup_rows if self.tags is None else torch.where(self.tags == self.tag, self.lookup_rows, -1)
 
 
 class HashTable(nn.Module):
@@ -330,7 +323,12 @@ class HashTable(nn.Module):
         ``take_id_grads``'."""
         pending = [p for p in self._pending if p.anchor.grad is not None and p.ids is None]
         self._pending = []
-        return _reduced_grads([(p.rows, p) for p in pending], self)
+        return _reduced_grads([(self._own_rows(p), p) for p in pending], self)
+
+    def _own_rows(self, p: _PendingGrad) -> Tensor:
+        """This table's rows of a pending lookup: -1 at the other tables' entries (made where a
+        per-table path reads them: the optimizer's per-storage update reads ``lookup_rows``)."""
+        return p.lookup_rows if p.tags is None else torch.where(p.tags == self.tag, p.lookup_rows, -1)
 
     def take_id_grads(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(ids [R], sums [R, dim], counts [R])`` of the pending lookups recorded by id (sharded
@@ -346,7 +344,7 @@ class HashTable(nn.Module):
                     torch.empty(0, dtype=torch.float32, device=device))
         # this table's entries only: tables coalesced into one storage share an anchor (rows -1
         # mark the other members' entries, ``shared_grad_anchor``)
-        own = [p.rows >= 0 for p in pending]
+        own = [self._own_rows(p) >= 0 for p in pending]
         ids, inverse = torch.unique(torch.cat([p.ids[k] for p, k in zip(pending, own)]), return_inverse=True)
         sums = torch.zeros(ids.numel(), self.dim, dtype=torch.float32, device=device)
         sums.index_add_(0, inverse, torch.cat([p.anchor.grad[:p.ids.shape[0]][k] for p, k in zip(pending, own)])
@@ -362,7 +360,7 @@ class HashTable(nn.Module):
         for p in self._pending:
             if p.anchor.grad is not None:
                 # this table's rows only: coalesced tables share an anchor, each scales its rows
-                own = p.rows >= 0
+                own = self._own_rows(p) >= 0
                 p.anchor.grad[:own.shape[0]][own] *= factor  # a compile grad sink has rows past U
 
     def clear_grads(self) -> None:
@@ -541,7 +539,7 @@ def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | Non
         # A new list, not an append: under torch.compile an anchor put into the list object that
         # existed before the graph would escape it ("requires_grad_() intermediate leaked as
         # output"); a list made in the graph and dropped by take_grads / clear_grads does not.
-        table._pending = [*table._pending, _PendingGrad(rows, leaf, counts, tags, table.tag, ids)]
+        table._pending = [*table._pending, _PendingGrad(rows, leaf, counts, tags, ids)]
     return anchor
 
 
