@@ -160,7 +160,28 @@ def test_validation():
     assert not state.any()
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.gpu
+@given(pairs=st.one_of(st.lists(st.tuples(many_tags_st, an_id), max_size=3000), dup_pairs_st))
+def test_unique_tagged_cuda_equals_cpu(pairs):
+    expect = unique_tagged(*as_tensors(pairs))
+    got = unique_tagged(*as_tensors(pairs, "cuda"))
+    for e, g in zip(expect, got):
+        assert g.dtype == e.dtype and g.cpu().tolist() == e.tolist()
+
+
+def test_unique_tagged_rejects_bad_input():
+    ids, tags = as_tensors([(0, 1), (2, 3)])
+    with pytest.raises(TypeError, match="fxrec::unique_tagged: ids must be a 1-D int64"):
+        unique_tagged(ids.int(), tags)
+    with pytest.raises(TypeError, match="fxrec::unique_tagged: ids must be a 1-D int64"):
+        unique_tagged(ids[None], tags)
+    with pytest.raises(TypeError, match="fxrec::unique_tagged: tags must be a 1-D int32"):
+        unique_tagged(ids, tags.long())
+    with pytest.raises(ValueError, match="fxrec::unique_tagged: tags has shape"):
+        unique_tagged(ids, tags[:1])
+
+
+@pytest.mark.parametrize("case", range(6))
 def test_opcheck(case):
     def index():
         keys, state = new_index(16)
@@ -174,6 +195,8 @@ def test_opcheck(case):
         (find_or_insert, (*index(), ids, tags)),
         (find_or_insert, (*index(), ids[:0], tags[:0])),
         (find, (*index(), ids.reshape(-1), tags.reshape(-1))),
+        (unique_tagged, (ids.reshape(-1), tags.reshape(-1))),
+        (unique_tagged, (ids[:0].reshape(-1), tags[:0].reshape(-1))),
     ]
     op, args = cases[case]
     torch.library.opcheck(op, args)

@@ -29,6 +29,9 @@ is ``mix64(id)``, so an untagged index is a tagged one whose ids all have tag 0.
   (pair) this call inserted, so the caller initializes each new row once: the FIRST occurrence on CPU,
   whichever occurrence claimed the slot on CUDA. A mutating op carries no autograd (DESIGN): the
   differentiable gather is a separate op on the returned rows.
+- ``unique_tagged(ids, tags) -> (ids, tags, inverse, counts)``: the distinct (tag, id) pairs of
+  a tagged lookup (its dedup), ascending by tag then id; one read-back of their number. The same
+  torch kernel on every device (sorts and a scan: torch's own device kernels are the fast ones).
 
 Room: the caller grows the index (keeping the load <= 0.5) before a batch could fill it. If a
 call would still overflow, the CPU kernel raises ``ValueError`` before writing anything; on CUDA
@@ -104,13 +107,10 @@ def run_starts(values: Tensor) -> Tensor:
     return (values != _predecessors(values, 0)) | first
 
 
-def unique_tagged(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``torch.unique`` of the (tag, id) pairs of flat ``ids`` and ``tags`` (int32 table tags,
-    >= 0): ``(ids, tags, inverse, counts)`` of the distinct pairs, ascending by tag, then id. A
-    lexicographic sort (two stable sorts) and run boundaries: ``torch.unique(dim=...)`` would do,
-    but Inductor miscompiles its strides (torch 2.13: ``assert_size_stride`` fails on
-    ``aten.unique_dim``). A pair starts a run where its tag or its id differs from its
-    predecessor's; the first pair's predecessor has tag -1, so it always starts one."""
+def _unique_tagged_torch(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``fxrec::unique_tagged``'s kernel (every device): a lexicographic sort of the pairs (two
+    stable sorts) and their run boundaries. A pair starts a run where its tag or its id differs
+    from its predecessor's; the first pair's predecessor has tag -1, so it always starts one."""
     ids_by_id, by_id = torch.sort(ids, stable=True)
     sorted_tags, by_tag = torch.sort(tags[by_id], stable=True)
     order, sorted_ids = by_id[by_tag], ids_by_id[by_tag]
@@ -118,10 +118,11 @@ def unique_tagged(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Te
     run = torch.cumsum(starts, 0) - 1
     inverse = torch.empty_like(run).scatter_(0, order, run)
     # the run starts' positions: the one read-back of the pairs' count (a boolean index per
-    # output, or bincount's max, would each read again)
+    # output, or bincount's max, would each read again); a run's length is the distance to the
+    # next start (no atomics on the long runs of hot ids)
     first_of_run = starts.nonzero().squeeze(1)
     uniq_ids, uniq_tags = sorted_ids[first_of_run], sorted_tags[first_of_run]
-    counts = torch.zeros_like(first_of_run).scatter_add_(0, run, torch.ones_like(run))
+    counts = torch.diff(first_of_run, append=first_of_run.new_full((1,), ids.shape[0]))
     return uniq_ids, uniq_tags, inverse, counts
 
 
@@ -172,7 +173,7 @@ def _find_or_insert_torch(keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor
         uniq, inverse = torch.unique(flat, return_inverse=True)  # ascending
         uniq_tags = None
     else:  # (tag, id) pairs, ascending
-        uniq, uniq_tags, inverse, _ = unique_tagged(flat, tags.reshape(-1))
+        uniq, uniq_tags, inverse, _ = _unique_tagged_torch(flat, tags.reshape(-1))
     home = _home_slots(uniq, uniq_tags, capacity)
     filled_as = _wanted_states(uniq_tags)
     rows, k = _probe(keys, state, uniq, filled_as, home)
@@ -293,3 +294,37 @@ def _table_find_or_insert_fake(
     _check_args("fxrec::table_find_or_insert", keys, state, ids, tags)
     rows = torch.empty_like(ids, memory_format=torch.contiguous_format)
     return rows, torch.empty_like(rows, dtype=torch.bool)
+
+
+def _check_unique_tagged(ids: Tensor, tags: Tensor) -> None:
+    op = "fxrec::unique_tagged"
+    if ids.dtype != torch.int64 or ids.dim() != 1:
+        raise TypeError(f"{op}: ids must be a 1-D int64 tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
+    if tags.dtype != torch.int32 or tags.dim() != 1:
+        raise TypeError(f"{op}: tags must be a 1-D int32 tensor, got {tags.dtype} of shape {tuple(tags.shape)}")
+    if tags.shape != ids.shape:
+        raise ValueError(f"{op}: tags has shape {tuple(tags.shape)}, ids {tuple(ids.shape)}: they must match")
+    if tags.device != ids.device:
+        raise ValueError(f"{op}: tags are on {tags.device}, ids on {ids.device}: they must match")
+
+
+# One op, not its torch body inline: Inductor would lower the body's cumsum over an unbacked
+# length into a single-program scan (~3 ms at 6M pairs on an H200, where torch's device scan takes
+# tens of microseconds) and its scatter into a sorting index_put; opaque, the body runs as in
+# eager mode, and it reads the data back once either way.
+@torch.library.custom_op("fxrec::unique_tagged", mutates_args=())
+def unique_tagged(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``torch.unique`` of the (tag, id) pairs of 1-D ``ids`` (int64) and ``tags`` (int32 table
+    tags): ``(ids, tags, inverse, counts)`` of the U distinct pairs, ascending by tag, then id;
+    ``inverse [N]`` maps each pair to its distinct pair, ``counts [U]`` its occurrences.
+    ``torch.unique(dim=...)`` of the stacked pairs would do, but Inductor miscompiles its strides
+    (torch 2.13: ``assert_size_stride`` fails on ``aten.unique_dim``)."""
+    _check_unique_tagged(ids, tags)
+    return _unique_tagged_torch(ids, tags)
+
+
+@unique_tagged.register_fake
+def _unique_tagged_fake(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_unique_tagged(ids, tags)
+    n_unique = torch.library.get_ctx().new_dynamic_size()
+    return ids.new_empty(n_unique), tags.new_empty(n_unique), ids.new_empty(ids.shape), ids.new_empty(n_unique)
