@@ -20,8 +20,10 @@ Before each call, outside the graph and without reading anything back from the d
   lookup finding more distinct ids than its bound fails a runtime assert instead of writing out
   of bounds. The leaf's gradient is ``[bound, dim]`` (rows past the lookup's ``U`` distinct ids
   are zero): bounded by the step's ids, never by the table's capacity.
-  ``reserve`` reads a table's id count (a sync) only when the storage's host-side upper bound of
-  that count (``TableStorage.reserve``) says it might be too full; otherwise a step syncs nothing (sharded,
+  ``reserve`` reads a table's id count only when the storage's host-side upper bound of that
+  count (``TableStorage.reserve``) says it might be too full, and then from the copy queued after
+  the last step's forward (``TableStorage.snapshot_count``) if it has landed, else with a sync;
+  growth is decided on the exact count. Otherwise a step syncs nothing (sharded,
   the room is for every rank's ids: one all-reduce of the bounds, below; with NCCL that is a
   round trip through the device).
 
@@ -82,6 +84,7 @@ from fxrec.features.op import Bucketize, FeatureCross, Hash, Mod, SelectField, S
 from fxrec.framework.metrics import clear_metrics
 from fxrec.nn.modules.embedding import EmbeddingEngine
 from fxrec.nn.modules.hashtable import HashTable
+from fxrec.nn.modules.table_storage import TableStorage
 from fxrec.ragged import RaggedTensor
 from fxrec.utils.dynamic import mark_dynamic_batch
 
@@ -185,8 +188,9 @@ class CompiledModel:
         # (torch.compile of DDP) but breaks the graph where a compiled function calls one.
         self._compiled = torch.compile(model, **compile_options)
 
-    def _prepare(self, batch: dict) -> list[HashTable]:
-        """Room and gradient leaves for this step's ids (module docstring); the tables given leaves."""
+    def _prepare(self, batch: dict) -> tuple[list[HashTable], list[TableStorage]]:
+        """Room and gradient leaves for this step's ids (module docstring); the tables given leaves
+        and the storages given room."""
         grad = torch.is_grad_enabled()
         prepared = []
         bounds = {table: bound for table, bound in id_bounds(self.module, batch).items() if table.admits}
@@ -212,24 +216,27 @@ class CompiledModel:
                     torch._dynamo.decorators.mark_unbacked(leaf, 0)
                 table.grad_sinks = leaves
                 prepared.append(table)
-        return prepared
+        return prepared, list(storage_bounds)
 
     def __call__(self, batch: dict):
         if not self.module.training:
             return self.model(batch)
         if not isinstance(batch, dict):
             raise TypeError(f"fxrec.compile: a batch must be a dict of columns, got {type(batch).__name__}")
-        prepared = self._prepare(batch)
+        prepared, storages = self._prepare(batch)
         clear_metrics()
         # Mark aliases, not the caller's tensors: the marks would follow those tensors into any
         # other compiled code they meet.
         aliases = pytree.tree_map_only(Tensor, lambda t: t if t.requires_grad else t.detach(), batch)
         try:
             with torch._dynamo.config.patch(DYNAMO_CONFIG):
-                return self._compiled(mark_dynamic_batch(aliases))
+                out = self._compiled(mark_dynamic_batch(aliases))
         finally:
             for table in prepared:
                 table.grad_sinks = []
+        for storage in storages:  # the next step's reserve reads the count without a sync
+            storage.snapshot_count()
+        return out
 
 
 def compile(model: nn.Module, **compile_options: Any) -> CompiledModel:

@@ -296,6 +296,29 @@ def test_reserve_reads_the_count_only_when_its_bound_runs_out():
     assert table.capacity == 128 and len(table) == 35 and table.storage.size_bound == 35
 
 
+@pytest.mark.gpu
+def test_reserve_reads_the_count_from_the_last_lookups_snapshot_without_a_sync():
+    table = HashTable(2, block_size=64, name="t").cuda()  # capacity 64: room for 32 ids
+    table.train()
+    table.lookup(torch.arange(10, device="cuda"))  # books 10, then snapshots the count (10)
+    table.lookup(torch.arange(5, 20, device="cuda"))  # books 15 more (25), snapshot: 20 ids held
+    torch.cuda.synchronize()  # the snapshot's copy has landed
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        table.storage.reserve(12)  # 25 + 12 > 32: the bound from the snapshot (20) + 12 fits
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert table.storage.size_bound == 32 and table.capacity == 64
+    table.storage.reserve(1)  # the snapshot is used up: this one reads the count (20 + 1 fits)
+    assert table.storage.size_bound == 21 and table.capacity == 64
+    # a snapshot whose bound leaves no room: growth decided on the exact count
+    table.lookup(torch.arange(20, 30, device="cuda"))  # 30 held
+    torch.cuda.synchronize()
+    table.storage.reserve(3)  # 2 * (30 + 3) > 64: grows to room for 33
+    assert table.capacity == 128 and table.storage.size_bound == 33 and len(table) == 30
+    assert sorted(table.state_dict()["ids"].tolist()) == list(range(30))
+
+
 def test_new_ids_take_a_slot_init_named_after_a_load():
     # a slot restored by load_state_dict (init 0 until told) then named by an optimizer with
     # another init: ids inserted afterwards start at that init, the loaded ones keep their values

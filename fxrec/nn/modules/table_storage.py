@@ -96,6 +96,9 @@ class TableStorage(nn.Module):
         self.register_buffer("seeds", torch.zeros(0, dtype=torch.int64, device=device))
         # >= the ids held (counts.sum()), known on the host: inserts come after a reserve (``reserve``)
         self.size_bound = 0
+        # the ids held as of a point in the stream, copied to the host without waiting
+        # (``snapshot_count``): (pinned count, its copy's event, size_bound then), or None
+        self._count_snapshot: tuple[Tensor, torch.cuda.Event, int] | None = None
 
     @property
     def capacity(self) -> int:
@@ -141,10 +144,34 @@ class TableStorage(nn.Module):
         plus every reservation since), and reads the device count (a host sync) only when that
         bound leaves no room for ``n`` more."""
         if 2 * (self.size_bound + n) > self.capacity:
-            self.size_bound = int(self.counts.sum())
+            self.size_bound = self._snapshot_bound()
             if 2 * (self.size_bound + n) > self.capacity:
-                self.rebuild(capacity_for(self.size_bound + n), self.state != EMPTY)
+                self.size_bound = int(self.counts.sum())  # growth is decided on the exact count
+                if 2 * (self.size_bound + n) > self.capacity:
+                    self.rebuild(capacity_for(self.size_bound + n), self.state != EMPTY)
         self.size_bound += n
+
+    def snapshot_count(self) -> None:
+        """Queue a copy of the ids held to the host, so that the next ``reserve`` needing the
+        count reads it without a host sync (a step's own GPU work is then queued behind the last
+        step's instead of waiting for it). Called after each training lookup (eager) or compiled
+        forward; on CPU, reading the count costs no sync and this does nothing."""
+        if self.counts.device.type != "cuda":
+            return
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_(self.counts.sum(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._count_snapshot = (host, event, self.size_bound)
+
+    def _snapshot_bound(self) -> int:
+        """An upper bound of the ids held: the snapshot's count plus every reservation since, if
+        its copy has landed; else the device count (a host sync). Uses the snapshot up."""
+        snapshot, self._count_snapshot = self._count_snapshot, None
+        if snapshot is not None and snapshot[1].query():
+            host, _, bound_then = snapshot
+            return int(host) + self.size_bound - bound_then
+        return int(self.counts.sum())
 
     @torch.no_grad()
     def lookup(self, ids: Tensor, tags: Tensor | None, members: Sequence[HashTable]) -> Tensor:
@@ -182,12 +209,16 @@ class TableStorage(nn.Module):
             count.add_(inserted.sum())
             first.initializer.write_rows(self.embedding, new_rows, ids, self.members[0].seed, first.block_size)
         else:
-            self.counts.index_add_(0, member, inserted.long())
+            # scatter_add_, not index_add_: compiled, Inductor turns an int64 index_add_ into a
+            # sorting index_put_ (~0.6 ms at 3M ids on an H200) where a scatter stays atomic
+            self.counts.scatter_add_(0, member, inserted.long())
             first.initializer.write_rows(self.embedding, new_rows, ids, 0, first.block_size, self.seeds[member])
         self.last_seen[rows] = self._steps(member)
         for table in {id(t): t for t in members}.values():  # the row cap: per logical table (its count)
             if table.max_rows is not None:
                 table._check_row_cap(int(table.count))
+        if not torch.compiler.is_compiling():  # compiled: fxrec.compile takes it after the forward
+            self.snapshot_count()
         return rows
 
     def _steps(self, member: Tensor | None) -> Tensor:
@@ -220,6 +251,7 @@ class TableStorage(nn.Module):
         self.keys, self.state = keys, state
         self.counts = torch.bincount(tags.long(), minlength=len(self.members))
         self.size_bound = old_rows.numel()
+        self._count_snapshot = None  # taken against the bound just replaced
         for table in self.members:
             table.remap_pending(remap)
 
