@@ -30,6 +30,7 @@ import fxrec  # noqa: F401  (registers torch.ops.fxrec)
 from bench.feature_ops import count_launches
 from bench.timing import machine
 from fxrec.ops.table import new_index
+from fxrec.ops.triton.sparse_update import sparse_adam_update_triton
 
 ops = torch.ops.fxrec
 
@@ -95,6 +96,9 @@ def cases(device: str) -> list[tuple[str, object]]:
                                                                                "tile", per_row, u)),
         ("sparse_adam_update", lambda: ops.sparse_adam_update(table, moments[0], moments[1], urows, grads, 1e-3, 0.9,
                                                               0.999, 1e-8, 0.0, one, one)),
+        # the same kernel through its launcher alone: what the custom-op layers add to a mutating op
+        ("sparse_adam_update's launcher, no custom op", lambda: sparse_adam_update_triton(
+            table, moments[0], moments[1], urows, grads, 1e-3, 0.9, 0.999, 1e-8, 0.0, one, one)),
     ]
 
 
