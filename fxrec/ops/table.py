@@ -316,9 +316,7 @@ def _check_unique_tagged(ids: Tensor, tags: Tensor) -> None:
 def unique_tagged(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``torch.unique`` of the (tag, id) pairs of 1-D ``ids`` (int64) and ``tags`` (int32 table
     tags): ``(ids, tags, inverse, counts)`` of the U distinct pairs, ascending by tag, then id;
-    ``inverse [N]`` maps each pair to its distinct pair, ``counts [U]`` its occurrences.
-    ``torch.unique(dim=...)`` of the stacked pairs would do, but Inductor miscompiles its strides
-    (torch 2.13: ``assert_size_stride`` fails on ``aten.unique_dim``)."""
+    ``inverse [N]`` maps each pair to its distinct pair, ``counts [U]`` its occurrences."""
     _check_unique_tagged(ids, tags)
     return _unique_tagged_torch(ids, tags)
 

@@ -141,8 +141,9 @@ class TableStorage(nn.Module):
     def reserve(self, n: int) -> None:
         """Grow, if needed, so that ``n`` more ids fit at load <= 1/2, and book them: the host
         keeps an upper bound of the ids held (``size_bound``: exact after a count or a rebuild,
-        plus every reservation since), and reads the device count (a host sync) only when that
-        bound leaves no room for ``n`` more."""
+        plus every reservation since), and reads the count only when that bound leaves no room
+        for ``n`` more: from the last ``snapshot_count`` if its copy has landed, else from the
+        device (a host sync), and from the device before it grows."""
         if 2 * (self.size_bound + n) > self.capacity:
             self.size_bound = self._snapshot_bound()
             if 2 * (self.size_bound + n) > self.capacity:
