@@ -296,6 +296,30 @@ def test_reserve_reads_the_count_only_when_its_bound_runs_out():
     assert table.capacity == 128 and len(table) == 35 and table.storage.size_bound == 35
 
 
+class _LandedCopy:
+    """A CUDA event's stand-in whose copy has landed (``query``)."""
+
+    def query(self) -> bool:
+        return True
+
+
+def test_reserve_takes_a_landed_snapshot_and_grows_on_the_exact_count():
+    # the snapshot branch's arithmetic on CPU: a landed copy of the count, taken at a known bound
+    table = HashTable(2, block_size=64, name="t")  # capacity 64: room for 32 ids
+    table.train()
+    table.lookup(torch.arange(20))
+    storage = table.storage
+    storage.size_bound = 25  # as if 5 more ids were reserved after a snapshot of the 20 held
+    storage._count_snapshot = (torch.tensor(20), _LandedCopy(), 25)
+    storage.counts.fill_(1000)  # a device read would see this: the landed snapshot must be used
+    storage.reserve(12)  # 25 + 12 > 32: the snapshot's 20 + 12 fits
+    assert storage.size_bound == 32 and storage._count_snapshot is None and table.capacity == 64
+    storage.counts.fill_(20)
+    storage._count_snapshot = (torch.tensor(20), _LandedCopy(), 32)
+    storage.reserve(20)  # the snapshot's 20 + 20 > 32: the exact count decides, and it grows
+    assert table.capacity == 128 and storage.size_bound == 40 and len(table) == 20
+
+
 @pytest.mark.gpu
 def test_reserve_reads_the_count_from_the_last_lookups_snapshot_without_a_sync():
     table = HashTable(2, block_size=64, name="t").cuda()  # capacity 64: room for 32 ids

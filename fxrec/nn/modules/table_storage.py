@@ -145,9 +145,11 @@ class TableStorage(nn.Module):
         for ``n`` more: from the last ``snapshot_count`` if its copy has landed, else from the
         device (a host sync), and from the device before it grows."""
         if 2 * (self.size_bound + n) > self.capacity:
-            self.size_bound = self._snapshot_bound()
-            if 2 * (self.size_bound + n) > self.capacity:
-                self.size_bound = int(self.counts.sum())  # growth is decided on the exact count
+            landed = self._landed_bound()
+            if landed is not None and 2 * (landed + n) <= self.capacity:
+                self.size_bound = landed
+            else:  # the device count (a host sync), on which growth is decided
+                self.size_bound = int(self.counts.sum())
                 if 2 * (self.size_bound + n) > self.capacity:
                     self.rebuild(capacity_for(self.size_bound + n), self.state != EMPTY)
         self.size_bound += n
@@ -165,14 +167,14 @@ class TableStorage(nn.Module):
         event.record()
         self._count_snapshot = (host, event, self.size_bound)
 
-    def _snapshot_bound(self) -> int:
-        """An upper bound of the ids held: the snapshot's count plus every reservation since, if
-        its copy has landed; else the device count (a host sync). Uses the snapshot up."""
+    def _landed_bound(self) -> int | None:
+        """An upper bound of the ids held without a sync: the snapshot's count plus every
+        reservation since, if its copy has landed; else None. Uses the snapshot up."""
         snapshot, self._count_snapshot = self._count_snapshot, None
-        if snapshot is not None and snapshot[1].query():
-            host, _, bound_then = snapshot
-            return int(host) + self.size_bound - bound_then
-        return int(self.counts.sum())
+        if snapshot is None or not snapshot[1].query():
+            return None
+        host, _, bound_then = snapshot
+        return int(host) + self.size_bound - bound_then
 
     @torch.no_grad()
     def lookup(self, ids: Tensor, tags: Tensor | None, members: Sequence[HashTable]) -> Tensor:
