@@ -133,7 +133,11 @@ def fxrec_pass(
 def timed_interleaved(repeat: int, runs: dict) -> dict:
     """Wall times, counts and median cores busy of each run over ``repeat`` rounds; within a round
     the runs go one after the other, first one then the other first, so machine drift (other
-    tenants, allocator state left by the previous pass) hits each of them alike."""
+    tenants, allocator state left by the previous pass) hits each of them alike. Each run first
+    goes once untimed: a process's first pass also pays for its allocators' first page faults
+    and pyarrow's thread pools (on the 2-core VM it ran ~15% slower than the next ones)."""
+    for fn in runs.values():
+        fn()
     times = {name: [] for name in runs}
     cores = {name: [] for name in runs}
     counts = {}

@@ -3,6 +3,8 @@ farmhash / MurmurHash64A: ``h & (2**63 - 1)`` without a bucket, ``uint64(h) % ha
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -157,6 +159,31 @@ def test_without_a_compiler_the_op_hashes_with_a_warning(without_compiler):
     with pytest.warns(RuntimeWarning, match="fxrec-no-such-compiler"):
         got = hashing.hash_strings(data, offsets, "murmur", 1000)
     assert got.tolist() == [expected_id(s, "murmur", 1000) for s in strings]
+
+
+@pytest.mark.parametrize("compiler", ["native", "op fallback"])
+def test_hash_strings_writes_into_a_slice_of_out(compiler, request):
+    # Packing hashes each piece into its slice of the batch: the rest of the batch stays as it is.
+    if compiler == "op fallback":
+        request.getfixturevalue("without_compiler")
+    strings = [b"", b"a", b"x" * 70, "héllo".encode()]
+    data, offsets = packed(strings, lead=2, dtype=np.int32)
+    batch = np.full(8, -7, np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's warning, tested above
+        got = hashing.hash_strings(data, offsets, "murmur", 2**63 + 5, out=batch[3:7])
+    assert got.base is batch
+    expected = [to_int64(expected_id(s, "murmur", 2**63 + 5)) for s in strings]
+    assert batch.tolist() == [-7] * 3 + expected + [-7]
+
+
+@pytest.mark.parametrize(
+    "out", [np.empty(3, np.int64), np.empty(4, np.int32), np.empty(8, np.int64)[::2]], ids=["short", "int32", "strided"]
+)
+def test_hash_strings_rejects_an_unfit_out(out):
+    data, offsets = packed([b"a", b"b", b"c", b"d"])
+    with pytest.raises(ValueError, match="out must be a writable contiguous int64 array of 4 entries"):
+        hashing.hash_strings(data, offsets, "farm", 0, out=out)
 
 
 def test_load_library_builds_once_and_reports_compiler_errors(tmp_path, monkeypatch):

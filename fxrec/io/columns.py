@@ -4,8 +4,9 @@ Each declared column checks a file's Arrow type once (``decoder``) and returns a
 turns the column's array for some rows into a piece (``fxrec.io.pieces``) of zero-copy numpy
 views of the Arrow buffers: list offsets, child values, string offsets and bytes are read from
 ``Array.buffers()`` at the array's slice offset; nothing goes through Python objects. Copies
-happen only where the data must change: read-time hashing, a fixed-length column with empty
-rows (defaults filled in), and list rows that are null but backed by items (the items dropped).
+happen only where the data must change: read-time hashing (whose ids are written once, into the
+batch, when it is packed: ``HashedStringPiece``), a fixed-length column with empty rows
+(defaults filled in), and list rows that are null but backed by items (the items dropped).
 
 Semantics (SPEC §2):
 - a null list row is an empty row; a null item inside a list (number, string, key or value) is
@@ -28,12 +29,12 @@ import pyarrow as pa
 import torch
 
 from fxrec.io.errors import DataError
-from fxrec.io.hashing import HASH_TYPES, hash_strings
-from fxrec.io.pieces import DensePiece, RaggedPiece, numpy_dtype
+from fxrec.io.hashing import HASH_TYPES
+from fxrec.io.pieces import DensePiece, HashedStringPiece, RaggedPiece, numpy_dtype
 
 __all__ = ["Column", "Decoder", "FixedLenColumn", "VarLenColumn"]
 
-Piece = Union[DensePiece, RaggedPiece]
+Piece = Union[DensePiece, RaggedPiece, HashedStringPiece]
 # (the column's array for some rows, the file row of its first row) -> piece
 Decoder = Callable[[pa.Array, int], Piece]
 
@@ -278,11 +279,8 @@ class VarLenColumn:
         data, string_offsets = _bytes_view(child)
         if self.trans_int8:
             return RaggedPiece(data, (offsets, string_offsets), torch.int8)
-        lo, hi = int(offsets[0]), int(offsets[-1])
-        ids = hash_strings(data, string_offsets[lo : hi + 1], self.hash_type, self.hash_bucket)
-        if weight is not None:
-            weight = weight[lo:hi]
-        return RaggedPiece(ids, (offsets - lo,), torch.int64, weight, self.dtype)
+        # hashed when the batch is packed, into the batch's memory (HashedStringPiece)
+        return HashedStringPiece(data, offsets, string_offsets, self.hash_type, self.hash_bucket, weight, self.dtype)
 
 
 Column = Union[FixedLenColumn, VarLenColumn]

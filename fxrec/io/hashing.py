@@ -6,9 +6,9 @@ RecIS (SPEC §2): ``hash_bucket == 0`` keeps the hash with bit 63 cleared (a non
 ``hash_bucket > 0`` gives ``uint64(h) % hash_bucket``, computed in unsigned arithmetic so a
 negative ``h`` buckets as its unsigned value does.
 
-A reader thread hashes each decoded record batch in one call of a C loop (``hash_strings.c``,
-built on first use: ``fxrec.utils.native``), which reads each string once and releases the GIL,
-so reader threads hash in parallel. The op's vectorized torch kernel makes ~100 passes over the
+A pack thread hashes each decoded record batch's strings in one call of a C loop
+(``hash_strings.c``, built on first use: ``fxrec.utils.native``) straight into the batch's
+memory; the loop reads each string once and releases the GIL, so pack threads hash in parallel. The op's vectorized torch kernel makes ~100 passes over the
 strings, ~40 M strings per CPU-second: twice what decoding them costs (bench/README.md,
 "Reading"). Where no C compiler is available the op's CPU kernel does the hashing (same ids,
 slower), with one warning.
@@ -51,37 +51,47 @@ def _native_kernels() -> dict[np.dtype, ctypes._CFuncPtr] | None:
     return kernels
 
 
-def _hash_native(kernel, data: np.ndarray, string_offsets: np.ndarray, hash_type: str, hash_bucket: int) -> np.ndarray:
+def _hash_native(kernel, data: np.ndarray, string_offsets: np.ndarray, hash_type: str, hash_bucket: int,
+                 out: np.ndarray) -> None:
     offsets = np.ascontiguousarray(string_offsets)
     data = np.ascontiguousarray(data)
-    out = np.empty(len(offsets) - 1, np.int64)
     bad = kernel(data.ctypes.data, data.size, offsets.ctypes.data, out.size, HASH_TYPES.index(hash_type), hash_bucket, out.ctypes.data)
     if bad >= 0:
         raise ValueError(
             f"string {bad}'s offsets {offsets[bad]}..{offsets[bad + 1]} are decreasing or outside the "
             f"{data.size}-byte data buffer (first offset {offsets[0]}, last {offsets[-1]})"
         )
-    return out
 
 
-def _hash_with_op(data: np.ndarray, string_offsets: np.ndarray, hash_type: str, hash_bucket: int) -> np.ndarray:
+def _hash_with_op(data: np.ndarray, string_offsets: np.ndarray, hash_type: str, hash_bucket: int,
+                  out: np.ndarray) -> None:
     # Arrow-allocated buffers are writable; a read-only one (e.g. from a memory map) is copied
     # so torch never holds a tensor over memory it must not write.
     values = torch.from_numpy(data if data.flags.writeable else data.copy())
     offsets = torch.from_numpy(string_offsets.astype(np.int64))
     hashes = torch.ops.fxrec.hash_bytes(values, offsets, hash_type).numpy()
     if hash_bucket == 0:
-        return np.bitwise_and(hashes, _CLEAR_BIT_63, out=hashes)
-    return (hashes.view(np.uint64) % np.uint64(hash_bucket)).view(np.int64)
+        np.bitwise_and(hashes, _CLEAR_BIT_63, out=out)
+    else:
+        np.remainder(hashes.view(np.uint64), np.uint64(hash_bucket), out=out.view(np.uint64))
 
 
-def hash_strings(data: np.ndarray, string_offsets: np.ndarray, hash_type: str, hash_bucket: int) -> np.ndarray:
-    """int64 ids of the strings ``data[string_offsets[i]:string_offsets[i + 1]]``.
+def hash_strings(data: np.ndarray, string_offsets: np.ndarray, hash_type: str, hash_bucket: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """int64 ids of the strings ``data[string_offsets[i]:string_offsets[i + 1]]``, written into
+    ``out`` (a contiguous int64 array of n entries, e.g. a batch's memory) or a fresh array.
 
     ``data``: int8 bytes; ``string_offsets``: int32 or int64 absolute positions into ``data``
     (n + 1 entries). Offsets out of order or outside ``data`` raise ValueError.
     """
+    n = len(string_offsets) - 1
+    if out is None:
+        out = np.empty(n, np.int64)
+    elif out.dtype != np.int64 or out.shape != (n,) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writable contiguous int64 array of {n} entries, got {out.dtype} {out.shape}")
     kernels = _native_kernels()
     if kernels is None:
-        return _hash_with_op(data, string_offsets, hash_type, hash_bucket)
-    return _hash_native(kernels[string_offsets.dtype], data, string_offsets, hash_type, hash_bucket)
+        _hash_with_op(data, string_offsets, hash_type, hash_bucket, out)
+    else:
+        _hash_native(kernels[string_offsets.dtype], data, string_offsets, hash_type, hash_bucket, out)
+    return out

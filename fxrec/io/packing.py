@@ -14,12 +14,12 @@ from typing import Iterable, Iterator, Union
 import torch
 
 from fxrec.io.errors import DataError
-from fxrec.io.pieces import DensePiece, RaggedPiece
+from fxrec.io.pieces import DensePiece, HashedStringPiece, RaggedPiece
 from fxrec.ragged import RaggedTensor
 
 __all__ = ["Chunk", "Position", "assemble", "pack"]
 
-Piece = Union[DensePiece, RaggedPiece]
+Piece = Union[DensePiece, RaggedPiece, HashedStringPiece]
 
 
 @dataclass(frozen=True)

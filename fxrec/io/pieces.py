@@ -20,6 +20,8 @@ Offsets are always fresh int64 arrays (Arrow's are int32 and not rebased), which
   optional ``weight`` parallel to ``values``, and the row range it covers. The arrays are whole
   Arrow buffers with absolute positions, so a row slice only moves the range, and ``concat``
   rebases the offsets to start at 0 per batch.
+- ``HashedStringPiece``: a string-list column hashed at read time; it keeps the Arrow string
+  buffers and ``concat`` hashes them into the batch's int64 ids (the ids' only write).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from fxrec.io.hashing import hash_strings
 from fxrec.ragged import RaggedTensor
 
-__all__ = ["DensePiece", "RaggedPiece", "numpy_dtype", "ragged_to_sparse_coo"]
+__all__ = ["DensePiece", "HashedStringPiece", "RaggedPiece", "numpy_dtype", "ragged_to_sparse_coo"]
 
 _NUMPY_DTYPES = {
     torch.int8: np.int8,
@@ -101,8 +104,28 @@ class DensePiece:
         return _concat_into([p.values for p in pieces], (rows, dim), pieces[0].dtype, pin)
 
 
+class _RowRange:
+    """Rows ``start:stop`` of a ragged piece's whole decoded buffers: a row slice only moves the
+    range (no copy). ``stop = -1``: every row of ``_row_offsets()``."""
+
+    def __post_init__(self):
+        if self.stop < 0:
+            object.__setattr__(self, "stop", len(self._row_offsets()) - 1)
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+    def slice(self, start: int, stop: int):
+        return replace(self, start=self.start + start, stop=self.start + stop)
+
+
+def _weight_suffix(piece) -> str:
+    return "" if piece.weight is None else f", weight {str(piece.weight_dtype).removeprefix('torch.')}"
+
+
 @dataclass(frozen=True)
-class RaggedPiece:
+class RaggedPiece(_RowRange):
     """Rows ``start:stop`` of a ragged column. ``offsets[0][start:stop + 1]`` are the rows;
     ``offsets[k]`` indexes level ``k + 1`` (``values`` for the last level). The arrays are the
     whole decoded buffers and the positions absolute, so a row slice only moves ``start:stop``."""
@@ -115,23 +138,13 @@ class RaggedPiece:
     start: int = 0
     stop: int = -1  # -1: all rows of offsets[0]
 
-    def __post_init__(self):
-        if self.stop < 0:
-            object.__setattr__(self, "stop", len(self.offsets[0]) - 1)
-
-    @property
-    def num_rows(self) -> int:
-        return self.stop - self.start
+    def _row_offsets(self) -> np.ndarray:
+        return self.offsets[0]
 
     @property
     def signature(self) -> str:
         text = f"ragged {str(self.dtype).removeprefix('torch.')}, {len(self.offsets)} offset level(s)"
-        if self.weight is not None:
-            text += f", weight {str(self.weight_dtype).removeprefix('torch.')}"
-        return text
-
-    def slice(self, start: int, stop: int) -> "RaggedPiece":
-        return replace(self, start=self.start + start, stop=self.start + stop)
+        return text + _weight_suffix(self)
 
     def _levels(self) -> tuple[list[np.ndarray], tuple[int, int]]:
         """Each level's entries for this piece's rows, and the range of ``values`` they cover."""
@@ -147,31 +160,76 @@ class RaggedPiece:
     def concat(pieces: list["RaggedPiece"], pin: bool) -> RaggedTensor:
         first = pieces[0]
         walked = [p._levels() for p in pieces]
-        offsets = []
-        for k in range(len(first.offsets)):
-            total = sum(len(levels[k]) - 1 for levels, _ in walked)
-            out, view = _empty((total + 1,), torch.int64, pin)
-            view[0] = 0
-            pos, base = 1, 0
-            for levels, _ in walked:
-                entries = levels[k]
-                n = len(entries) - 1
-                # rebase (this piece starts at `base`) and widen to int64 in one pass
-                np.subtract(entries[1:], np.int64(int(entries[0]) - base), out=view[pos : pos + n])
-                pos += n
-                base += int(entries[-1]) - int(entries[0])
-            offsets.append(out)
+        offsets = [_rebased([levels[k] for levels, _ in walked], pin) for k in range(len(first.offsets))]
         ranges = [value_range for _, value_range in walked]
         num_values = sum(hi - lo for lo, hi in ranges)
         values = _concat_into(
             [p.values[lo:hi] for p, (lo, hi) in zip(pieces, ranges)], (num_values,), first.dtype, pin
         )
-        weight = None
-        if first.weight is not None:
-            weight = _concat_into(
-                [p.weight[lo:hi] for p, (lo, hi) in zip(pieces, ranges)], (num_values,), first.weight_dtype, pin
-            )
-        return RaggedTensor(values, offsets, weight)
+        return RaggedTensor(values, offsets, _concat_weights(pieces, ranges, num_values, pin))
+
+
+@dataclass(frozen=True)
+class HashedStringPiece(_RowRange):
+    """Rows ``start:stop`` of a string-list column hashed at read time (``hash_type``), delivered
+    as int64 ids with one offsets level. Holds the Arrow buffers (``offsets``: row -> string,
+    ``string_offsets``: string -> byte, both absolute; ``data``: the bytes) and hashes when the
+    batch is packed, straight into the batch's memory: hashing at decode time wrote each id into
+    a fresh array that packing then copied (bench/README.md, "Reading")."""
+
+    data: np.ndarray
+    offsets: np.ndarray
+    string_offsets: np.ndarray
+    hash_type: str
+    hash_bucket: int
+    weight: np.ndarray | None = None  # parallel to the strings
+    weight_dtype: torch.dtype | None = None
+    start: int = 0
+    stop: int = -1  # -1: all rows of offsets
+
+    def _row_offsets(self) -> np.ndarray:
+        return self.offsets
+
+    @property
+    def signature(self) -> str:
+        text = f"ragged int64 hashed from strings ({self.hash_type}, bucket {self.hash_bucket}), 1 offset level"
+        return text + _weight_suffix(self)
+
+    @staticmethod
+    def concat(pieces: list["HashedStringPiece"], pin: bool) -> RaggedTensor:
+        entries = [p.offsets[p.start : p.stop + 1] for p in pieces]
+        ranges = [(int(e[0]), int(e[-1])) for e in entries]
+        num_values = sum(hi - lo for lo, hi in ranges)
+        ids, view = _empty((num_values,), torch.int64, pin)
+        pos = 0
+        for piece, (lo, hi) in zip(pieces, ranges):
+            hash_strings(piece.data, piece.string_offsets[lo : hi + 1], piece.hash_type, piece.hash_bucket,
+                         out=view[pos : pos + hi - lo])
+            pos += hi - lo
+        return RaggedTensor(ids, [_rebased(entries, pin)], _concat_weights(pieces, ranges, num_values, pin))
+
+
+def _rebased(entries: list[np.ndarray], pin: bool) -> torch.Tensor:
+    """One offsets level of a batch from its pieces' absolute ``entries`` (each ``rows + 1``):
+    rebased to start at 0 and continue across pieces, widened to int64."""
+    out, view = _empty((sum(len(e) - 1 for e in entries) + 1,), torch.int64, pin)
+    view[0] = 0
+    pos, base = 1, 0
+    for e in entries:
+        n = len(e) - 1
+        # rebase (this piece starts at `base`) and widen to int64 in one pass
+        np.subtract(e[1:], np.int64(int(e[0]) - base), out=view[pos : pos + n])
+        pos += n
+        base += int(e[-1]) - int(e[0])
+    return out
+
+
+def _concat_weights(pieces: list, ranges: list[tuple[int, int]], num_values: int, pin: bool) -> torch.Tensor | None:
+    """The pieces' weights over their value ``ranges``, packed, or None for an unweighted column."""
+    first = pieces[0]
+    if first.weight is None:
+        return None
+    return _concat_into([p.weight[lo:hi] for p, (lo, hi) in zip(pieces, ranges)], (num_values,), first.weight_dtype, pin)
 
 
 def ragged_to_sparse_coo(rt: RaggedTensor, column: str) -> torch.Tensor:
