@@ -26,7 +26,9 @@ at dims 8, 16, 64, 128. For each case, combiner and dim, forward and backward:
             it replaced, gather_rows [U, dim] + segment_combine. Same bytes counted as
             segment_combine (table_combine also reads 8 B of rows per item, not counted). Their
             last column: table_combine ms / segment_combine ms; the unfused row's: its ms /
-            table_combine-with-anchor ms.
+            table_combine-with-anchor ms. Calls of at least COMPOSE_MIN_ITEMS items (the seq
+            case) compose each item's table row in a pass of their own first; the row "same,
+            rows[index[i]] read in the combine kernel" times that call without it.
   backward  fxrec segment_combine_backward into [rows, dim] (what embedding_bag's dense grad
             is) and into [U, dim] (index remapped to the U unique rows: how fxrec's lookup layer
             calls it, DESIGN.md: no dense table gradient); autograd backward of embedding_bag
@@ -70,8 +72,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import fxrec  # noqa: F401  (registers torch.ops.fxrec)
 from bench.timing import copy_bandwidth, machine, median_ms
+from fxrec.ops.triton import combine as triton_combine  # (importing fxrec registers torch.ops.fxrec)
 
 ops = torch.ops.fxrec
 TARGET = 0.8  # of the copy bandwidth (the issue)
@@ -159,6 +161,19 @@ def fxrec_table_forward(emb: torch.Tensor, case: Case, combiner: str, unique: tu
     mode = "sum" if combiner == "sum+w" else combiner
     zero = torch.zeros((), dtype=emb.dtype, device=emb.device).expand(uniq.numel(), emb.shape[1]) if anchor else None
     return lambda: ops.table_combine(emb, uniq, zero, inverse, case.offsets, weight, mode, case.tile_len)
+
+
+def rows_indirect(fn):
+    """``fn`` with table_combine's launchers reading ``rows[index[i]]`` inside the combine kernel,
+    as calls under ``COMPOSE_MIN_ITEMS`` items do (not composing each item's table row first)."""
+    def call():
+        threshold = triton_combine.COMPOSE_MIN_ITEMS
+        triton_combine.COMPOSE_MIN_ITEMS = 1 << 62
+        try:
+            return fn()
+        finally:
+            triton_combine.COMPOSE_MIN_ITEMS = threshold
+    return call
 
 
 def unfused_forward(emb: torch.Tensor, case: Case, combiner: str, unique: tuple):
@@ -255,6 +270,9 @@ def bench_combiner(t: Table, emb: torch.Tensor, case: Case, combiner: str, uniqu
               fxrec_table_forward(emb, case, combiner, unique, False), compare="fwd")
         t.row(case, combiner, dim, "fwd", "fxrec table_combine + zero anchor (training)", fwd,
               fxrec_table_forward(emb, case, combiner, unique, True), ref="fused", compare="fwd")
+        if case.n >= triton_combine.COMPOSE_MIN_ITEMS:  # the row above composed each item's table row first
+            t.row(case, combiner, dim, "fwd", "  same, rows[index[i]] read in the combine kernel (not composed)", fwd,
+                  rows_indirect(fxrec_table_forward(emb, case, combiner, unique, True)), compare="fused")
         t.row(case, combiner, dim, "fwd", "gather_rows [U, dim] + segment_combine (unfused)", fwd,
               unfused_forward(emb, case, combiner, unique), compare="fused")
     if combiner == "tile":

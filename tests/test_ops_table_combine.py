@@ -5,12 +5,15 @@ row-by-row numpy float64 oracles of tests/test_ops_combine.py applied to that co
 in numpy), against the composition of the two ops themselves, and its Triton kernels (under the
 interpreter on CPU, and on CUDA when there is one) against the CPU kernel."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fxrec.ops.triton import combine as triton_combine
 from fxrec.ops.triton.combine import table_combine_triton  # (importing fxrec registers torch.ops.fxrec.*)
 from test_ops_combine import assert_matches, backward_oracle, combine_oracle
 
@@ -370,6 +373,19 @@ def test_compiles_fullgraph_with_backward():
 
 # -- Triton launcher (interpreter on CPU, or the GPU) --------------------------------------------
 
+# Both ways the launchers read an item's table row: through ``rows[index[i]]`` in the combine
+# kernel, or composed first (``_compose_rows_kernel``: big calls; "composed" forces it for every call).
+ROW_LOOKUPS = ["indirect", "composed"]
+
+
+@contextlib.contextmanager
+def row_lookup_mode(row_lookup: str):
+    with pytest.MonkeyPatch.context() as patch:
+        if row_lookup == "composed":
+            patch.setattr(triton_combine, "COMPOSE_MIN_ITEMS", 0)
+        yield
+
+
 def assert_launcher_matches_cpu(case, dtype):
     expected = table_combine(*as_tensors(case, dtype=dtype))
     actual = table_combine_triton(*as_tensors(case, dtype=dtype, device=TRITON_DEVICE))
@@ -379,10 +395,12 @@ def assert_launcher_matches_cpu(case, dtype):
     torch.testing.assert_close(actual.cpu(), expected, **tol)
 
 
+@pytest.mark.parametrize("row_lookup", ROW_LOOKUPS)
 @settings(max_examples=25)
 @given(table_cases(max_rows=3, max_len=12, max_dim=6, max_unique=5, max_table=6))
-def test_launcher_matches_cpu(case):
-    assert_launcher_matches_cpu(case, torch.float32)
+def test_launcher_matches_cpu(row_lookup, case):
+    with row_lookup_mode(row_lookup):
+        assert_launcher_matches_cpu(case, torch.float32)
 
 
 @settings(max_examples=8)
@@ -406,8 +424,9 @@ def test_launcher_bfloat16_and_wide_rows_match_cpu():
             torch.testing.assert_close(actual.cpu(), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("row_lookup", ROW_LOOKUPS)
 @pytest.mark.parametrize("dim", [5, 130])
-def test_launcher_long_rows_match_cpu(dim):
+def test_launcher_long_rows_match_cpu(row_lookup, dim):
     # Rows longer than BLOCK_N (the reduce loop) and a tile_len spanning several slot blocks.
     gen = torch.Generator().manual_seed(7)
     table = torch.randn(50, dim, generator=gen)
@@ -418,22 +437,27 @@ def test_launcher_long_rows_match_cpu(dim):
         for combiner in COMBINERS:
             args = (table, rows, anchor, index, offsets, weight, combiner, 70)
             expected = table_combine(*args)
-            actual = table_combine_triton(*(a.to(TRITON_DEVICE) if isinstance(a, torch.Tensor) else a for a in args))
+            with row_lookup_mode(row_lookup):
+                actual = table_combine_triton(*(a.to(TRITON_DEVICE) if isinstance(a, torch.Tensor) else a
+                                                for a in args))
             torch.testing.assert_close(actual.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_launcher_tolerates_unvalidated_contents():
+@pytest.mark.parametrize("row_lookup", ROW_LOOKUPS)
+def test_launcher_tolerates_unvalidated_contents(row_lookup):
     # The CUDA path does not sync to validate: bad offsets are clamped, out-of-range index entries
     # act like -1, out-of-range table rows read as zero rows; nothing outside the tensors is read.
     table = torch.ones(2, 3, device=TRITON_DEVICE)
     rows = torch.tensor([0, 9, -4, 1], device=TRITON_DEVICE)
-    anchor = torch.full((4, 3), 0.5, device=TRITON_DEVICE)
     index = torch.tensor([0, 7, -5, 1, 3], device=TRITON_DEVICE)
     offsets = torch.tensor([-3, 2, 1, 9], device=TRITON_DEVICE)
-    out = table_combine_triton(table, rows, anchor, index, offsets, None, "sum", 1)
-    # rows [0, 2), [2, 2), [1, 5); table row 9 of unique 1 reads as zeros (its anchor still counts)
-    assert out.cpu().tolist() == [[1.5] * 3, [0.0] * 3, [2.0] * 3]
-    out = table_combine_triton(table, rows, None, index, offsets, None, "tile", 2)
+    with row_lookup_mode(row_lookup):
+        # a per-row anchor, and a stride-0 one (the one kind composed rows serve)
+        for anchor in (torch.full((4, 3), 0.5), torch.full((), 0.5).expand(4, 3)):
+            out = table_combine_triton(table, rows, anchor.to(TRITON_DEVICE), index, offsets, None, "sum", 1)
+            # rows [0, 2), [2, 2), [1, 5); table row 9 of unique 1 reads as zeros (its anchor still counts)
+            assert out.cpu().tolist() == [[1.5] * 3, [0.0] * 3, [2.0] * 3]
+        out = table_combine_triton(table, rows, None, index, offsets, None, "tile", 2)
     assert out.cpu().tolist() == [[1.0] * 3 + [0.0] * 3, [0.0] * 6, [0.0] * 6]
 
 

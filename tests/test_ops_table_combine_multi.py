@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxrec.ops.triton.combine import segment_combine_backward_multi_triton, table_combine_multi_triton
-from test_ops_table_combine import ANCHORS, COMBINERS, TRITON_DEVICE, make_anchor, to_cuda
+from test_ops_table_combine import ANCHORS, COMBINERS, ROW_LOOKUPS, TRITON_DEVICE, make_anchor, row_lookup_mode, to_cuda
 
 table_combine = torch.ops.fxrec.table_combine
 table_combine_multi = torch.ops.fxrec.table_combine_multi
@@ -314,23 +314,29 @@ def on_triton_device(args):
             else (a.to(TRITON_DEVICE) if isinstance(a, torch.Tensor) else a) for a in args]
 
 
+@pytest.mark.parametrize("row_lookup", ROW_LOOKUPS)
 @settings(max_examples=20)
 @given(multi_cases(max_features=4, max_rows=3, max_len=6, max_dim=5, max_unique=5, max_table=6))
-def test_forward_launcher_matches_cpu(case):
+def test_forward_launcher_matches_cpu(row_lookup, case):
     # several features with rows: one launch for all (_multi_combine_kernel); one: its own kernels
     args = as_tensors(case)
-    for got, expected in zip(table_combine_multi_triton(*on_triton_device(args)), table_combine_multi(*args)):
+    with row_lookup_mode(row_lookup):
+        outs = table_combine_multi_triton(*on_triton_device(args))
+    for got, expected in zip(outs, table_combine_multi(*args)):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("row_lookup", ROW_LOOKUPS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("anchor_kind", ["none", "dense", "zeros"])
-def test_forward_launcher_one_launch_every_combiner(dtype, anchor_kind):
+def test_forward_launcher_one_launch_every_combiner(row_lookup, dtype, anchor_kind):
     table, rows, _, anchor, features = every_combiner_case()
     args = as_tensors((table, rows, anchor_kind, anchor, features), dtype=dtype)
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-12, atol=1e-12)
-    for got, expected in zip(table_combine_multi_triton(*on_triton_device(args)), table_combine_multi(*args)):
+    with row_lookup_mode(row_lookup):
+        outs = table_combine_multi_triton(*on_triton_device(args))
+    for got, expected in zip(outs, table_combine_multi(*args)):
         torch.testing.assert_close(got.cpu(), expected, **tol)
 
 

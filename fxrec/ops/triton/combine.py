@@ -6,9 +6,12 @@ combiner); semantics in ``fxrec/ops/combine.py``.
   items ``BLOCK_N`` at a time, gathers their embedding rows and accumulates ``w * e`` (and, for
   mean, ``w``) in fp32 (fp64 for fp64 embeddings).
 - tile forward: one program per (row, block of ``BLOCK_S`` slots): a masked copy, exact.
-- Both forward kernels serve both ops through constexpr flags: ``HAS_ROWS`` (table_combine) reads
+- Both forward kernels serve both ops through constexpr flags: ``ROWS`` (table_combine) reads
   item ``i``'s embedding as ``table[rows[index[i]]]`` instead of ``emb[index[i]]`` (one more
-  8-byte load per item, no ``[U, dim]`` gather in between), and ``HAS_ANCHOR`` adds
+  8-byte load per item, no ``[U, dim]`` gather in between) or, for calls of at least
+  ``COMPOSE_MIN_ITEMS`` items without a per-row anchor, as ``table[item_rows[i]]`` after one pass
+  that composes ``item_rows = rows[index]`` (``_compose_rows_kernel``: the combine kernel's load
+  chain is a step shorter, for 16 bytes an item and one launch more), and ``HAS_ANCHOR`` adds
   ``anchor[index[i]]`` read through its strides (the expanded zero anchor a ``HashTable`` hands
   out has strides ``(0, 0)``: it is never materialized). With an anchor the sum is formed in the
   accumulation dtype (the tile "copy" then rounds it once to the output dtype).
@@ -37,6 +40,8 @@ Launchers work on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -74,6 +79,46 @@ def _rows_per_program(block_d: int) -> int:
     return _BLOCK_ELEMENTS // block_d if block_d <= 32 else 16
 
 
+# How a forward kernel finds item i's embedding (its ROWS constexpr; see _item_embedding).
+_ROWS_NONE, _ROWS_INDIRECT, _ROWS_COMPOSED = 0, 1, 2
+
+# From this many items on (all features of one call together), table_combine's launchers compose
+# each item's table row first. The combine kernels' loads form a chain, index -> row -> the
+# row's bytes; a random row behind two dependent loads keeps fewer bytes in flight. Composing is
+# one pass of 16 bytes an item but one launch more, which smaller calls (host-bound) would pay
+# for nothing (bench/README.md, "Embedding gather + combiners").
+COMPOSE_MIN_ITEMS = 1 << 20
+_COMPOSE_BLOCK = 1024
+
+
+@triton.jit
+def _compose_rows_kernel(rows, index, item_rows, n_items, n_unique, n_emb_rows, BLOCK: tl.constexpr):
+    """``item_rows[i] = rows[index[i]]`` (-1 where that row is outside ``[0, n_emb_rows)``), or -2
+    where ``index[i]`` is outside ``[0, n_unique)``: no embedding, not even the anchor's."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = i < n_items
+    idx = tl.load(index + i, mask=in_range, other=-1)
+    found = (idx >= 0) & (idx < n_unique)
+    row = tl.load(rows + idx, mask=in_range & found, other=-1)
+    row = tl.where((row >= 0) & (row < n_emb_rows), row, -1)
+    tl.store(item_rows + i, tl.where(found, row, -2), mask=in_range)
+
+
+def _compose_rows(rows: Tensor, index: Tensor, n_emb_rows: int) -> Tensor:
+    item_rows = torch.empty_like(index)
+    if index.shape[0]:
+        _compose_rows_kernel[(cdiv(index.shape[0], _COMPOSE_BLOCK),)](
+            rows, index, item_rows, index.shape[0], rows.shape[0], n_emb_rows, BLOCK=_COMPOSE_BLOCK)
+    return item_rows
+
+
+def _composes(n_items: int, anchor: Tensor | None) -> bool:
+    """Whether a table_combine call of ``n_items`` items composes its rows first: a per-row anchor
+    is read at ``index[i]``, which composing replaces, so only without an anchor or with a
+    stride-0 one (``ANCHOR_SCALAR``: one value, no index needed)."""
+    return n_items >= COMPOSE_MIN_ITEMS and (anchor is None or (anchor.stride() == (0, 0) and anchor.numel() > 0))
+
+
 @triton.jit
 def _row_bounds(offsets, row, n_items):
     # Clamped so that unvalidated offsets (the CUDA path does not sync to check them) stay in index.
@@ -84,19 +129,27 @@ def _row_bounds(offsets, row, n_items):
 
 @triton.jit
 def _item_embedding(emb, rows, anchor, idx, in_batch, d, d_ok, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
-                    HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr):
+                    ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr):
     """The embeddings of the items whose index entries are ``idx`` (masked by ``in_batch``), columns
-    ``d``: ``emb[idx]`` (``HAS_ROWS=False``) or ``emb[rows[idx]]`` (``HAS_ROWS``: ``emb`` is the
-    table), plus ``anchor[idx]`` (``HAS_ANCHOR``, any strides: an expanded zero anchor has stride 0).
-    An entry outside ``[0, n_unique)`` is no embedding (zeros); a table row outside
-    ``[0, n_emb_rows)`` (-1) is a zero row that is never read. In ``ACC`` when ``HAS_ANCHOR``
-    (the sum is formed there), else in ``emb``'s dtype (a copy). ``ANCHOR_SCALAR``: both anchor
-    strides are 0 (the table's expanded zero anchor): its one value is loaded once, not per item."""
-    found = in_batch & (idx >= 0) & (idx < n_unique)
-    if HAS_ROWS:
+    ``d``: ``emb[idx]`` (``ROWS == _ROWS_NONE``), ``emb[rows[idx]]`` (``_ROWS_INDIRECT``: ``emb``
+    is the table) or ``emb[idx]`` with ``idx`` the item's table row already composed
+    (``_ROWS_COMPOSED``, ``_compose_rows_kernel``: -1 an absent row, -2 no embedding), plus
+    ``anchor[idx]`` (``HAS_ANCHOR``, any strides: an expanded zero anchor has stride 0; composed
+    rows only with ``ANCHOR_SCALAR``). An entry outside ``[0, n_unique)`` is no embedding (zeros);
+    a table row outside ``[0, n_emb_rows)`` (-1) is a zero row that is never read. In ``ACC`` when
+    ``HAS_ANCHOR`` (the sum is formed there), else in ``emb``'s dtype (a copy). ``ANCHOR_SCALAR``:
+    both anchor strides are 0 (the table's expanded zero anchor): its one value is loaded once,
+    not per item."""
+    if ROWS == 2:  # _ROWS_COMPOSED
+        found = in_batch & (idx >= -1)
+        row = idx
+        hit = found & (row >= 0) & (row < n_emb_rows)
+    elif ROWS == 1:  # _ROWS_INDIRECT
+        found = in_batch & (idx >= 0) & (idx < n_unique)
         row = tl.load(rows + idx, mask=found, other=-1)
         hit = found & (row >= 0) & (row < n_emb_rows)
     else:
+        found = in_batch & (idx >= 0) & (idx < n_unique)
         row = idx
         hit = found
     e = tl.load(emb + row[:, None] * dim + d[None, :], mask=hit[:, None] & d_ok[None, :], other=0.0)
@@ -114,7 +167,7 @@ def _item_embedding(emb, rows, anchor, idx, in_batch, d, d_ok, n_unique, n_emb_r
 @triton.jit
 def _segment_reduce(
     emb, rows, anchor, index, offsets, weight, out, row, d_block, n_items, n_unique, n_emb_rows, dim, anchor_s0,
-    anchor_s1, mean, HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr,
+    anchor_s1, mean, ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """sum / mean forward of row ``row``, columns block ``d_block`` (``mean``: a constant in the
@@ -134,7 +187,7 @@ def _segment_reduce(
             w = in_row.to(ACC)
         weight_sum += w  # a -1 item's weight counts too (see combine.py)
         e = _item_embedding(emb, rows, anchor, idx, in_row, d, d_ok, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
-                            HAS_ROWS, HAS_ANCHOR, ANCHOR_SCALAR, ACC)
+                            ROWS, HAS_ANCHOR, ANCHOR_SCALAR, ACC)
         acc += tl.sum(e.to(ACC) * w[:, None], axis=0)
     if mean:
         total = tl.sum(weight_sum, axis=0)
@@ -145,7 +198,7 @@ def _segment_reduce(
 @triton.jit
 def _segment_tile(
     emb, rows, anchor, index, offsets, out, row, s_block, n_items, n_unique, n_emb_rows, dim, tile_len, anchor_s0,
-    anchor_s1, HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr,
+    anchor_s1, ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """tile forward of row ``row``, slots block ``s_block``."""
@@ -158,7 +211,7 @@ def _segment_tile(
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < dim
         e = _item_embedding(emb, rows, anchor, idx, present, d, d_ok, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
-                            HAS_ROWS, HAS_ANCHOR, ANCHOR_SCALAR, ACC)
+                            ROWS, HAS_ANCHOR, ANCHOR_SCALAR, ACC)
         tl.store(out + (row * tile_len + s[:, None]) * dim + d[None, :], e.to(out.dtype.element_ty),
                  mask=s_ok[:, None] & d_ok[None, :])
 
@@ -166,22 +219,22 @@ def _segment_tile(
 @triton.jit
 def _segment_reduce_kernel(
     emb, rows, anchor, index, offsets, weight, out, n_items, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
-    HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _segment_reduce(emb, rows, anchor, index, offsets, weight, out, tl.program_id(0).to(tl.int64),
                     tl.program_id(1).to(tl.int64), n_items, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1, MEAN,
-                    HAS_ROWS, HAS_ANCHOR, ANCHOR_SCALAR, HAS_WEIGHT, ACC, BLOCK_N, BLOCK_D)
+                    ROWS, HAS_ANCHOR, ANCHOR_SCALAR, HAS_WEIGHT, ACC, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
 def _segment_tile_kernel(
     emb, rows, anchor, index, offsets, out, n_items, n_unique, n_emb_rows, dim, tile_len, anchor_s0, anchor_s1,
-    HAS_ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr,
+    ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr, ACC: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _segment_tile(emb, rows, anchor, index, offsets, out, tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
-                  n_items, n_unique, n_emb_rows, dim, tile_len, anchor_s0, anchor_s1, HAS_ROWS, HAS_ANCHOR,
+                  n_items, n_unique, n_emb_rows, dim, tile_len, anchor_s0, anchor_s1, ROWS, HAS_ANCHOR,
                   ANCHOR_SCALAR, ACC, BLOCK_S, BLOCK_D)
 
 
@@ -294,7 +347,8 @@ def _program_feature(features, n_features, DENSE_T: tl.constexpr, WEIGHT_T: tl.c
 @triton.jit
 def _multi_combine_kernel(
     features, n_features, table, rows, anchor, n_unique, n_emb_rows, dim, anchor_s0, anchor_s1,
-    OUT_T: tl.constexpr, WEIGHT_T: tl.constexpr, HAS_ANCHOR: tl.constexpr, ANCHOR_SCALAR: tl.constexpr,
+    OUT_T: tl.constexpr, WEIGHT_T: tl.constexpr, ROWS: tl.constexpr, HAS_ANCHOR: tl.constexpr,
+    ANCHOR_SCALAR: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Every feature's ``table_combine`` forward in one launch (``table_combine_multi_triton``)."""
@@ -304,18 +358,18 @@ def _multi_combine_kernel(
     if kind == 2:
         slot_blocks = tl.cdiv(tile_len, BLOCK_S)
         _segment_tile(table, rows, anchor, index, offsets, out, local // slot_blocks, local % slot_blocks, n_items,
-                      n_unique, n_emb_rows, dim, tile_len, anchor_s0, anchor_s1, True, HAS_ANCHOR, ANCHOR_SCALAR, ACC,
+                      n_unique, n_emb_rows, dim, tile_len, anchor_s0, anchor_s1, ROWS, HAS_ANCHOR, ANCHOR_SCALAR, ACC,
                       BLOCK_S, BLOCK_D)
     else:
         col_blocks = tl.cdiv(dim, BLOCK_D)
         row, d_block = local // col_blocks, local % col_blocks
         if has_weight:
             _segment_reduce(table, rows, anchor, index, offsets, weight, out, row, d_block, n_items, n_unique,
-                            n_emb_rows, dim, anchor_s0, anchor_s1, kind == 1, True, HAS_ANCHOR, ANCHOR_SCALAR, True,
+                            n_emb_rows, dim, anchor_s0, anchor_s1, kind == 1, ROWS, HAS_ANCHOR, ANCHOR_SCALAR, True,
                             ACC, BLOCK_N, BLOCK_D)
         else:
             _segment_reduce(table, rows, anchor, index, offsets, weight, out, row, d_block, n_items, n_unique,
-                            n_emb_rows, dim, anchor_s0, anchor_s1, kind == 1, True, HAS_ANCHOR, ANCHOR_SCALAR, False,
+                            n_emb_rows, dim, anchor_s0, anchor_s1, kind == 1, ROWS, HAS_ANCHOR, ANCHOR_SCALAR, False,
                             ACC, BLOCK_N, BLOCK_D)
 
 
@@ -353,8 +407,11 @@ def _combine_launch(
     emb, index, offsets = emb.contiguous(), index.contiguous(), offsets.contiguous()
     n_rows, dim = offsets.shape[0] - 1, emb.shape[1]
     n_unique = emb.shape[0] if rows is None else rows.shape[0]
+    mode = _ROWS_NONE if rows is None else _ROWS_INDIRECT
+    if rows is not None and _composes(index.shape[0], anchor):
+        index, mode = _compose_rows(rows.contiguous(), index, emb.shape[0]), _ROWS_COMPOSED
     anchor, anchor_strides, anchor_flags = _anchor_args(emb, anchor)
-    flags = dict(HAS_ROWS=rows is not None, **anchor_flags, ACC=_tl_dtype(emb.dtype))
+    flags = dict(ROWS=mode, **anchor_flags, ACC=_tl_dtype(emb.dtype))
     rows = index if rows is None else rows.contiguous()  # unused pointers when absent
     block_d = _block_d(dim)
     if combiner == "tile":
@@ -436,13 +493,20 @@ def table_combine_multi_triton(
     if len(features) < 2:
         return [table_combine_triton(table, rows, anchor, *f) for f in zip(index, offsets, weight, combiner, tile_len)]
     acc_dtype = _accumulate_dtype(table.dtype)
-    features_table, n_programs, block_d, block_s, alive = _feature_table(features, dim, acc_dtype, table.device)
     table, rows = table.contiguous(), rows.contiguous()
+    mode = _ROWS_INDIRECT
+    if _composes(sum(f[1].shape[0] for f in features), anchor):
+        # one pass over every feature's items: their index entries side by side, then one view each
+        item_rows = _compose_rows(rows, torch.cat([f[1].reshape(-1) for f in features]), table.shape[0])
+        ends = itertools.accumulate(f[1].shape[0] for f in features)
+        features = [(f[0], item_rows[end - f[1].shape[0]:end], *f[2:]) for f, end in zip(features, ends)]
+        mode = _ROWS_COMPOSED
+    features_table, n_programs, block_d, block_s, alive = _feature_table(features, dim, acc_dtype, table.device)
     anchor, anchor_strides, anchor_flags = _anchor_args(table, anchor)
     _multi_combine_kernel[(n_programs,)](
         features_table, len(features), table, rows, anchor, rows.shape[0], table.shape[0], dim, *anchor_strides,
-        OUT_T=_TL_DTYPES[table.dtype], WEIGHT_T=_tl_dtype(acc_dtype), **anchor_flags, ACC=_tl_dtype(acc_dtype),
-        BLOCK_N=_BLOCK_N, BLOCK_D=block_d, BLOCK_S=block_s,
+        OUT_T=_TL_DTYPES[table.dtype], WEIGHT_T=_tl_dtype(acc_dtype), ROWS=mode, **anchor_flags,
+        ACC=_tl_dtype(acc_dtype), BLOCK_N=_BLOCK_N, BLOCK_D=block_d, BLOCK_S=block_s,
     )
     del alive
     return outs
