@@ -26,9 +26,10 @@ at dims 8, 16, 64, 128. For each case, combiner and dim, forward and backward:
             it replaced, gather_rows [U, dim] + segment_combine. Same bytes counted as
             segment_combine (table_combine also reads 8 B of rows per item, not counted). Their
             last column: table_combine ms / segment_combine ms; the unfused row's: its ms /
-            table_combine-with-anchor ms. Calls of at least COMPOSE_MIN_ITEMS items (the seq
-            case) compose each item's table row in a pass of their own first; the row "same,
-            rows[index[i]] read in the combine kernel" times that call without it.
+            table_combine-with-anchor ms. Calls of at least COMPOSE_MIN_ITEMS items of rows of
+            at least COMPOSE_MIN_ROW_BYTES (the seq case at dim >= 64) compose each item's table
+            row in a pass of their own first; the row "same, rows indirect / composed" times the
+            training call the other way.
   backward  fxrec segment_combine_backward into [rows, dim] (what embedding_bag's dense grad
             is) and into [U, dim] (index remapped to the U unique rows: how fxrec's lookup layer
             calls it, DESIGN.md: no dense table gradient); autograd backward of embedding_bag
@@ -163,16 +164,21 @@ def fxrec_table_forward(emb: torch.Tensor, case: Case, combiner: str, unique: tu
     return lambda: ops.table_combine(emb, uniq, zero, inverse, case.offsets, weight, mode, case.tile_len)
 
 
-def rows_indirect(fn):
-    """``fn`` with table_combine's launchers reading ``rows[index[i]]`` inside the combine kernel,
-    as calls under ``COMPOSE_MIN_ITEMS`` items do (not composing each item's table row first)."""
+ROW_LOOKUPS = {"indirect": "rows[index[i]] read in the combine kernel",
+               "composed": "each item's table row composed in a pass first"}
+
+
+def row_lookup(mode: str, fn):
+    """``fn`` with table_combine's launchers reading the table rows ``mode``'s way (their
+    thresholds ``COMPOSE_MIN_ITEMS`` / ``COMPOSE_MIN_ROW_BYTES`` set to always / never)."""
     def call():
-        threshold = triton_combine.COMPOSE_MIN_ITEMS
-        triton_combine.COMPOSE_MIN_ITEMS = 1 << 62
+        saved = triton_combine.COMPOSE_MIN_ITEMS, triton_combine.COMPOSE_MIN_ROW_BYTES
+        limit = 0 if mode == "composed" else 1 << 62
+        triton_combine.COMPOSE_MIN_ITEMS = triton_combine.COMPOSE_MIN_ROW_BYTES = limit
         try:
             return fn()
         finally:
-            triton_combine.COMPOSE_MIN_ITEMS = threshold
+            triton_combine.COMPOSE_MIN_ITEMS, triton_combine.COMPOSE_MIN_ROW_BYTES = saved
     return call
 
 
@@ -270,9 +276,10 @@ def bench_combiner(t: Table, emb: torch.Tensor, case: Case, combiner: str, uniqu
               fxrec_table_forward(emb, case, combiner, unique, False), compare="fwd")
         t.row(case, combiner, dim, "fwd", "fxrec table_combine + zero anchor (training)", fwd,
               fxrec_table_forward(emb, case, combiner, unique, True), ref="fused", compare="fwd")
-        if case.n >= triton_combine.COMPOSE_MIN_ITEMS:  # the row above composed each item's table row first
-            t.row(case, combiner, dim, "fwd", "  same, rows[index[i]] read in the combine kernel (not composed)", fwd,
-                  rows_indirect(fxrec_table_forward(emb, case, combiner, unique, True)), compare="fused")
+        # the other way to read the rows (composed: for big calls of wide rows; else forced here)
+        other = "indirect" if triton_combine._composes(emb, case.n, None) else "composed"
+        t.row(case, combiner, dim, "fwd", f"  same, rows {other} ({ROW_LOOKUPS[other]})", fwd,
+              row_lookup(other, fxrec_table_forward(emb, case, combiner, unique, True)), compare="fused")
         t.row(case, combiner, dim, "fwd", "gather_rows [U, dim] + segment_combine (unfused)", fwd,
               unfused_forward(emb, case, combiner, unique), compare="fused")
     if combiner == "tile":

@@ -383,6 +383,7 @@ def row_lookup_mode(row_lookup: str):
     with pytest.MonkeyPatch.context() as patch:
         if row_lookup == "composed":
             patch.setattr(triton_combine, "COMPOSE_MIN_ITEMS", 0)
+            patch.setattr(triton_combine, "COMPOSE_MIN_ROW_BYTES", 0)
         yield
 
 

@@ -9,7 +9,8 @@ combiner); semantics in ``fxrec/ops/combine.py``.
 - Both forward kernels serve both ops through constexpr flags: ``ROWS`` (table_combine) reads
   item ``i``'s embedding as ``table[rows[index[i]]]`` instead of ``emb[index[i]]`` (one more
   8-byte load per item, no ``[U, dim]`` gather in between) or, for calls of at least
-  ``COMPOSE_MIN_ITEMS`` items without a per-row anchor, as ``table[item_rows[i]]`` after one pass
+  ``COMPOSE_MIN_ITEMS`` items of rows of at least ``COMPOSE_MIN_ROW_BYTES`` without a per-row
+  anchor, as ``table[item_rows[i]]`` after one pass
   that composes ``item_rows = rows[index]`` (``_compose_rows_kernel``: the combine kernel's load
   chain is a step shorter, for 16 bytes an item and one launch more), and ``HAS_ANCHOR`` adds
   ``anchor[index[i]]`` read through its strides (the expanded zero anchor a ``HashTable`` hands
@@ -82,12 +83,15 @@ def _rows_per_program(block_d: int) -> int:
 # How a forward kernel finds item i's embedding (its ROWS constexpr; see _item_embedding).
 _ROWS_NONE, _ROWS_INDIRECT, _ROWS_COMPOSED = 0, 1, 2
 
-# From this many items on (all features of one call together), table_combine's launchers compose
-# each item's table row first. The combine kernels' loads form a chain, index -> row -> the
-# row's bytes; a random row behind two dependent loads keeps fewer bytes in flight. Composing is
-# one pass of 16 bytes an item but one launch more, which smaller calls (host-bound) would pay
-# for nothing (bench/README.md, "Embedding gather + combiners").
+# From this many items on (all features of one call together) and rows this wide, table_combine's
+# launchers compose each item's table row first. The combine kernels' loads form a chain,
+# index -> row -> the row's bytes; a random row behind two dependent loads keeps fewer bytes in
+# flight. Composing is one pass of 16 bytes an item and one launch more: smaller calls
+# (host-bound) would pay for nothing, and so do 64-byte rows (H200, B=4096 tile: composed rows
+# 6% / 11% faster at 256 / 512-byte rows, 1% slower at 64; bench/README.md, "Embedding gather +
+# combiners").
 COMPOSE_MIN_ITEMS = 1 << 20
+COMPOSE_MIN_ROW_BYTES = 256
 _COMPOSE_BLOCK = 1024
 
 
@@ -112,11 +116,12 @@ def _compose_rows(rows: Tensor, index: Tensor, n_emb_rows: int) -> Tensor:
     return item_rows
 
 
-def _composes(n_items: int, anchor: Tensor | None) -> bool:
+def _composes(table: Tensor, n_items: int, anchor: Tensor | None) -> bool:
     """Whether a table_combine call of ``n_items`` items composes its rows first: a per-row anchor
     is read at ``index[i]``, which composing replaces, so only without an anchor or with a
     stride-0 one (``ANCHOR_SCALAR``: one value, no index needed)."""
-    return n_items >= COMPOSE_MIN_ITEMS and (anchor is None or (anchor.stride() == (0, 0) and anchor.numel() > 0))
+    big = n_items >= COMPOSE_MIN_ITEMS and table.shape[1] * table.element_size() >= COMPOSE_MIN_ROW_BYTES
+    return big and (anchor is None or (anchor.stride() == (0, 0) and anchor.numel() > 0))
 
 
 @triton.jit
@@ -408,7 +413,7 @@ def _combine_launch(
     n_rows, dim = offsets.shape[0] - 1, emb.shape[1]
     n_unique = emb.shape[0] if rows is None else rows.shape[0]
     mode = _ROWS_NONE if rows is None else _ROWS_INDIRECT
-    if rows is not None and _composes(index.shape[0], anchor):
+    if rows is not None and _composes(emb, index.shape[0], anchor):
         index, mode = _compose_rows(rows.contiguous(), index, emb.shape[0]), _ROWS_COMPOSED
     anchor, anchor_strides, anchor_flags = _anchor_args(emb, anchor)
     flags = dict(ROWS=mode, **anchor_flags, ACC=_tl_dtype(emb.dtype))
@@ -495,7 +500,7 @@ def table_combine_multi_triton(
     acc_dtype = _accumulate_dtype(table.dtype)
     table, rows = table.contiguous(), rows.contiguous()
     mode = _ROWS_INDIRECT
-    if _composes(sum(f[1].shape[0] for f in features), anchor):
+    if _composes(table, sum(f[1].shape[0] for f in features), anchor):
         # one pass over every feature's items: their index entries side by side, then one view each
         item_rows = _compose_rows(rows, torch.cat([f[1].reshape(-1) for f in features]), table.shape[0])
         ends = itertools.accumulate(f[1].shape[0] for f in features)
