@@ -134,6 +134,20 @@ def test_hash_strings_matches_oracle(strings, hash_type, bucket, lead, dtype):
     assert got.tolist() == [to_int64(expected_id(s, hash_type, bucket)) for s in strings]
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    strings=st.lists(st.binary(min_size=8, max_size=16) | st.binary(max_size=20), max_size=40),
+    bucket=st.sampled_from([0, 7, 2**63 + 5]),
+    dtype=st.sampled_from([np.int32, np.int64]),
+)
+def test_hash_strings_four_at_a_time(strings, bucket, dtype):
+    # farm hashes groups of four 8..16-byte strings side by side; any other length in a group
+    # sends it through the one-string loop: mixes of both, at every position of a group
+    data, offsets = packed(strings, 3, dtype)
+    got = hashing.hash_strings(data, offsets, "farm", bucket)
+    assert got.tolist() == [to_int64(expected_id(s, "farm", bucket)) for s in strings]
+
+
 @pytest.mark.parametrize("hash_type", ["farm", "murmur"])
 def test_hash_strings_long_strings_and_every_length_class(hash_type):
     rng = np.random.default_rng(5)
@@ -145,11 +159,18 @@ def test_hash_strings_long_strings_and_every_length_class(hash_type):
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
 @pytest.mark.parametrize(
-    "offsets, bad", [([0, 2, 1, 3], "string 1"), ([0, 2, 9], "string 0"), ([-1, 2], "string 0")]
+    "offsets, bad",
+    [
+        ([0, 2, 1, 3], "string 1"),
+        ([0, 2, 9], "string 0"),
+        ([-1, 2], "string 0"),
+        ([0, 10, 20, 15, 30, 40], "string 2"),  # inside a group of four 8..16-byte strings
+        ([0, 10, 20, 30, 40, 45], "string 0"),  # the last string ends past the data
+    ],
 )
 def test_hash_strings_rejects_bad_offsets(dtype, offsets, bad):
-    data = np.zeros(4, np.int8)
-    with pytest.raises(ValueError, match=f"{bad}'s offsets .* 4-byte data buffer"):
+    data = np.zeros(40 if offsets[-1] >= 40 else 4, np.int8)
+    with pytest.raises(ValueError, match=f"{bad}'s offsets .* {data.size}-byte data buffer"):
         hashing.hash_strings(data, np.array(offsets, dtype), "farm", 0)
 
 
