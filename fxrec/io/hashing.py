@@ -8,9 +8,9 @@ negative ``h`` buckets as its unsigned value does.
 
 A pack thread hashes each decoded record batch's strings in one call of a C loop
 (``hash_strings.c``, built on first use: ``fxrec.utils.native``) straight into the batch's
-memory; the loop reads each string once and releases the GIL, so pack threads hash in parallel. The op's vectorized torch kernel makes ~100 passes over the
-strings, ~40 M strings per CPU-second: twice what decoding them costs (bench/README.md,
-"Reading"). Where no C compiler is available the op's CPU kernel does the hashing (same ids,
+memory; the loop reads each string once and releases the GIL, so pack threads hash in
+parallel. The op's vectorized torch kernel makes ~100 passes over the strings, ~40 M strings
+per CPU-second: twice what decoding them costs (bench/README.md, "Reading"). Where no C compiler is available the op's CPU kernel does the hashing (same ids,
 slower), with one warning.
 """
 

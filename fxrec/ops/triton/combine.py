@@ -121,7 +121,7 @@ def _composes(table: Tensor, n_items: int, anchor: Tensor | None) -> bool:
     is read at ``index[i]``, which composing replaces, so only without an anchor or with a
     stride-0 one (``ANCHOR_SCALAR``: one value, no index needed)."""
     big = n_items >= COMPOSE_MIN_ITEMS and table.shape[1] * table.element_size() >= COMPOSE_MIN_ROW_BYTES
-    return big and (anchor is None or (anchor.stride() == (0, 0) and anchor.numel() > 0))
+    return big and (anchor is None or _scalar_anchor(anchor))
 
 
 @triton.jit
@@ -445,8 +445,13 @@ def _anchor_args(emb: Tensor, anchor: Tensor | None) -> tuple[Tensor, tuple[int,
     through any strides, so a broadcast anchor is never copied; a stride-0 anchor is one value
     (ANCHOR_SCALAR; an anchor of 0 rows is never read at all)."""
     strides = (0, 0) if anchor is None else anchor.stride()
-    scalar = anchor is not None and strides == (0, 0) and anchor.numel() > 0
+    scalar = anchor is not None and _scalar_anchor(anchor)
     return (emb if anchor is None else anchor), strides, dict(HAS_ANCHOR=anchor is not None, ANCHOR_SCALAR=scalar)
+
+
+def _scalar_anchor(anchor: Tensor) -> bool:
+    """Both strides 0 and at least one element: one value (``ANCHOR_SCALAR``)."""
+    return anchor.stride() == (0, 0) and anchor.numel() > 0
 
 
 def _feature_table(features: list[tuple], dim: int, weight_dtype: torch.dtype, device: torch.device):
