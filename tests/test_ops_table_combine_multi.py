@@ -78,9 +78,13 @@ def per_feature(args):
     return [(table, rows, anchor, *feature) for feature in zip(*lists)]
 
 
-def output_grads(outputs, seed):
-    """Random gradients of ``outputs``, not contiguous (as autograd may hand them over)."""
+def output_grads(outputs, seed, sliced=False):
+    """Random gradients of ``outputs``, not contiguous, as autograd may hand them over: transposed,
+    or (``sliced``) column slices of wider ones, as a concatenation's backward does."""
     gen = torch.Generator().manual_seed(seed)
+    if sliced:
+        return [torch.randn((o.shape[0], o.shape[1] + 3), generator=gen, dtype=o.dtype)[:, 2:o.shape[1] + 2]
+                for o in outputs]
     return [torch.randn(tuple(reversed(o.shape)), generator=gen, dtype=o.dtype).t() for o in outputs]
 
 
@@ -357,9 +361,9 @@ def every_combiner_case():
     return gen.standard_normal((4, 3)), [0, 1, 2, 3, -1, 0], "dense", gen.standard_normal((6, 3)), features
 
 
-def assert_backward_launcher_matches_cpu(case, seed, dtype=torch.float32):
+def assert_backward_launcher_matches_cpu(case, seed, dtype=torch.float32, sliced=False):
     table, rows, _, *lists = as_tensors(case, dtype=dtype)
-    grads = output_grads(table_combine_multi(table, rows, None, *lists), seed)
+    grads = output_grads(table_combine_multi(table, rows, None, *lists), seed, sliced)
     expected = combine_backward_multi(grads, *lists, rows.shape[0])
 
     def dev(x):
@@ -374,15 +378,17 @@ def assert_backward_launcher_matches_cpu(case, seed, dtype=torch.float32):
 
 
 @settings(max_examples=20)
-@given(multi_cases(max_features=4, max_rows=3, max_len=6, max_dim=5, max_unique=5), st.integers(0, 2**32 - 1))
-def test_backward_launcher_matches_cpu(case, seed):
+@given(multi_cases(max_features=4, max_rows=3, max_len=6, max_dim=5, max_unique=5), st.integers(0, 2**32 - 1),
+       st.booleans())
+def test_backward_launcher_matches_cpu(case, seed, sliced):
     # several features: one launch for all (_multi_scatter_kernel); one: its own kernel
-    assert_backward_launcher_matches_cpu(case, seed)
+    assert_backward_launcher_matches_cpu(case, seed, sliced=sliced)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_backward_launcher_one_launch_every_combiner(dtype):
-    assert_backward_launcher_matches_cpu(every_combiner_case(), 7, dtype)
+@pytest.mark.parametrize("sliced", [False, True])
+def test_backward_launcher_one_launch_every_combiner(dtype, sliced):
+    assert_backward_launcher_matches_cpu(every_combiner_case(), 7, dtype, sliced)
 
 
 # -- CUDA == CPU ---------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import fxrec  # noqa: F401  (registers torch.ops.fxrec.*)
 from fxrec.ops.table import (
-    EMPTY, FILLED, MAX_TAG, OCCUPANCY, TAG_SHIFT, filled_state, new_index, run_starts, table_items, unique_tagged,
+    EMPTY, FILLED, MAX_TAG, OCCUPANCY, TAG_SHIFT, filled_state, new_index, run_starts, table_items, tag_dtype,
+    unique_tagged,
 )
 from fxrec.ops.triton.table import table_find_or_insert_triton, table_find_triton
 from oracles import mix64
@@ -106,15 +107,36 @@ many_tags_st = st.one_of(a_tag, st.integers(0, MAX_TAG))
 dup_pairs_st = st.builds(lambda pair, n: [pair] * n, st.tuples(a_tag, an_id), st.integers(1, 6))
 
 
-@given(pairs=st.one_of(pairs_st, st.lists(st.tuples(many_tags_st, an_id), max_size=40), dup_pairs_st))
-def test_unique_tagged_equals_sorted_set(pairs):
+def narrowed(pairs, tags):
+    """``tags`` in ``tag_dtype`` of their largest value: what the lookups pass."""
+    return tags.to(tag_dtype(max((t for t, _ in pairs), default=0)))
+
+
+# tags a uint8 / int16 sort holds, their edges included
+narrow_tags_st = st.one_of(st.sampled_from([0, 1, 0xFF, 0x100, 0x7FFF]), st.integers(0, 0x7FFF))
+
+
+@given(pairs=st.one_of(pairs_st, st.lists(st.tuples(many_tags_st, an_id), max_size=40), dup_pairs_st,
+                       st.lists(st.tuples(narrow_tags_st, an_id), max_size=40)),
+       narrow=st.booleans())
+def test_unique_tagged_equals_sorted_set(pairs, narrow):
     ids, tags = as_tensors(pairs)
-    uniq, uniq_tags, inverse, counts = unique_tagged(ids, tags)
+    uniq, uniq_tags, inverse, counts = unique_tagged(ids, narrowed(pairs, tags) if narrow else tags)
     distinct = sorted(set(pairs))
     assert list(zip(uniq_tags.tolist(), uniq.tolist())) == distinct
     assert uniq.dtype == torch.int64 and uniq_tags.dtype == torch.int32
     assert [distinct[i] for i in inverse.tolist()] == pairs
     assert counts.tolist() == [pairs.count(p) for p in distinct]
+
+
+def test_tag_dtype_is_the_narrowest_that_holds_the_tags():
+    for max_tag, dtype in [(0, torch.uint8), (0xFF, torch.uint8), (0x100, torch.int16), (0x7FFF, torch.int16),
+                           (0x8000, torch.int32), (MAX_TAG, torch.int32)]:
+        assert tag_dtype(max_tag) == dtype
+        assert torch.tensor([max_tag]).to(dtype).item() == max_tag
+    for bad in (-1, MAX_TAG + 1):
+        with pytest.raises(ValueError, match="max_tag must lie in"):
+            tag_dtype(bad)
 
 
 an_int32 = st.one_of(st.sampled_from([-(2**31), -1, 0, 1, 2**31 - 1]), st.integers(-3, 3))
@@ -164,7 +186,8 @@ def test_validation():
 @given(pairs=st.one_of(st.lists(st.tuples(many_tags_st, an_id), max_size=3000), dup_pairs_st))
 def test_unique_tagged_cuda_equals_cpu(pairs):
     expect = unique_tagged(*as_tensors(pairs))
-    got = unique_tagged(*as_tensors(pairs, "cuda"))
+    ids, tags = as_tensors(pairs, "cuda")
+    got = unique_tagged(ids, narrowed(pairs, tags))
     for e, g in zip(expect, got):
         assert g.dtype == e.dtype and g.cpu().tolist() == e.tolist()
 
@@ -175,13 +198,14 @@ def test_unique_tagged_rejects_bad_input():
         unique_tagged(ids.int(), tags)
     with pytest.raises(TypeError, match="fxrec::unique_tagged: ids must be a 1-D int64"):
         unique_tagged(ids[None], tags)
-    with pytest.raises(TypeError, match="fxrec::unique_tagged: tags must be a 1-D int32"):
-        unique_tagged(ids, tags.long())
+    for wrong in (tags.long(), tags.to(torch.int8), tags[None]):
+        with pytest.raises(TypeError, match="fxrec::unique_tagged: tags must be a 1-D uint8, int16 or int32"):
+            unique_tagged(ids, wrong)
     with pytest.raises(ValueError, match="fxrec::unique_tagged: tags has shape"):
         unique_tagged(ids, tags[:1])
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck(case):
     def index():
         keys, state = new_index(16)
@@ -197,6 +221,8 @@ def test_opcheck(case):
         (find, (*index(), ids.reshape(-1), tags.reshape(-1))),
         (unique_tagged, (ids.reshape(-1), tags.reshape(-1))),
         (unique_tagged, (ids[:0].reshape(-1), tags[:0].reshape(-1))),
+        (unique_tagged, (ids.reshape(-1), tags.reshape(-1).to(torch.uint8))),
+        (unique_tagged, (ids.reshape(-1), tags.reshape(-1).to(torch.int16))),
     ]
     op, args = cases[case]
     torch.library.opcheck(op, args)

@@ -89,7 +89,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from fxrec.distributed.env import collective_device, is_distributed
-from fxrec.ops.table import unique_tagged
+from fxrec.ops.table import tag_dtype, unique_tagged
 
 if TYPE_CHECKING:
     from fxrec.nn.modules.hashtable import HashTable
@@ -218,7 +218,8 @@ def _sharded_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None
         words = torch.cat([_as_int32(uniq), tags.to(torch.int32)[:, None]], 1)[order]
         got = _all_to_all(words, send_splits, recv_splits, {"ids": 8, "tags": 4})
         asked = _ids_of(got)
-        owned, owned_tags, inverse, _ = unique_tagged(asked, got[:, 2].contiguous())
+        asked_tags = got[:, 2].to(tag_dtype(max(t.tag for t in tables))).contiguous()  # narrowest: faster sort
+        owned, owned_tags, inverse, _ = unique_tagged(asked, asked_tags)
     local = _local_rows(tables, owned, owned_tags)
     # Row gathers through fxrec::gather_rows, not ``rows[index]``: Inductor (torch 2.11) lowers
     # an index of [n, dim] rows with an unbacked n into a 2-D kernel whose launch grid divides by

@@ -72,7 +72,7 @@ from fxrec.nn.hashtable_hook import AdmitHook, FilterHook
 from fxrec.nn.initializers import DEFAULT_BLOCK_SIZE, ConstantInitializer, Initializer
 from fxrec.nn.modules.hashtable import GRAD_REDUCE_BY, HashTable, shared_grad_anchor
 from fxrec.ops.combine import COMBINERS
-from fxrec.ops.table import unique_tagged
+from fxrec.ops.table import tag_dtype, unique_tagged
 from fxrec.ragged import RaggedTensor
 
 __all__ = ["EmbeddingEngine", "EmbeddingOption"]
@@ -296,7 +296,8 @@ def _lookup_unique_merged(tables: tuple[HashTable, ...], values: list[Tensor], t
     else:
         # one fill per run of consecutive features of one table, not one per feature
         runs = itertools.groupby(zip(sizes, tables), key=lambda size_table: size_table[1].tag)
-        item_tags = torch.cat([torch.full((sum(n for n, _ in run),), tag, dtype=torch.int32, device=flat.device)
+        dtype = tag_dtype(max(t.tag for t in tables))  # the narrowest: a faster tag sort
+        item_tags = torch.cat([torch.full((sum(n for n, _ in run),), tag, dtype=dtype, device=flat.device)
                                for tag, run in runs])
         uniq, uniq_tags, inverse, counts = unique_tagged(flat, item_tags)
     # one process: one tagged lookup in the storage; sharded: the (tag, id) pairs go to the ids'

@@ -24,7 +24,9 @@ combiner); semantics in ``fxrec/ops/combine.py``.
   kernel after the zero fill, nothing computed on the host's side in between. Atomics make the
   summation order, hence the float rounding of duplicated rows, run-dependent on the GPU: the
   result equals the CPU kernel's within rounding, not bit for bit. (table_combine's gradient
-  w.r.t. its anchor is this backward, unchanged.)
+  w.r.t. its anchor is this backward, unchanged.) The gradient's rows are read through their
+  stride: a concatenation's backward hands each feature a column slice of one wide gradient,
+  read in place instead of copied.
 - multi forward / backward (``table_combine_multi_triton``; ``segment_combine_backward_multi_triton``,
   F features into one buffer after one zero fill): ONE launch for all the features. The programs of
   ``_multi_combine_kernel`` / ``_multi_scatter_kernel`` are the features' programs of the kernels
@@ -251,16 +253,17 @@ def _segment_tile_kernel(
 
 @triton.jit
 def _row_scatter(
-    grad, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim, mean,
+    grad, grad_stride, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim, mean,
     HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """sum / mean backward of row ``row``, columns block ``d_block``: the row's gradient (times its
-    items' weights; ``mean``: over the row's weight sum, 0 where that is 0) added into each of its
-    items' embedding rows. ``mean`` is a constant in the one-feature kernel, data in the multi one."""
+    """sum / mean backward of row ``row``, columns block ``d_block``: the row's gradient (row
+    ``row`` of ``grad``, ``grad_stride`` elements apart) times its items' weights (``mean``: over
+    the row's weight sum, 0 where that is 0) added into each of its items' embedding rows. ``mean``
+    is a constant in the one-feature kernel, data in the multi one."""
     d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
     begin, end = _row_bounds(offsets, row, n_items)
-    g = tl.load(grad + row * dim + d, mask=d_ok, other=0.0).to(ACC)
+    g = tl.load(grad + row * grad_stride + d, mask=d_ok, other=0.0).to(ACC)
     if mean:
         weight_sum = tl.zeros([BLOCK_N], dtype=ACC)
         for start in range(begin, end, BLOCK_N):
@@ -287,11 +290,12 @@ def _row_scatter(
 
 @triton.jit
 def _tile_scatter(
-    grad, index, offsets, grad_emb, row, s_block, n_items, n_emb_rows, dim, tile_len,
+    grad, grad_stride, index, offsets, grad_emb, row, s_block, n_items, n_emb_rows, dim, tile_len,
     ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """tile backward of row ``row``, slots block ``s_block``: slot ``s`` (filled by the row's item
-    ``begin + s``) adds its gradient into that item's embedding row."""
+    """tile backward of row ``row`` (of ``grad``, ``grad_stride`` elements apart), slots block
+    ``s_block``: slot ``s`` (filled by the row's item ``begin + s``) adds its gradient into that
+    item's embedding row."""
     s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
     begin, end = _row_bounds(offsets, row, n_items)
     present = (s < tile_len) & (begin + s < end)
@@ -300,33 +304,36 @@ def _tile_scatter(
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = ok[:, None] & (d < dim)[None, :]
-        g = tl.load(grad + (row * tile_len + s[:, None]) * dim + d[None, :], mask=mask, other=0.0).to(ACC)
+        g = tl.load(grad + row * grad_stride + s[:, None] * dim + d[None, :], mask=mask, other=0.0).to(ACC)
         tl.atomic_add(grad_emb + idx[:, None] * dim + d[None, :], g, mask=mask, sem=_GRAD_SEM)
 
 
 @triton.jit
 def _row_scatter_kernel(
-    grad, index, offsets, weight, grad_emb, n_items, n_emb_rows, dim,
+    grad, grad_stride, index, offsets, weight, grad_emb, n_items, n_emb_rows, dim,
     HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    _row_scatter(grad, index, offsets, weight, grad_emb, tl.program_id(0).to(tl.int64),
+    _row_scatter(grad, grad_stride, index, offsets, weight, grad_emb, tl.program_id(0).to(tl.int64),
                  tl.program_id(1).to(tl.int64), n_items, n_emb_rows, dim, MEAN, HAS_WEIGHT, ACC, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
 def _tile_scatter_kernel(
-    grad, index, offsets, grad_emb, n_items, n_emb_rows, dim, tile_len,
+    grad, grad_stride, index, offsets, grad_emb, n_items, n_emb_rows, dim, tile_len,
     ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    _tile_scatter(grad, index, offsets, grad_emb, tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+    _tile_scatter(grad, grad_stride, index, offsets, grad_emb, tl.program_id(0).to(tl.int64),
+                  tl.program_id(1).to(tl.int64),
                   n_items, n_emb_rows, dim, tile_len, ACC, BLOCK_S, BLOCK_D)
 
 
 # The multi kernels' per-feature table: one row per feature, these columns. "dense": the
-# feature's [B, width] tensor, its output (forward) or its output's gradient (backward).
-_FIELDS = ("dense", "index", "offsets", "weight", "n_items", "kind", "tile_len", "first_program")
+# feature's [B, width] tensor, its output (forward) or its output's gradient (backward), whose
+# rows lie "dense_stride" elements apart (a gradient is often a column slice of a wider one: a
+# concatenation's backward hands out such views).
+_FIELDS = ("dense", "dense_stride", "index", "offsets", "weight", "n_items", "kind", "tile_len", "first_program")
 _N_FIELDS = tl.constexpr(len(_FIELDS))
-_F_DENSE, _F_INDEX, _F_OFFSETS, _F_WEIGHT, _F_N_ITEMS, _F_KIND, _F_TILE_LEN, _F_FIRST_PROGRAM = (
+_F_DENSE, _F_DENSE_STRIDE, _F_INDEX, _F_OFFSETS, _F_WEIGHT, _F_N_ITEMS, _F_KIND, _F_TILE_LEN, _F_FIRST_PROGRAM = (
     tl.constexpr(i) for i in range(len(_FIELDS)))
 _KINDS = {"sum": 0, "mean": 1, "tile": 2}
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
@@ -346,13 +353,14 @@ def _program_feature(features, n_features, DENSE_T: tl.constexpr, WEIGHT_T: tl.c
         f += (tl.load(features + j * _N_FIELDS + _F_FIRST_PROGRAM) <= pid).to(tl.int64)
     meta = features + f * _N_FIELDS
     dense = tl.load(meta + _F_DENSE).to(tl.pointer_type(DENSE_T), bitcast=True)
+    dense_stride = tl.load(meta + _F_DENSE_STRIDE)
     index = tl.load(meta + _F_INDEX).to(tl.pointer_type(tl.int64), bitcast=True)
     offsets = tl.load(meta + _F_OFFSETS).to(tl.pointer_type(tl.int64), bitcast=True)
     weight_address = tl.load(meta + _F_WEIGHT)
     weight = weight_address.to(tl.pointer_type(WEIGHT_T), bitcast=True)
     n_items, kind, tile_len = tl.load(meta + _F_N_ITEMS), tl.load(meta + _F_KIND), tl.load(meta + _F_TILE_LEN)
     local = pid - tl.load(meta + _F_FIRST_PROGRAM)
-    return dense, index, offsets, weight_address != 0, weight, n_items, kind, tile_len, local
+    return dense, dense_stride, index, offsets, weight_address != 0, weight, n_items, kind, tile_len, local
 
 
 @triton.jit
@@ -363,8 +371,8 @@ def _multi_combine_kernel(
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Every feature's ``table_combine`` forward in one launch (``table_combine_multi_triton``)."""
-    out, index, offsets, has_weight, weight, n_items, kind, tile_len, local = _program_feature(
-        features, n_features, OUT_T, WEIGHT_T)
+    out, _, index, offsets, has_weight, weight, n_items, kind, tile_len, local = _program_feature(
+        features, n_features, OUT_T, WEIGHT_T)  # (outputs are contiguous)
     # (names differ per branch: Triton merges a name bound in both branches, which needs one type)
     if kind == 2:
         slot_blocks = tl.cdiv(tile_len, BLOCK_S)
@@ -391,22 +399,22 @@ def _multi_scatter_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Every feature's backward in one launch (``segment_combine_backward_multi_triton``)."""
-    grad, index, offsets, has_weight, weight, n_items, kind, tile_len, local = _program_feature(
+    grad, grad_stride, index, offsets, has_weight, weight, n_items, kind, tile_len, local = _program_feature(
         features, n_features, GRAD_T, WEIGHT_T)
     # (names differ per branch: Triton merges a name bound in both branches, which needs one type)
     if kind == 2:
         slot_blocks = tl.cdiv(tile_len, BLOCK_S)
-        _tile_scatter(grad, index, offsets, grad_emb, local // slot_blocks, local % slot_blocks, n_items, n_emb_rows,
-                      dim, tile_len, ACC, BLOCK_S, BLOCK_D)
+        _tile_scatter(grad, grad_stride, index, offsets, grad_emb, local // slot_blocks, local % slot_blocks, n_items,
+                      n_emb_rows, dim, tile_len, ACC, BLOCK_S, BLOCK_D)
     else:
         col_blocks = tl.cdiv(dim, BLOCK_D)
         row, d_block = local // col_blocks, local % col_blocks
         if has_weight:
-            _row_scatter(grad, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim, kind == 1,
-                         True, ACC, BLOCK_N, BLOCK_D)
+            _row_scatter(grad, grad_stride, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim,
+                         kind == 1, True, ACC, BLOCK_N, BLOCK_D)
         else:
-            _row_scatter(grad, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim, kind == 1,
-                         False, ACC, BLOCK_N, BLOCK_D)
+            _row_scatter(grad, grad_stride, index, offsets, weight, grad_emb, row, d_block, n_items, n_emb_rows, dim,
+                         kind == 1, False, ACC, BLOCK_N, BLOCK_D)
 
 
 def _combine_launch(
@@ -472,8 +480,9 @@ def _feature_table(features: list[tuple], dim: int, weight_dtype: torch.dtype, d
         index, offsets = index.contiguous(), offsets.contiguous()
         weight = None if weight is None else weight.to(weight_dtype).contiguous()  # one weight dtype per kernel
         alive += [dense, index, offsets, weight]  # each feature's copies must outlive the loop
-        rows.append([dense.data_ptr(), index.data_ptr(), offsets.data_ptr(), 0 if weight is None else weight.data_ptr(),
-                     index.shape[0], _KINDS[combiner], tile_len, n_programs])  # _FIELDS' order
+        rows.append([dense.data_ptr(), dense.stride(0), index.data_ptr(), offsets.data_ptr(),
+                     0 if weight is None else weight.data_ptr(), index.shape[0], _KINDS[combiner], tile_len,
+                     n_programs])  # _FIELDS' order
         blocks = cdiv(tile_len, block_s) if combiner == "tile" else cdiv(dim, block_d)
         n_programs += (offsets.shape[0] - 1) * blocks
     table, _ = device_table(rows, device)  # one non-blocking copy
@@ -557,7 +566,7 @@ def segment_combine_backward_multi_triton(
     if len(features) == 1:
         _scatter_launch(grad_emb, *features[0])
         return grad_emb.to(grads[0].dtype)
-    features = [(grad.contiguous(), *rest) for grad, *rest in features]
+    features = [(_unit_column_stride(grad), *rest) for grad, *rest in features]
     features_table, n_programs, block_d, block_s, alive = _feature_table(features, dim, acc_dtype, device)
     _multi_scatter_kernel[(n_programs,)](
         features_table, len(features), grad_emb, num_rows, dim, GRAD_T=_TL_DTYPES[grads[0].dtype],
@@ -567,10 +576,17 @@ def segment_combine_backward_multi_triton(
     return grad_emb.to(grads[0].dtype)
 
 
+def _unit_column_stride(grad: Tensor) -> Tensor:
+    """``grad`` as the backward kernels read it: rows any distance apart, columns adjacent. A
+    column slice of a wider gradient (what a concatenation's backward hands each feature) is read
+    in place, not copied (at B = 4096 a tile feature's gradient is 262 MB)."""
+    return grad if grad.stride(1) == 1 else grad.contiguous()
+
+
 def _scatter_launch(grad_emb: Tensor, grad: Tensor, index: Tensor, offsets: Tensor, weight: Tensor | None,
                     combiner: str, tile_len: int) -> None:
     """Adds one feature's combine backward into ``grad_emb`` (fp32 / fp64) with atomics."""
-    grad, index, offsets = grad.contiguous(), index.contiguous(), offsets.contiguous()
+    grad, index, offsets = _unit_column_stride(grad), index.contiguous(), offsets.contiguous()
     n_rows, n_items = offsets.shape[0] - 1, index.shape[0]
     if n_items == 0 or n_rows == 0:
         return
@@ -581,12 +597,12 @@ def _scatter_launch(grad_emb: Tensor, grad: Tensor, index: Tensor, offsets: Tens
     if tile:
         block_s = min(_rows_per_program(block_d), next_power_of_2(tile_len))
         _tile_scatter_kernel[(n_rows, cdiv(tile_len, block_s))](
-            grad, index, offsets, grad_emb, n_items, num_rows, dim, tile_len, ACC=acc, BLOCK_S=block_s,
+            grad, grad.stride(0), index, offsets, grad_emb, n_items, num_rows, dim, tile_len, ACC=acc, BLOCK_S=block_s,
             BLOCK_D=block_d,
         )
     else:
         weight = weight.contiguous() if weight is not None else None
         _row_scatter_kernel[(n_rows, cdiv(dim, block_d))](
-            grad, index, offsets, weight if weight is not None else index, grad_emb, n_items, num_rows, dim,
+            grad, grad.stride(0), index, offsets, weight if weight is not None else index, grad_emb, n_items, num_rows, dim,
             HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", ACC=acc, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
         )
