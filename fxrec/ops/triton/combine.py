@@ -603,6 +603,6 @@ def _scatter_launch(grad_emb: Tensor, grad: Tensor, index: Tensor, offsets: Tens
     else:
         weight = weight.contiguous() if weight is not None else None
         _row_scatter_kernel[(n_rows, cdiv(dim, block_d))](
-            grad, grad.stride(0), index, offsets, weight if weight is not None else index, grad_emb, n_items, num_rows, dim,
-            HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", ACC=acc, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+            grad, grad.stride(0), index, offsets, weight if weight is not None else index, grad_emb, n_items, num_rows,
+            dim, HAS_WEIGHT=weight is not None, MEAN=combiner == "mean", ACC=acc, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
         )
