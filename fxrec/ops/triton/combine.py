@@ -323,8 +323,7 @@ def _tile_scatter_kernel(
     ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _tile_scatter(grad, grad_stride, index, offsets, grad_emb, tl.program_id(0).to(tl.int64),
-                  tl.program_id(1).to(tl.int64),
-                  n_items, n_emb_rows, dim, tile_len, ACC, BLOCK_S, BLOCK_D)
+                  tl.program_id(1).to(tl.int64), n_items, n_emb_rows, dim, tile_len, ACC, BLOCK_S, BLOCK_D)
 
 
 # The multi kernels' per-feature table: one row per feature, these columns. "dense": the
@@ -343,8 +342,8 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 @triton.jit
 def _program_feature(features, n_features, DENSE_T: tl.constexpr, WEIGHT_T: tl.constexpr):
     """This program's feature in a multi kernel: ``features [F, _N_FIELDS]`` int64 holds per
-    feature (``_FIELDS``) its tensors' addresses (weight 0: none), item count, combiner, tile_len
-    and first program id; program ``p`` works for the last feature whose first program is <= p,
+    feature (``_FIELDS``) its tensors' addresses (weight 0: none), its dense tensor's row stride,
+    item count, combiner, tile_len and first program id; program ``p`` works for the last feature whose first program is <= p,
     on the row and block that feature's own kernel would have given it (tile rows in ``BLOCK_S``
     slot blocks, sum / mean rows in ``BLOCK_D`` column blocks): its ``local`` program id."""
     pid = tl.program_id(0).to(tl.int64)
