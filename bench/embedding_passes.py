@@ -6,14 +6,15 @@ in the same run; then the combines of one coalesced storage alone: F ``table_com
 ``examples/deepctr/embeddings.py``'s 7 features over 6 tables (dims 8 and 16, tile_len 1000),
 batches shaped like the tutorial's data: dense2 one id per row in [0, 5); sparse1-3 1..3 ids per
 row; sparse4 1..1999 ids (a sequence, tiled to 1000); sparse5 1..39; the cross 1..9; ids uniform
-in [0, vocab). Per mode: the forward (7 lookups -> 6 -> 2; 7 combines -> 2) and a whole sparse
+in [0, vocab). Per mode: the forward (7 lookups -> 6 -> 1; 7 combines -> 1) and a whole sparse
 training step (forward, sum of the outputs, backward, SparseAdamWTF step), median ms over batches
 that cycle (the tables are warmed with every batch first: lookups find their ids, nothing grows),
 each mode's ms / the no-pass ms, and the ops one training step dispatches (``ops/step``: torch and
 fxrec ops as ``TorchDispatchMode`` sees them, each one host dispatch, on CUDA mostly a launch).
 
-Combine table (``combine_fusion``'s op alone): per storage of the coalesced tutorial (dim 8:
-dense2, sparse1, sparse3, all sum; dim 16: sparse2 sum, sparse4 and sparse5 tile, the cross mean)
+Combine table (``combine_fusion``'s op alone): the coalesced tutorial's one storage (dim 16:
+dense2, sparse1, sparse2, sparse3 sum (the dim-8 tables' rows padded to 16), sparse4 and sparse5
+tile, the cross mean)
 and for F = 2 / 4 / 8 one-id-per-row sum features of one storage (where dispatch dominates), the
 features' combines through ONE anchor (HashTable's expanded zero ``[U, dim]``) and the backward
 into it: F ``table_combine`` (autograd: F ``[U, dim]`` gradients, F zero fills, F - 1 adds) vs one
@@ -47,8 +48,8 @@ _LENGTHS = {"sparse1": (1, 3), "sparse2": (1, 3), "sparse3": (1, 3), "sparse4": 
 MODES = {"no passes": False, "lookup_merge": [lookup_merge], "+ table_coalesce": [lookup_merge, table_coalesce],
          "+ combine_fusion (passes=True)": True}
 # the coalesced tutorial's storages: (dim, [(feature, combiner)])
-STORAGES = {8: [("dense2", "sum"), ("sparse1", "sum"), ("sparse3", "sum")],
-            16: [("sparse2", "sum"), ("sparse4", "tile"), ("sparse5", "tile"), ("sparse1_x_sparse2", "mean")]}
+STORAGES = {16: [("dense2", "sum"), ("sparse1", "sum"), ("sparse2", "sum"), ("sparse3", "sum"), ("sparse4", "tile"),
+                 ("sparse5", "tile"), ("sparse1_x_sparse2", "mean")]}
 
 
 class _OpCounter(TorchDispatchMode):
@@ -140,7 +141,7 @@ def storage_features(batch: dict, features: list[tuple[str, str]], tile_len: int
 
 
 def combine_cases(batch: dict, tile_len: int, vocab: int, device: str) -> list[tuple[str, int, int, list[tuple]]]:
-    """``(name, U, dim, features)``: the coalesced tutorial's two storages, then F one-id sum features."""
+    """``(name, U, dim, features)``: the coalesced tutorial's storage, then F one-id sum features."""
     cases = [(f"tutorial dim {dim} ({len(fs)} features)", dim, *storage_features(batch, fs, tile_len))
              for dim, fs in STORAGES.items()]
     gen = torch.Generator().manual_seed(1)

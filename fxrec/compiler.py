@@ -211,7 +211,8 @@ class CompiledModel:
                     torch._dynamo.maybe_mark_dynamic(buffer, 0)
             if grad:
                 zero = table.embedding.new_zeros(())
-                leaves = [zero.expand(bound, table.dim).requires_grad_() for _ in range(self._lookups[table.name])]
+                leaves = [zero.expand(bound, table.storage.dim).requires_grad_()  # a storage's rows' full width
+                          for _ in range(self._lookups[table.name])]
                 for leaf in leaves:
                     torch._dynamo.decorators.mark_unbacked(leaf, 0)
                 table.grad_sinks = leaves

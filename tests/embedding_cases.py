@@ -37,6 +37,23 @@ def configs(draw, tables: tuple[int, int], dims: tuple[int, int], features: tupl
     return options
 
 
+def expected_storages(options) -> list[set[str]]:
+    """The tables (shared names) that share a storage after ``table_coalesce``, for ``configs``'
+    options (one initializer whose parameters do not depend on the dim): tables of one
+    grad_reduce_by, the widest with every table at least half as wide, then the widest of the
+    rest, and so on (a table's rows padded at most 2x)."""
+    specs = {o.shared_name: (o.embedding_dim, o.grad_reduce_by) for o in options.values()}
+    groups = []
+    for reduce_by in {r for _, r in specs.values()}:
+        rest = {name for name, (_, r) in specs.items() if r == reduce_by}
+        while rest:
+            widest = max(specs[name][0] for name in rest)
+            group = {name for name in rest if 2 * specs[name][0] >= widest}
+            groups.append(group)
+            rest -= group
+    return groups
+
+
 @st.composite
 def values(draw, b: int):
     """A feature's value for ``b`` rows: ragged (maybe weighted) or dense ``[b, F]`` int64 ids."""

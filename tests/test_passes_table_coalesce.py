@@ -9,6 +9,7 @@ storage, other insertion order), so tables and gradients are compared per id.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -18,14 +19,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from examples.deepctr.embeddings import get_embedding_conf
 from fxrec.framework.checkpoint import CheckpointManager
 from fxrec.nn.hashtable_hook import FilterHook
-from fxrec.nn.initializers import NormalInitializer, UniformInitializer
+from fxrec.nn.initializers import (
+    KaimingNormalInitializer, NormalInitializer, TruncNormalInitializer, UniformInitializer, XavierNormalInitializer,
+)
 from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
 from fxrec.nn.modules.hashtable import HashTable, filter_out_sparse_param
-from fxrec.nn.modules.table_storage import coalesce_tables
+from fxrec.nn.modules.table_storage import coalesce_groups, coalesce_tables
 from fxrec.optim import SparseAdagrad, SparseAdamWTF, SparseSGD
 from fxrec.passes import DEFAULT_EMBEDDING_PASSES, explain, lookup_merge, op_counts, table_coalesce
 from embedding_cases import (
-    INT64_MAX, INT64_MIN, assert_tables_equal, by_id, cases, check_equal, configs, grads_by_id, loss_of, tutorial_batch,
+    INT64_MAX, INT64_MIN, assert_tables_equal, by_id, cases, check_equal, configs, expected_storages, grads_by_id, loss_of,
+    tutorial_batch,
 )
 from raggedutil import ragged_ids
 
@@ -46,7 +50,7 @@ def three_tables(**kw):
         "b": EmbeddingOption(shared_name="tb", combiner="mean", **common),
         "c": EmbeddingOption(shared_name="tc", combiner="tile", combiner_kwargs={"tile_len": 2}, **common),
         "d": EmbeddingOption(shared_name="ta", combiner="mean", **common),
-        "e": EmbeddingOption(shared_name="other", embedding_dim=2, block_size=4),  # another dim: alone
+        "e": EmbeddingOption(shared_name="other", embedding_dim=2, block_size=4),  # another initializer: alone
     }
 
 
@@ -91,7 +95,7 @@ def test_pure_idempotent():
     code = gm.code
     once = table_coalesce(gm)
     assert gm.code == code and op_counts(gm)["table_lookup"] == 6
-    assert op_counts(once)["table_lookup"] == 2
+    assert op_counts(once)["table_lookup"] == 1
     assert table_coalesce(once).code == once.code
     assert once.tables.sparse2 is engine.tables["sparse2"]  # shares the engine's tables
     # the input graph still runs, on the coalesced tables, with the same results (a layout change)
@@ -104,16 +108,21 @@ def test_pure_idempotent():
 
 def test_tutorial_embeddings_coalesce():
     """The seed tutorial's 7 features over 6 tables: dims 8 (sparse1, sparse3) and 16 (the other
-    four), one initializer: ``explain`` shows 7 lookups -> 2 (lookup_merge alone: 6)."""
+    four), one initializer: ``explain`` shows 7 lookups -> 1 (lookup_merge alone: 6), the dim-8
+    tables' rows padded into the dim-16 storage; each feature keeps its table's width."""
     options = get_embedding_conf(device=torch.device("cpu"), tile_len=3)
     plain, coalesced = engines(options)
     text = explain(plain)
     assert text.splitlines()[0] == "passes: lookup_merge, table_coalesce, combine_fusion"
-    assert any(line.split() == ["table_lookup", "7", "2"] for line in text.splitlines())
+    assert any(line.split() == ["table_lookup", "7", "1"] for line in text.splitlines())
     assert any(line.split() == ["table_combine", "7", "0"] for line in text.splitlines())
-    groups = {tuple(t.name for t in table.storage.members) for table in coalesced.tables.values()}
-    assert groups == {("sparse1", "sparse3"), ("sparse2", "sparse4", "sparse5", "sparse1_x_sparse2")}
+    assert {frozenset(t.name for t in table.storage.members) for table in coalesced.tables.values()} == {
+        frozenset(coalesced.tables)}
+    assert coalesced.tables["sparse1"].storage.dim == 16 and coalesced.tables["sparse1"].embedding.shape[1] == 8
     check_equal(plain, coalesced, tutorial_batch(6, 0), tutorial_batch(5, 1), close_grads=set())
+    out = coalesced(tutorial_batch(4, 7))
+    assert out["sparse1"].shape == (4, 8) and out["sparse1"].is_contiguous()
+    assert out["sparse4"].shape == (4, 3 * 16) and out["sparse2"].shape == (4, 16)
 
 
 # -- training, checkpoints, eviction ---------------------------------------------------------------
@@ -171,21 +180,26 @@ def storages_of(engine) -> list:
     return list({id(t.storage): t.storage for t in engine.tables.values()}.values())
 
 
-@pytest.mark.parametrize("optimizer", [SparseAdamWTF, SparseAdagrad, SparseSGD])
-def test_one_update_per_storage(optimizer):
+@pytest.mark.parametrize("optimizer, calls", [
+    (SparseAdamWTF, [6, 1, 3]), (SparseAdagrad, [6, 1, 3]), (SparseSGD, [6, 1, 3]),
+    # row-wise: a row's step is the mean over its columns, so the dim-8 tables' zero padding must
+    # not enter it: the mixed-dim storage updates its tables one by one; the dim-16 one stays one
+    (functools.partial(SparseAdagrad, rowwise=True), [6, 6, 3]),
+])
+def test_one_update_per_storage(optimizer, calls):
     """A step updates each storage's rows with ONE op for all its tables (equal scalars), and
     trains as the uncoalesced tables do (one update each); on top of ``test_sparse_adamwtf_training_equal``
     this counts the calls, also when a storage's tables are looked up separately (several
-    anchors, rows merged)."""
+    anchors, rows merged). The tutorial's tables coalesce into one storage of dim 16 (two of
+    them dim 8, padded); ``separate`` coalesces the four dim-16 tables only."""
     options = get_embedding_conf(device=torch.device("cpu"), tile_len=3)
     plain, coalesced = engines(options)
     separate = EmbeddingEngine(copy.deepcopy(options))  # coalesced below, its lookups stay per feature
     coalesce_tables([separate.tables[n] for n in ["sparse2", "sparse4", "sparse5", "sparse1_x_sparse2"]])
     engines_opts = [(e, optimizer(filter_out_sparse_param(e), lr=0.01)) for e in (plain, coalesced, separate)]
-    assert [len(storages_of(e)) for e, _ in engines_opts] == [6, 2, 3]
+    assert [len(storages_of(e)) for e, _ in engines_opts] == [6, 1, 3]
     for s, b in enumerate([8, 1, 0, 5]):
-        calls = [step_update_calls(e, opt, tutorial_batch(b, s)) for e, opt in engines_opts]
-        assert calls == [6, 2, 3]
+        assert [step_update_calls(e, opt, tutorial_batch(b, s)) for e, opt in engines_opts] == calls
     assert_tables_equal(plain.tables, coalesced.tables, exact=False)
     assert_tables_equal(plain.tables, separate.tables, exact=False)
 
@@ -207,7 +221,7 @@ def test_tables_with_different_optimizer_scalars_update_alone():
     for opt in opts:
         opt.load_state_dict(copy.deepcopy(ahead))
     for s, b in enumerate([7, 3]):
-        assert [step_update_calls(e, opt, tutorial_batch(b, s + 1)) for e, opt in zip((plain, coalesced), opts)] == [6, 5]
+        assert [step_update_calls(e, opt, tutorial_batch(b, s + 1)) for e, opt in zip((plain, coalesced), opts)] == [6, 6]
     assert_tables_equal(plain.tables, coalesced.tables, exact=False)
     for name in plain.tables:
         for key in ("step", "b1p", "b2p"):
@@ -217,7 +231,7 @@ def test_tables_with_different_optimizer_scalars_update_alone():
         for key in ("step", "b1p", "b2p"):
             level["state"][name][key] = level["state"]["sparse1"][key]
     opts[1].load_state_dict(level)
-    assert step_update_calls(coalesced, opts[1], tutorial_batch(4, 9)) == 2
+    assert step_update_calls(coalesced, opts[1], tutorial_batch(4, 9)) == 1
 
 
 @pytest.mark.parametrize("direction", ["plain->coalesced", "coalesced->plain"])
@@ -323,10 +337,16 @@ def test_module_moves_reach_the_storage():
 
 def test_coalesce_tables_errors():
     a = HashTable([2], name="a")
-    with pytest.raises(ValueError, match="tables 'a' and 'b' differ in dim"):
-        coalesce_tables([a, HashTable([3], name="b")])
-    with pytest.raises(ValueError, match="tables 'a' and 'c' differ in initializer"):
+    with pytest.raises(ValueError, match=r"tables \['a'\] cannot share a storage of dim 5"):
+        coalesce_tables([a, HashTable([5], name="b")])
+    with pytest.raises(ValueError, match="tables 'a' and 'c' differ in dtype, device, initial values"):
         coalesce_tables([a, HashTable([2], name="c", initializer=NormalInitializer())])
+    xavier = dict(initializer=XavierNormalInitializer())  # its std depends on the dim (and block_size)
+    with pytest.raises(ValueError, match="tables 'x3' and 'x4' differ in dtype, device, initial values"):
+        coalesce_tables([HashTable([3], name="x3", **xavier), HashTable([4], name="x4", **xavier)])
+    # equal stds at their own dims (fans 3 + 5 and 4 + 4), but the dim-3 rows drawn 4 wide would not be
+    with pytest.raises(ValueError, match=r"tables \['x3'\] cannot share a storage of dim 4"):
+        coalesce_tables([HashTable([3], name="x3", block_size=5, **xavier), HashTable([4], name="x4", block_size=4, **xavier)])
     with pytest.raises(ValueError, match="given twice"):
         coalesce_tables([a, a])
     b, c = HashTable([2], name="b"), HashTable([2], name="c")
@@ -336,18 +356,108 @@ def test_coalesce_tables_errors():
         coalesce_tables([a, c])
 
 
+# -- mixed dims: narrower tables padded into a wider storage ------------------------------------------
+
+def test_coalesce_groups_pad_at_most_twice():
+    """Which tables share a storage: one key (dtype, device, initial values for their dim,
+    grad_reduce_by, hooks); the widest first with every table at least half as wide, then the
+    widest of the rest; initial values whose parameters depend on the dim keep dims apart."""
+    def names(tables):
+        return [[t.name for t in group] for group in coalesce_groups(tables)]
+
+    trunc = dict(initializer=TruncNormalInitializer(0.0, 0.01))
+    dims = [HashTable([d], name=f"d{d}", **trunc) for d in (8, 16, 4, 12, 3, 2, 1)]
+    assert names(dims) == [["d8", "d16", "d12"], ["d4", "d3", "d2"], ["d1"]]
+    xavier = [HashTable([d], name=n, initializer=XavierNormalInitializer()) for n, d in [("a", 8), ("b", 16), ("c", 8)]]
+    assert names(xavier) == [["a", "c"], ["b"]]
+    same_std = [HashTable([3], name="x3", block_size=5, initializer=XavierNormalInitializer()),
+                HashTable([4], name="x4", block_size=4, initializer=XavierNormalInitializer())]
+    assert names(same_std) == [["x4"], ["x3"]]  # one key, but x3's rows drawn 4 wide would differ
+    fan_out = [HashTable([d], name=f"k{d}", initializer=KaimingNormalInitializer(mode="fan_out")) for d in (8, 16)]
+    fan_in = [HashTable([d], name=f"i{d}", initializer=KaimingNormalInitializer(mode="fan_in")) for d in (8, 16)]
+    assert names(fan_out) == [["k8", "k16"]]  # the std depends on block_size only
+    assert names(fan_in) == [["i8"], ["i16"]]
+    by = [HashTable([8], name="w", **trunc), HashTable([16], name="i", grad_reduce_by="id", **trunc)]
+    assert names(by) == [["w"], ["i"]]
+
+
+MIXED = {  # dims 3 and 5 in one storage: a narrow tile, mean and weighted sum feature, a wide sum
+    "a": EmbeddingOption(shared_name="narrow", embedding_dim=3, block_size=4, combiner="tile",
+                         combiner_kwargs={"tile_len": 2}, initializer=UniformInitializer(-1.0, 1.0)),
+    "b": EmbeddingOption(shared_name="narrow", embedding_dim=3, block_size=4, combiner="mean",
+                         initializer=UniformInitializer(-1.0, 1.0)),
+    "c": EmbeddingOption(shared_name="wide", embedding_dim=5, block_size=4, initializer=UniformInitializer(-1.0, 1.0)),
+    "d": EmbeddingOption(shared_name="narrow", embedding_dim=3, block_size=4, use_weight=True,
+                         initializer=UniformInitializer(-1.0, 1.0)),
+}
+
+
+def mixed_batch(seed: int, b: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    rows = [[int(v) for v in torch.randint(-6, 6, (int(torch.randint(0, 4, (), generator=g)),), generator=g)]
+            for _ in range(b)]
+    weights = [[float(w) for w in torch.rand(len(r), generator=g)] for r in rows]
+    return {"a": ragged_ids(rows), "b": ragged_ids(rows[::-1]), "c": torch.randint(-3, 3, (b, 2), generator=g),
+            "d": ragged_ids(rows, weights), "label": torch.zeros(b)}
+
+
+@pytest.mark.parametrize("optimizer", [SparseAdamWTF, SparseAdagrad, functools.partial(SparseAdagrad, rowwise=True),
+                                       SparseSGD])
+def test_mixed_dims_train_and_checkpoint_as_separate_tables(optimizer):
+    """A dim-3 table padded into a dim-5 storage: its features' outputs are 3 (x tile) columns
+    wide and contiguous, and outputs, gradients, training with every sparse optimizer, the
+    tables' and the optimizer's state dicts (keys and shapes per table) equal the uncoalesced
+    engine's; the optimizer state loads across the two layouts."""
+    plain, coalesced = engines(MIXED)
+    narrow, wide = coalesced.tables["narrow"], coalesced.tables["wide"]
+    assert narrow.storage is wide.storage and narrow.storage.dim == 5 and narrow.embedding.shape[1] == 3
+    out, _ = coalesced(mixed_batch(0, 3)), plain(mixed_batch(0, 3))
+    assert [tuple(out[k].shape) for k in "abcd"] == [(3, 6), (3, 3), (3, 5), (3, 3)]
+    assert all(out[k].is_contiguous() for k in "abcd")
+    check_equal(plain, coalesced, mixed_batch(1, 4), mixed_batch(2, 0), close_grads=set(plain.tables))
+    opts = [optimizer(filter_out_sparse_param(e), lr=0.05) for e in (plain, coalesced)]
+    batches = [mixed_batch(s, b) for s, b in enumerate([4, 1, 0, 5], start=3)]
+    train(plain, batches, opts[0])
+    train(coalesced, batches, opts[1])
+    assert_tables_equal(plain.tables, coalesced.tables, exact=False)
+    sa, sb = opts[0].state_dict(), opts[1].state_dict()
+    for name in plain.tables:
+        a, b = by_id(sa["state"][name]), by_id(sb["state"][name])
+        assert sorted(a) == sorted(b)
+        for key in a:
+            assert a[key].shape == b[key].shape, (name, key)
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in coalesced.state_dict().items()}
+    opts[1].load_state_dict(copy.deepcopy(sa))  # the uncoalesced layout's state into the padded storage
+    more = [mixed_batch(9, 3)]
+    train(plain, more, opts[0])
+    train(coalesced, more, opts[1])
+    assert_tables_equal(plain.tables, coalesced.tables, exact=False)
+
+
+def test_coalescing_a_narrower_table_with_pending_gradients_fails():
+    """A narrower table's pending gradients are as wide as its rows were: coalescing it into a
+    wider storage before they are taken is a clear error, not a wrong-width update later."""
+    engine = EmbeddingEngine(copy.deepcopy(MIXED))
+    loss_of(engine(mixed_batch(0, 3))).backward()
+    with pytest.raises(ValueError, match="table 'narrow' \\(dim 3\\) has pending gradients"):
+        coalesce_tables([engine.tables["narrow"], engine.tables["wide"]])
+    for table in engine.tables.values():
+        table.clear_grads()
+    assert coalesce_tables([engine.tables["narrow"], engine.tables["wide"]]).dim == 5
+
+
 # -- hypothesis: random configs and batches -----------------------------------------------------------
 
 @settings(max_examples=100, deadline=None)
-@given(cases(configs(tables=(2, 4), dims=(1, 2), features=(2, 5))))
+@given(cases(configs(tables=(2, 4), dims=(1, 4), features=(2, 5))))
 def test_coalesced_equals_uncoalesced(case):
     options, (batch, eval_batch) = case
     plain, coalesced = engines(options)
-    used = {o.shared_name for o in options.values()}
-    groups = {(coalesced.tables[n].dim, coalesced.tables[n].grad_reduce_by) for n in used}
+    groups = expected_storages(options)
     assert op_counts(coalesced.graph_module)["table_lookup"] == len(groups)
-    storages = {id(coalesced.tables[n].storage) for n in used}
-    assert len(storages) == len(groups)
+    assert sorted(sorted(t.name for t in coalesced.tables[min(g)].storage.members) for g in groups) == sorted(
+        sorted(g) for g in groups)
     per_table = {}
     for o in options.values():
         per_table.setdefault(o.shared_name, []).append(o)

@@ -224,7 +224,7 @@ def _sharded_rows(tables: Sequence[HashTable], uniq: Tensor, tags: Tensor | None
     # Row gathers through fxrec::gather_rows, not ``rows[index]``: Inductor (torch 2.11) lowers
     # an index of [n, dim] rows with an unbacked n into a 2-D kernel whose launch grid divides by
     # zero when n is 0 (a rank asked for no rows of a table this step: seen on 4 GPUs).
-    rows = torch.ops.fxrec.gather_rows(tables[0].embedding, local[inverse])
+    rows = torch.ops.fxrec.gather_rows(tables[0].storage.embedding, local[inverse])
     answered = _all_to_all(rows, recv_splits, send_splits, "rows")
     # back to uniq order by a gather through the inverse permutation (module docstring: compiled)
     back = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
@@ -241,7 +241,7 @@ def lookup_rows(tables: HashTable | Sequence[HashTable], uniq: Tensor, tags: Ten
     tables = [tables] if not isinstance(tables, (list, tuple)) else list(tables)
     if not is_distributed():
         rows = _local_rows(tables, uniq, tags)
-        return tables[0].embedding, rows
+        return tables[0].storage.embedding, rows
     return _sharded_rows(tables, uniq, tags), torch.arange(uniq.shape[0], dtype=torch.int64, device=uniq.device)
 
 

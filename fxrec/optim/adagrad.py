@@ -46,7 +46,10 @@ class SparseAdagrad(SparseOptimizer):
         width = 1 if self.rowwise else table.dim
         return {"accum": (width, self.defaults["initial_accumulator_value"])}
 
-    def _update(self, table, scalars, slots, rows, grads, group):
+    def _update(self, param, scalars, slots, rows, grads, group):
         torch.ops.fxrec.sparse_adagrad_update(
-            table.embedding, slots["accum"], rows, grads, float(group["lr"]), float(group["eps"]), self.rowwise
+            param, slots["accum"], rows, grads, float(group["lr"]), float(group["eps"]), self.rowwise
         )
+
+    def _couples_columns(self) -> bool:
+        return self.rowwise  # a row's step size is the mean over its columns

@@ -85,11 +85,11 @@ class _SparseAdamBase(SparseOptimizer):
             corrections.append(torch._foreach_add(torch._foreach_neg(products), 1.0))
         return list(zip(*corrections))
 
-    def _update(self, table, scalars, slots, rows, grads, group):
+    def _update(self, param, scalars, slots, rows, grads, group):
         beta1, beta2 = (float(b) for b in group["betas"])
         bias_correction1, bias_correction2 = scalars
         torch.ops.fxrec.sparse_adam_update(
-            table.embedding, slots["exp_avg"], slots["exp_avg_sq"], rows, grads,
+            param, slots["exp_avg"], slots["exp_avg_sq"], rows, grads,
             float(group["lr"]), beta1, beta2, float(group["eps"]), self._decay(group),
             bias_correction1.reshape(()), bias_correction2.reshape(()),  # only the updated units' (one per storage)
         )

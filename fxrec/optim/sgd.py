@@ -22,5 +22,5 @@ class SparseSGD(SparseOptimizer):
     def _slot_specs(self, table):
         return {}
 
-    def _update(self, table, scalars, slots, rows, grads, group):
-        torch.ops.fxrec.sparse_sgd_update(table.embedding, rows, grads, float(group["lr"]))
+    def _update(self, param, scalars, slots, rows, grads, group):
+        torch.ops.fxrec.sparse_sgd_update(param, rows, grads, float(group["lr"]))

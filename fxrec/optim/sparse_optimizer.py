@@ -169,10 +169,17 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
         return [None] * len(states)
 
     @abstractmethod
-    def _update(self, table: HashTable, scalars: Any, slots: dict[str, Tensor], rows: Tensor, grads: Tensor,
+    def _update(self, param: Tensor, scalars: Any, slots: dict[str, Tensor], rows: Tensor, grads: Tensor,
                 group: dict[str, Any]) -> None:
-        """Update ``rows`` of ``table`` (unique, each with a gradient) in place; ``scalars`` is the
-        table's entry of ``_advance``'s result."""
+        """Update ``rows`` of ``param`` (a table's rows, or its storage's) and ``slots`` in place
+        (``rows`` unique, each with a gradient of ``param``'s width); ``scalars`` is the table's
+        entry of ``_advance``'s result."""
+
+    def _couples_columns(self) -> bool:
+        """Whether a row's update reads all of its columns together (row-wise Adagrad's mean):
+        then the zero columns that pad a narrow table's rows (``table_storage``: mixed dims) must
+        not enter it, and such a storage's tables are updated one by one."""
+        return False
 
     def _slots(self, table: HashTable) -> dict[str, Tensor]:
         return {name: table.slot(name, width, init) for name, (width, init) in self._slot_specs(table).items()}
@@ -216,8 +223,11 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             table = tables[unit[0]]
             if table.grad_reduce_by == "worker" and self.grad_accum_steps != 1:
                 grads = grads / self.grad_accum_steps
+            param, slots = table.embedding, self._slots(table)
+            if len(unit) > 1:  # the whole storage, at its rows' full width (``take_storage_grads``'s)
+                param, slots = table.storage.embedding, {name: getattr(table.storage, f"slot_{name}") for name in slots}
             # the unit's tables share the storage, the hyperparameters and equal scalars
-            self._update(table, scalars[unit[0]], self._slots(table), rows, grads, group)  # no rows: only the counters move
+            self._update(param, scalars[unit[0]], slots, rows, grads, group)  # no rows: only the counters move
         HashTable.advance_steps(tables)
         return loss
 
@@ -230,7 +240,9 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             by_storage.setdefault(id(table.storage), []).append(i)
         units = []
         for unit in by_storage.values():
-            whole = len(unit) == len(tables[unit[0]].storage.members)
+            storage = tables[unit[0]].storage
+            whole = len(unit) == len(storage.members) and not (
+                self._couples_columns() and any(t.dim != storage.dim for t in storage.members))
             in_step = len({self._scalar_values[names[i]] for i in unit}) == 1
             units.extend([unit] if whole and in_step else [[i] for i in unit])
         return units

@@ -11,15 +11,15 @@ returns a new ``GraphModule`` (``gm`` is left as it was) in which those F nodes 
 ``table_combine_multi`` (per feature lists of index, offsets, weight, combiner, tile_len): one
 forward op returning every feature's output, one backward op (``segment_combine_backward_multi``)
 writing one zero-filled ``[U, dim]`` buffer that every feature's scatter adds into. The
-tutorial's 7 ``table_combine`` (2 coalesced storages) become 2 ``table_combine_multi``::
+tutorial's 7 ``table_combine`` (one coalesced storage) become 1 ``table_combine_multi``::
 
     >>> explain(EmbeddingEngine(get_embedding_conf()))     # examples/deepctr/embeddings.py
     passes: lookup_merge, table_coalesce, combine_fusion
     op                   before  after
     table_combine             7      0
-    table_combine_multi       0      2
-    table_lookup              7      2
-    total                    14      4
+    table_combine_multi       0      1
+    table_lookup              7      1
+    total                    14      2
 
 Which nodes fuse: ``table_combine`` nodes whose (embedding, rows, anchor) are feature ``k``'s
 outputs of one ``_lookup_unique_merged`` node, grouped by that node and feature ``k``'s

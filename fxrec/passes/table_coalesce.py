@@ -4,22 +4,32 @@ of all their features ONE dedup + ONE find-or-insert.
 ``table_coalesce(gm)`` returns a new ``GraphModule`` (``gm``'s graph and code are left as they
 were) in which the lookup nodes of an ``EmbeddingEngine`` graph (``_lookup_unique``, and the
 ``_lookup_unique_merged`` of ``lookup_merge``) whose tables agree on
-``fxrec.nn.modules.table_storage.COALESCE_FIELDS`` — embedding dim, dtype, device, initializer,
-block_size, grad_reduce_by, filter and admit hooks — become ONE ``_lookup_unique_merged`` node
+``fxrec.nn.modules.table_storage.coalesce_key`` — dtype, device, initial values (initializer
+for their dim and block_size), grad_reduce_by, filter and admit hooks — and whose dims fit one
+storage (``coalesce_groups``: the widest table's dim, at most ``MAX_PAD`` = 2 times a narrower
+table's, whose rows are padded to it) become ONE ``_lookup_unique_merged`` node
 over all their features: one ``torch.unique`` of the features' (table tag, id) pairs, one tagged
 ``fxrec::table_find_or_insert`` (and one ``fxrec::init_rows`` with per-row seeds) into the shared
 storage, one grad anchor; each feature's ``fxrec::table_combine`` then reads the ONE physical
 ``embedding`` through its slice of the inverse (``combine_fusion``, the next default pass, makes
 them one ``table_combine_multi`` per storage). The tutorial's 6 tables (7 features; dims 8 and
-16, one initializer) need 6 lookups after ``lookup_merge``; coalesced, 2
-(``tests/test_passes_table_coalesce.py``)::
+16, one initializer) need 6 lookups after ``lookup_merge``; coalesced, 1: the dim-8 tables' rows
+padded to 16 columns (``tests/test_passes_table_coalesce.py``)::
 
     >>> explain(EmbeddingEngine(get_embedding_conf()), [lookup_merge, table_coalesce])
     passes: lookup_merge, table_coalesce
     op             before  after
     table_combine       7      7
-    table_lookup        7      2
-    total              14      9
+    table_lookup        7      1
+    total              14      8
+
+Why narrower tables join a wider storage: a lookup's host cost (a dedup and its read-back, an
+insert, the combines' forward and backward, an optimizer update: ~25 op calls) does not depend on
+its size, and a step's host time is what the tutorial's step is bound by. Its dim-8 tables hold
+12K of a step's 6.2M ids at B=4096, yet their own lookup cost as much host time as the rest:
+padded into the dim-16 storage, the H200 step took 9.1 instead of 12.6 ms (passes, median).
+Padding costs memory and bandwidth in the narrow tables' rows only (at most 2x), and a narrow
+feature's combined rows are cut to its columns (``_own_columns``: one copy).
 
 The tables themselves are coalesced here (``coalesce_tables``): their ids, rows, slots and pending
 gradients move into one ``TableStorage``, each table a tagged member of it. That changes the
@@ -53,7 +63,7 @@ import torch.fx
 
 from fxrec.nn.modules.embedding import _lookup_unique, _lookup_unique_merged
 from fxrec.nn.modules.hashtable import HashTable
-from fxrec.nn.modules.table_storage import COALESCE_FIELDS, coalesce_tables
+from fxrec.nn.modules.table_storage import coalesce_groups, coalesce_tables
 from fxrec.passes.lookup_merge import rewritten_module
 
 __all__ = ["table_coalesce"]
@@ -76,10 +86,6 @@ def _lookup_features(node: torch.fx.Node) -> list[tuple[torch.fx.Node, object, o
     return features
 
 
-def _key(table: HashTable) -> tuple:
-    return tuple(getattr(table, f) for f in COALESCE_FIELDS)
-
-
 def table_coalesce(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A new GraphModule in which the lookups of all tables that can share one storage are one
     lookup into it, those tables coalesced (module docstring)."""
@@ -89,22 +95,19 @@ def table_coalesce(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.output(graph.graph_copy(gm.graph, {}))
     graph._codegen = gm.graph._codegen
     lookups = [(node, features) for node in graph.nodes if (features := _lookup_features(node)) is not None]
-    # groups of tables (by get_attr target, in graph order) that agree on COALESCE_FIELDS
-    groups: list[tuple[tuple, list[str]]] = []
+    # the tables (by get_attr target, in graph order), then the groups that can share a storage
+    tables: dict[str, HashTable] = {}
     for _, features in lookups:
         for table_node, _, _ in features:
             target = table_node.target
             table = gm.get_submodule(target)
             if not isinstance(table, HashTable):
                 raise TypeError(f"table_coalesce: {target!r} is a {type(table).__name__}, not a HashTable")
-            key = _key(table)
-            group = next((g for k, g in groups if k == key), None)  # == : initializers compare by value
-            if group is None:
-                groups.append((key, [target]))
-            elif target not in group:
-                group.append(target)
+            tables.setdefault(target, table)
+    targets_of = {id(table): target for target, table in tables.items()}
+    groups = [[targets_of[id(t)] for t in group] for group in coalesce_groups(list(tables.values()))]
     changed = False
-    for _, targets in groups:
+    for targets in groups:
         if len(targets) < 2:
             continue
         coalesce_tables([gm.get_submodule(t) for t in targets])

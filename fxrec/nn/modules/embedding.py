@@ -326,6 +326,18 @@ def _lookup_unique_merged(tables: tuple[HashTable, ...], values: list[Tensor], t
     )
 
 
+def _own_columns(out: Tensor, table: HashTable, combiner: str, tile_len: int) -> Tensor:
+    """A feature's embedding in its table's ``dim`` columns. ``table_combine`` reads the storage's
+    rows at their full width; a table coalesced with wider tables (``table_storage``: mixed dims)
+    keeps the first ``dim`` columns of each combined row, of each tile slot with ``"tile"``
+    (a copy, contiguous as a combine's output is). ``out`` itself where the widths agree."""
+    if table.storage.dim == table.dim:
+        return out
+    if combiner == "tile":
+        return out.unflatten(1, (tile_len, table.storage.dim))[..., :table.dim].flatten(1)
+    return table.own_columns(out).contiguous()
+
+
 def _weight_of(weight: Tensor | None, use_weight: bool) -> Tensor | None:
     """The weights ``table_combine`` takes: detached (data), or None without ``use_weight``."""
     return weight.detach() if (weight is not None and use_weight) else None
@@ -349,9 +361,10 @@ class EmbeddingEngine(nn.Module):
     built here from the options before any data is seen, which compiler passes rewrite: its
     inputs are the features' values (in ``options`` order); per feature a ``_feature_ids`` node
     (flat ids, checked, errors naming the feature), then per feature a ``_lookup_unique`` node (one
-    opaque node: it mutates the table, ``tables.<shared_name>``, a ``get_attr``) and a
-    ``fxrec::table_combine`` node; its outputs are the embedded features. Every feature is checked
-    before any table is touched.
+    opaque node: it mutates the table, ``tables.<shared_name>``, a ``get_attr``), a
+    ``fxrec::table_combine`` node and an ``_own_columns`` node (the table's columns of the
+    storage's rows: a no-op unless the table is coalesced with wider ones); its outputs are the
+    embedded features. Every feature is checked before any table is touched.
 
     Args:
         options: ``{feature name: EmbeddingOption}``.
@@ -418,10 +431,12 @@ class EmbeddingEngine(nn.Module):
             found = graph.call_function(_lookup_unique, (tables[option.shared_name], values, option.trainable))
             embedding, rows, anchor, inverse = (item(found, i) for i in range(4))
             w = graph.call_function(_weight_of, (weight, option.use_weight))
-            outputs.append(graph.call_function(
+            combined = graph.call_function(
                 torch.ops.fxrec.table_combine.default,
                 (embedding, rows, anchor, inverse, offsets, w, option.combiner, option.tile_len),
-            ))
+            )
+            table = tables[option.shared_name]
+            outputs.append(graph.call_function(_own_columns, (combined, table, option.combiner, option.tile_len)))
         graph.output(tuple(outputs))
         graph.lint()
         return torch.fx.GraphModule(self, graph, class_name="EmbeddingGraph")
@@ -443,8 +458,9 @@ class EmbeddingEngine(nn.Module):
         table = self.tables[option.shared_name]
         values, offsets, weight = _feature_ids(name, value, table)
         embedding, rows, anchor, inverse = _lookup_unique(table, values, option.trainable)
-        return torch.ops.fxrec.table_combine(embedding, rows, anchor, inverse, offsets,
-                                             _weight_of(weight, option.use_weight), option.combiner, option.tile_len)
+        combined = torch.ops.fxrec.table_combine(embedding, rows, anchor, inverse, offsets,
+                                                 _weight_of(weight, option.use_weight), option.combiner, option.tile_len)
+        return _own_columns(combined, table, option.combiner, option.tile_len)
 
     def forward(self, samples: dict) -> dict:
         """A new dict: configured features embedded, other entries passed through (RaggedTensors

@@ -25,7 +25,9 @@ Lookups:
   ``[U, dim]`` gradient of the touched rows, which the sparse optimizer takes (``take_grads``):
   never a dense ``[capacity, dim]`` gradient (DESIGN.md); the table itself is a buffer and gets no
   autograd gradient. Otherwise (eval mode, grad disabled) there is no anchor (None). Rows -1 get
-  no gradient. This is the only way gradients reach a table.
+  no gradient. This is the only way gradients reach a table. (``dim`` here is the storage's: a
+  table coalesced with wider tables reads their full-width rows and keeps its own columns,
+  ``table_storage``: mixed dims; its ``take_grads`` and ``embedding`` are its columns.)
   Under ``fxrec.compile`` the anchor cannot be made inside the compiled graph (Dynamo does not
   trace ``requires_grad_()`` on an intermediate on torch 2.11, and on 2.13 breaks the graph when
   such a leaf outlives it, as a pending gradient does): ``fxrec.compile`` gives the table, before
@@ -174,7 +176,7 @@ class HashTable(nn.Module):
         self.admit_hook = admit_hook
         self.seed = _seed_of(name) if seed is None else int(seed)
         self.max_rows = _max_rows_per_rank()
-        self._slot_names: set[str] = set()  # the optimizer slots this table uses (its state_dict's)
+        self._slot_widths: dict[str, int] = {}  # the optimizer slots this table uses (its state_dict's), their widths
         self._pending: list[_PendingGrad] = []
         # Zero leaves [bound, dim] that fxrec.compile hands the next lookups (module docstring).
         self.grad_sinks: list[Tensor] = []
@@ -194,9 +196,16 @@ class HashTable(nn.Module):
         self.storage._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
+    def own_columns(self, rows: Tensor) -> Tensor:
+        """This table's columns (its first ``dim``) of ``rows [..., storage dim]``: a view; the
+        rows themselves where the storage is as wide as the table (not coalesced with wider
+        tables, ``table_storage``)."""
+        return rows if self.storage.dim == self.dim else rows[..., :self.dim]
+
     keys = property(lambda self: self.storage.keys, doc="The storage's index keys (every member's).")
     state = property(lambda self: self.storage.state, doc="The storage's index states (every member's).")
-    embedding = property(lambda self: self.storage.embedding, doc="The storage's rows [capacity, dim].")
+    embedding = property(lambda self: self.own_columns(self.storage.embedding),
+                         doc="The storage's rows [capacity, dim]: this table's columns of them.")
     last_seen = property(lambda self: self.storage.last_seen, doc="The step that last looked each row up.")
 
     @property
@@ -243,13 +252,19 @@ class HashTable(nn.Module):
         """The optimizer slot ``name``: a float32 ``[capacity, width]`` tensor of the storage,
         sharing the row index, created on first use with every row ``init`` (new ids' rows get
         ``init`` too)."""
-        tensor = self.storage.slot(name, width, init, self.name)
-        self._slot_names.add(name)
-        return tensor
+        self.storage.slot(name, self.storage.slot_width(width, self.dim), init, self.name)
+        self._slot_widths[name] = width
+        return self._own_slot(name)
 
     def slots(self) -> dict[str, Tensor]:
-        """The slots this table uses, by name."""
-        return {name: getattr(self.storage, f"slot_{name}") for name in sorted(self._slot_names)}
+        """The slots this table uses, by name (its columns of per-column slots)."""
+        return {name: self._own_slot(name) for name in sorted(self._slot_widths)}
+
+    def _own_slot(self, name: str) -> Tensor:
+        """The storage's slot ``name``: its first columns, as many as this table asked for (a
+        narrower table's own columns of a per-column slot, ``table_storage``: mixed dims)."""
+        tensor, width = getattr(self.storage, f"slot_{name}"), self._slot_widths[name]
+        return tensor if tensor.shape[1] == width else tensor[:, :width]
 
     # -- lookup --------------------------------------------------------------------------------------
 
@@ -284,7 +299,7 @@ class HashTable(nn.Module):
         """``[*rows.shape, dim]``: the rows' embeddings, zeros where a row is -1. A read: no
         gradient reaches the table through it (``grad_anchor`` / ``forward`` for that)."""
         flat = rows.reshape(-1)
-        return torch.ops.fxrec.gather_rows(self.embedding, flat).reshape(*rows.shape, self.dim)
+        return self.own_columns(torch.ops.fxrec.gather_rows(self.storage.embedding, flat)).reshape(*rows.shape, self.dim)
 
     def grad_anchor(self, rows: Tensor, counts: Tensor | None = None, ids: Tensor | None = None) -> Tensor | None:
         """The anchor of ``fxrec::table_combine`` for unique ``rows [U]`` (module docstring): in
@@ -307,7 +322,7 @@ class HashTable(nn.Module):
         n = inverse.shape[0]
         one_each = torch.arange(n + 1, dtype=torch.int64, device=inverse.device)
         emb = torch.ops.fxrec.table_combine(embedding, rows, anchor, inverse, one_each, None, "tile", 1)
-        return emb.reshape(*ids.shape, self.dim)
+        return self.own_columns(emb).reshape(*ids.shape, self.dim)
 
     # -- gradients ------------------------------------------------------------------------------------
 
@@ -323,7 +338,7 @@ class HashTable(nn.Module):
         ``take_id_grads``'."""
         pending = [p for p in self._pending if p.anchor.grad is not None and p.ids is None]
         self._pending = []
-        return _reduced_grads([(self._own_rows(p), p) for p in pending], self)
+        return _reduced_grads([(self._own_rows(p), p) for p in pending], self, self.dim)
 
     def _own_rows(self, p: _PendingGrad) -> Tensor:
         """This table's rows of a pending lookup: -1 at the other tables' entries (made where a
@@ -347,8 +362,8 @@ class HashTable(nn.Module):
         own = [self._own_rows(p) >= 0 for p in pending]
         ids, inverse = torch.unique(torch.cat([p.ids[k] for p, k in zip(pending, own)]), return_inverse=True)
         sums = torch.zeros(ids.numel(), self.dim, dtype=torch.float32, device=device)
-        sums.index_add_(0, inverse, torch.cat([p.anchor.grad[:p.ids.shape[0]][k] for p, k in zip(pending, own)])
-                        .to(torch.float32))
+        sums.index_add_(0, inverse, torch.cat([self.own_columns(p.anchor.grad[:p.ids.shape[0]][k])
+                                               for p, k in zip(pending, own)]).to(torch.float32))
         counts = torch.zeros(ids.numel(), dtype=torch.float32, device=device)
         counts.index_add_(0, inverse, torch.cat([p.counts[k] for p, k in zip(pending, own)]).to(torch.float32))
         return ids, sums, counts
@@ -454,22 +469,23 @@ class HashTable(nn.Module):
                 unexpected_keys.append(key)
 
 
-def _reduced_grads(pending: list[tuple[Tensor, _PendingGrad]], table: HashTable) -> tuple[Tensor, Tensor]:
+def _reduced_grads(pending: list[tuple[Tensor, _PendingGrad]], table: HashTable, width: int) -> tuple[Tensor, Tensor]:
     """``take_grads``' result for the pending lookups ``(rows, entry)`` (their gradients taken at
-    ``rows``) of ``table`` (or of the storage ``table`` is a member of: ``take_storage_grads``)."""
+    ``rows``) of ``table`` (or of the storage ``table`` is a member of: ``take_storage_grads``),
+    the gradients' first ``width`` columns (the table's, or the storage's)."""
     if not pending:
         device = table.keys.device
         return (torch.empty(0, dtype=torch.int64, device=device),
-                torch.empty(0, table.dim, dtype=torch.float32, device=device))
+                torch.empty(0, width, dtype=torch.float32, device=device))
     by_id = table.grad_reduce_by == "id"  # only then are the occurrence counts needed
     if len(pending) == 1:  # one lookup's rows are distinct but for -1: as they are
         rows, p = pending[0]
         counts = p.counts
-        grads = p.anchor.grad[:rows.shape[0]].to(torch.float32)
+        grads = p.anchor.grad[:rows.shape[0], :width].to(torch.float32)
     else:
         rows, grads, counts = _merge_rows(
             torch.cat([rows for rows, _ in pending]),
-            torch.cat([p.anchor.grad[:rows.shape[0]] for rows, p in pending]).to(torch.float32),
+            torch.cat([p.anchor.grad[:rows.shape[0], :width] for rows, p in pending]).to(torch.float32),
             torch.cat([p.counts.to(torch.float32) for _, p in pending]) if by_id else None,
         )
     if by_id:
@@ -491,7 +507,7 @@ def take_storage_grads(tables: list[HashTable]) -> tuple[Tensor, Tensor]:
                 seen.add(id(p.anchor))
                 pending.append((p.lookup_rows, p))
         table._pending = []
-    return _reduced_grads(pending, tables[0])
+    return _reduced_grads(pending, tables[0], tables[0].storage.dim)
 
 
 def _merge_rows(rows: Tensor, grads: Tensor, counts: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -532,7 +548,7 @@ def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | Non
         torch._check(rows.shape[0] <= leaf.shape[0])  # more distinct ids than fxrec.compile's bound: fails
         anchor = leaf.narrow(0, 0, rows.shape[0])
     else:
-        leaf = anchor = first.storage.zero.expand(rows.shape[0], first.dim).requires_grad_()
+        leaf = anchor = first.storage.zero.expand(rows.shape[0], first.storage.dim).requires_grad_()
     # as given (a dedup's int64 counts): converted where read, by "id" tables and sharded lookups only
     counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts.reshape(-1)
     for table in tables:

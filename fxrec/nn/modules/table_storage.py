@@ -32,6 +32,20 @@ free rows. Rows leave the free set only by an insert, so a new id's slots alread
 initial values and an insert writes only the embedding (ONE ``fxrec::init_rows``, rows -1 for the
 ids already present: no host sync, no slot writes).
 
+Mixed dims: tables of different dims share a storage as wide as the widest of them, each
+table's rows in its first ``dim`` columns (``HashTable.embedding`` is that view; the other columns
+pad the row), provided the padding at most doubles a row (``MAX_PAD``) and the initializer's
+parameters do not depend on the dim (``init_rows`` draws column ``j`` of a row independently of
+the width, so a padded row's own columns are the row the table alone would get). Everything that
+runs per storage runs at the full width: the lookup hands ``table_combine`` the full rows and a
+``[U, storage dim]`` anchor, and a narrow feature keeps its own columns of the combined rows
+(``embedding._own_columns``); the padding columns get zero gradients, so a per-storage optimizer
+update leaves them meaningless but harmless (nothing reads or saves them), except for an update
+that couples a row's columns (row-wise Adagrad), which updates such a storage's tables one by one
+(``SparseOptimizer._couples_columns``). Optimizer slots with a value per column (``width ==`` the
+member's dim) span the storage's dim (``slot_width``); per table, ``take_grads``, ``slots()`` and
+``state_dict`` give the table's own columns.
+
 Row cap (``FXREC_MAX_ROWS_PER_RANK``, ``fxrec.nn.modules.hashtable``): per LOGICAL table, each
 member's own count, checked after an insert for the members a lookup inserted for; the error
 names the table.
@@ -59,13 +73,52 @@ from fxrec.ops.table import EMPTY, TAG_SHIFT, new_index
 if TYPE_CHECKING:
     from fxrec.nn.modules.hashtable import HashTable
 
-__all__ = ["TableStorage", "capacity_for", "coalesce_tables", "COALESCE_FIELDS"]
+__all__ = ["TableStorage", "capacity_for", "coalesce_groups", "coalesce_key", "coalesce_tables", "MAX_PAD"]
 
 _MIN_CAPACITY = 16
-# Logical tables coalesce only where these agree: they decide the rows' layout (dim, dtype,
-# device), their initial values up to the seed (initializer, block_size: the fan of Xavier /
-# Kaiming), the gradients (grad_reduce_by) and what a lookup does (filter / admit hooks).
-COALESCE_FIELDS = ("dim", "dtype", "device", "initializer", "block_size", "grad_reduce_by", "filter_hook", "admit_hook")
+# A table narrower than its storage pads each row to the storage's dim: at most to this many
+# times its own dim (module docstring: mixed dims).
+MAX_PAD = 2
+
+
+def coalesce_key(table: HashTable) -> tuple:
+    """What logical tables must agree on to share a storage: the rows' type and place (dtype,
+    device), their initial values up to the seed (the initializer's op and parameters for the
+    table's dim and block_size: Xavier / Kaiming fans differ), the gradients (grad_reduce_by)
+    and what a lookup does (filter / admit hooks). The dim need not agree (``coalesce_groups``)."""
+    return (table.dtype, table.device, table.initializer.row_spec(table.dim, table.block_size), table.grad_reduce_by,
+            table.filter_hook, table.admit_hook)
+
+
+def _fits(table: HashTable, dim: int) -> bool:
+    """Whether ``table`` can live in a storage of ``dim`` columns: its rows padded at most
+    ``MAX_PAD`` times, and its initial rows, drawn at that width, the same in its own columns
+    (``init_rows`` draws column ``j`` independently of the width; the parameters must not
+    depend on it)."""
+    spec = table.initializer.row_spec
+    return table.dim <= dim <= MAX_PAD * table.dim and spec(dim, table.block_size) == spec(table.dim, table.block_size)
+
+
+def coalesce_groups(tables: Sequence[HashTable]) -> list[list[HashTable]]:
+    """``tables`` split into the groups that ``coalesce_tables`` takes, each in the given order:
+    tables of one ``coalesce_key``, the widest first picking every table that fits its dim
+    (``_fits``), then the widest of the rest, and so on."""
+    groups: list[list[HashTable]] = []
+    by_key: list[tuple[tuple, list[HashTable]]] = []
+    for table in tables:
+        key = coalesce_key(table)
+        same = next((s for k, s in by_key if k == key), None)  # == : hooks compare by value
+        if same is None:
+            by_key.append((key, [table]))
+        else:
+            same.append(table)
+    for _, same in by_key:
+        while same:
+            dim = max(t.dim for t in same)
+            group = [t for t in same if _fits(t, dim)]
+            groups.append(group)
+            same = [t for t in same if not any(t is g for g in group)]
+    return groups
 
 
 def capacity_for(n: int) -> int:
@@ -118,6 +171,12 @@ class TableStorage(nn.Module):
         return None if tag == 0 else torch.full(ids.shape, tag, dtype=torch.int32, device=ids.device)
 
     # -- optimizer slots ---------------------------------------------------------------------------
+
+    def slot_width(self, width: int, member_dim: int) -> int:
+        """The storage's width of a slot that a member of ``member_dim`` asks for with ``width``:
+        a slot with a value per column (``width == member_dim``) spans the storage's dim, as the
+        embedding does; any other width (a value per row) is kept."""
+        return self.dim if width == member_dim else width
 
     def slot(self, name: str, width: int, init: float, owner: str) -> Tensor:
         """The slot ``name`` (created on first use, every row ``init``); ``owner`` names the table
@@ -273,7 +332,8 @@ class TableStorage(nn.Module):
 
 
 def coalesce_tables(tables: Sequence[HashTable]) -> TableStorage:
-    """Put ``tables`` (logical tables that agree on ``COALESCE_FIELDS``) into ONE storage, member
+    """Put ``tables`` (logical tables of one ``coalesce_key`` whose dims fit one storage:
+    ``coalesce_groups``) into ONE storage of their largest dim, member
     ``i`` tag ``i``, moving every table's ids, rows, slots and pending gradients there; returns it.
     Idempotent: tables already sharing a storage of exactly them keep it. A table already
     coalesced with other tables is a ``ValueError``."""
@@ -284,11 +344,14 @@ def coalesce_tables(tables: Sequence[HashTable]) -> TableStorage:
         raise ValueError(f"coalesce_tables: a table is given twice in {names}")
     first = tables[0]
     for table in tables[1:]:
-        for field in COALESCE_FIELDS:
-            a, b = getattr(first, field), getattr(table, field)
-            if a != b:
-                raise ValueError(f"coalesce_tables: tables {first.name!r} and {table.name!r} differ in {field} "
-                                 f"({a!r} vs {b!r}): they cannot share one storage")
+        if coalesce_key(table) != coalesce_key(first):
+            raise ValueError(f"coalesce_tables: tables {first.name!r} and {table.name!r} differ in dtype, device, "
+                             "initial values, grad_reduce_by or hooks: they cannot share one storage")
+    dim = max(t.dim for t in tables)
+    narrow = [t.name for t in tables if not _fits(t, dim)]
+    if narrow:
+        raise ValueError(f"coalesce_tables: tables {narrow} cannot share a storage of dim {dim} (rows padded more "
+                         f"than {MAX_PAD}x, or initial values that depend on the dim)")
     storage = first.storage
     if all(t.storage is storage for t in tables) and len(storage.members) == len(tables):
         return storage
@@ -296,12 +359,15 @@ def coalesce_tables(tables: Sequence[HashTable]) -> TableStorage:
         if len(table.storage.members) > 1:
             others = [t.name for t in table.storage.members if t is not table]
             raise ValueError(f"coalesce_tables: table {table.name!r} is already coalesced with {others}")
+        if table.dim < dim and table._pending:  # its gradients are [U, dim] wide, the storage's rows wider
+            raise ValueError(f"coalesce_tables: table {table.name!r} (dim {table.dim}) has pending gradients; "
+                             f"take them (optimizer step or zero_grad) before coalescing it into dim {dim}")
     total = sum(len(t) for t in tables)
-    merged = TableStorage(first.dim, first.dtype, capacity_for(total), first.keys.device)
+    merged = TableStorage(dim, first.dtype, capacity_for(total), first.keys.device)
     slot_widths: dict[str, tuple[int, float]] = {}
     for table in tables:
         for name, init in table.storage._slot_init.items():
-            width = getattr(table.storage, f"slot_{name}").shape[1]
+            width = merged.slot_width(getattr(table.storage, f"slot_{name}").shape[1], table.dim)
             if slot_widths.setdefault(name, (width, init))[0] != width:
                 raise ValueError(f"coalesce_tables: slot {name!r} has width {width} in table {table.name!r}, "
                                  f"{slot_widths[name][0]} in another")
@@ -313,10 +379,11 @@ def coalesce_tables(tables: Sequence[HashTable]) -> TableStorage:
             ids, old_rows = table.items()
             tag = merged.add_member(table, ids.numel())
             rows, _ = torch.ops.fxrec.table_find_or_insert(merged.keys, merged.state, ids, merged.tags_of(ids, tag))
-            merged.embedding[rows] = old.embedding[old_rows]
+            merged.embedding[rows, :table.dim] = old.embedding[old_rows]
             merged.last_seen[rows] = old.last_seen[old_rows]
             for name in old._slot_init:
-                getattr(merged, f"slot_{name}")[rows] = getattr(old, f"slot_{name}")[old_rows]
+                values = getattr(old, f"slot_{name}")[old_rows]
+                getattr(merged, f"slot_{name}")[rows, :values.shape[1]] = values
             remap = torch.full((old.capacity + 1,), -1, dtype=torch.int64, device=rows.device)
             remap[old_rows] = rows
             table.remap_pending(remap)
