@@ -10,13 +10,14 @@ so every term is >= 0).
 
 How the counts are made (no N x T comparison matrix): each prediction's bucket ``k`` = the number
 of thresholds it exceeds (what ``torch.bucketize(pred, thr)`` returns); a histogram of
-``k + (T + 1) label`` (``scatter_add`` into ``2 (T + 1)`` bins: no host sync, unlike CUDA
-``bincount``); then a cumulative sum gives, per threshold ``j``, how many negatives and
-positives have ``k <= j``: that is tn and fn, and the totals minus them fp and tp. Because the thresholds are evenly spaced the bucket is
-computed arithmetically (``floor(1 + pred * (T - 1))``, which is ``k`` or ``k + 1``, then corrected
-by one comparison with the threshold below it, so float rounding cannot move a prediction across a
-threshold): 3-5x faster than ``torch.bucketize``'s binary search on CPU (``bench/metrics.py``), and
-identical to it (tested).
+``k + (T + 1) label`` in ``2 (T + 1)`` bins (no host sync, unlike CUDA ``bincount``); then a
+cumulative sum gives, per threshold ``j``, how many negatives and positives have ``k <= j``: that
+is tn and fn, and the totals minus them fp and tp. The histogram and the batch's value check are
+ONE op, ``fxrec::auroc_histogram`` (one Triton launch on CUDA). Because the thresholds are evenly
+spaced the bucket is computed arithmetically (``floor(1 + pred * (T - 1))``, which is ``k`` or
+``k + 1``, then corrected by one comparison with the threshold below it, so float rounding cannot
+move a prediction across a threshold): 3-5x faster than ``torch.bucketize``'s binary search on CPU
+(``bench/metrics.py``), and identical to it (tested).
 
 With exact counts the binned curve's trapezoid is the Mann-Whitney AUC of the *bucket indices*
 (ties counted half): it differs from the exact AUC only through positive/negative pairs that fall
@@ -40,7 +41,6 @@ from torch import nn
 
 KEPSILON = 1e-7  # how far the outer thresholds sit outside [0, 1] (TF's kepsilon)
 EPSILON = 1e-6  # TF's smoothing in tpr and fpr
-_ARITH_MAX_T = 1 << 20  # above this, float32 rounding could exceed one bucket: use bucketize
 
 
 def auroc_thresholds(num_thresholds: int) -> list[float]:
@@ -81,10 +81,11 @@ class AUROC(nn.Module):
     the rank (``compute`` does not sync either).
 
     Inputs: ``pred`` and ``label`` of shape ``[B]`` or ``[B, 1]`` (equal ``B``; a 0-dim tensor
-    counts as ``[1]``), any float dtype for ``pred``, labels of any dtype with values in {0, 1}.
-    ``ValueError`` for a prediction outside [0, 1] or NaN, a label not 0 or 1, or mismatched
-    shapes. The value check is one min/max pass over the predictions and one over the labels,
-    read back to the host together. On the CPU it runs before the counters move. On a GPU the
+    counts as ``[1]``), any float dtype for ``pred``, labels of any real or bool dtype with values
+    in {0, 1}. ``ValueError`` for a prediction outside [0, 1] or NaN, a label not 0 or 1, or
+    mismatched shapes. The value check comes with the histogram: ``fxrec::auroc_histogram``
+    returns the batch's bad-value bits with its counts, read back to the host (one int). On the
+    CPU it is read before the counters move. On a GPU the
     read would wait for the batch's predictions (a host sync per step, stalling the launch
     queue), so it does not wait: the check's result is copied to the host asynchronously and read
     by the NEXT ``update`` or ``forward`` call (by then the device is normally past it, so nothing
@@ -137,10 +138,8 @@ class AUROC(nn.Module):
         batch (each would be ops per step; nor while a compiled step runs, which would recompile
         when it filled a cache). Plain attributes, not buffers: ``.half()`` must not round them.
 
-        - ``_bounds``: per comparison dtype (float32, float64: ``_check``), the thresholds and each
-          bucket's lower threshold (``[k]``: ``thr[k - 1]``, k >= 1; [0] is never read);
-        - ``_one``: int64 1, the histogram's count per prediction (expanded, no copy);
-        - ``_empty_hist``: the zero histogram ``scatter_add`` returns a filled copy of;
+        - ``_bounds``: per comparison dtype (float32, float64: ``_check``), each bucket's lower
+          threshold (``[k]``: ``thr[k - 1]``, k >= 1; [0] is never read: ``fxrec::auroc_histogram``);
         - ``_rate_scale``, ``_rate_eps``: (fpr, tpr)'s numerators are (fp / 2, tp + 1e-6) (``_auc``),
           ``_denominator_eps`` TF's smoothing of their denominators; float64, so the int64 counts
           they meet become float64;
@@ -149,9 +148,7 @@ class AUROC(nn.Module):
         self._bounds = {}
         for dtype in (torch.float32, torch.float64):
             thr = self.thresholds.to(dtype)
-            self._bounds[dtype] = (thr, torch.cat([thr[:1], thr]))
-        self._one = torch.ones((), dtype=torch.int64, device=device)
-        self._empty_hist = torch.zeros(2 * (self.num_thresholds + 1), dtype=torch.int64, device=device)
+            self._bounds[dtype] = torch.cat([thr[:1], thr])
         self._rate_scale = torch.tensor([[0.5], [1.0]], dtype=torch.float64, device=device)
         self._rate_eps = torch.tensor([[0.0], [EPSILON]], dtype=torch.float64, device=device)
         self._denominator_eps = torch.tensor([EPSILON], dtype=torch.float64, device=device)
@@ -168,31 +165,24 @@ class AUROC(nn.Module):
             raise ValueError(f"AUROC: predictions {tuple(pred.shape)} and labels {tuple(label.shape)} differ in shape")
         if not pred.is_floating_point() or pred.dtype in (torch.float16, torch.bfloat16):
             pred = pred.float()
-        if self.validate_args and not torch.compiler.is_compiling():
-            self.check_pending()
-            if pred.numel():
-                self._check_values(pred, label)
+        if label.is_complex():
+            raise TypeError(f"AUROC: labels must be real or bool, got {label.dtype}")
+        if label.device != pred.device:
+            label = label.to(pred.device)
         return pred, label
 
-    def _check_values(self, pred: torch.Tensor, label: torch.Tensor) -> None:
-        """The value check of a batch (class docstring): at once on the CPU, the next call's on a GPU."""
-        # One pass per input, its extremes read back together (in pred's dtype: a stack promotes)
-        # and compared on the host: aminmax propagates NaN, which fails both comparisons there.
-        # Float labels: one "any" of label - label * label (one addcmul), non-zero (NaN included)
-        # iff a label is not 0 or 1 (in (0, 1) the rounded square stays below the label);
-        # integer labels: their extremes; bool labels need no check.
-        stats = list(torch.aminmax(pred))
-        if label.dtype != torch.bool:
-            if label.is_floating_point() or label.is_complex():
-                stats.append(label.addcmul(label, label, value=-1).any().to(pred.device))
-            else:
-                stats.extend(s.to(pred.device) for s in torch.aminmax(label))
-        values = torch.stack(stats)
-        if values.device.type != "cuda":
-            self._raise_for(values.tolist(), "")
+    def _checks(self) -> bool:
+        """Whether this call checks values (class docstring): not while torch.compile traces."""
+        return self.validate_args and not torch.compiler.is_compiling()
+
+    def _check_bits(self, bits: torch.Tensor) -> None:
+        """The value check of a batch from its bad-value bits (``fxrec::auroc_histogram``, int64
+        ``[1]``): at once on the CPU, the next call's on a GPU (class docstring)."""
+        if bits.device.type != "cuda":
+            self._raise_for(int(bits), "")
             return
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        host.copy_(values, non_blocking=True)
+        host = torch.empty(bits.shape, dtype=bits.dtype, pin_memory=True)
+        host.copy_(bits, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._pending_check = (host, event)
@@ -205,43 +195,31 @@ class AUROC(nn.Module):
         host, event = self._pending_check
         self._pending_check = None
         event.synchronize()
-        self._raise_for(host.tolist(), " (an earlier batch on the GPU, already counted)")
+        self._raise_for(int(host), " (an earlier batch on the GPU, already counted)")
 
     @staticmethod
-    def _raise_for(values: list[float], which: str) -> None:
-        """``values``: the predictions' min and max, then the float labels' "any bad" flag or the
-        integer labels' min and max (none for bool labels)."""
-        low, high, *labels = values
-        if not (low >= 0 and high <= 1):
+    def _raise_for(bits: int, which: str) -> None:
+        """``bits``: ``fxrec::auroc_histogram``'s, 1 a bad prediction, 2 a bad label."""
+        if bits & 1:
             raise ValueError(f"AUROC: predictions must lie in [0, 1] (a prediction is outside it or NaN){which}")
-        if labels and (labels[0] != 0 if len(labels) == 1 else labels[0] < 0 or labels[1] > 1):
+        if bits & 2:
             raise ValueError(f"AUROC: labels must be 0 or 1{which}")
-
-    def _buckets(self, pred: torch.Tensor) -> torch.Tensor:
-        """int64 [B]: how many thresholds each prediction exceeds (strictly), in [0, T]."""
-        thr, thr_below = self._bounds[pred.dtype]
-        t = self.num_thresholds
-        if t > _ARITH_MAX_T:
-            return torch.bucketize(pred, thr)
-        # Estimate 1 + p (T - 1) (one op: the int64 1 promotes to pred's dtype), clamped to [1, T]
-        # in float (keeps huge values convertible) and again as int (NaN's conversion). Its floor
-        # is k or k + 1 whatever the rounding (p > thr[k - 1] ~ (k - 1) / (T - 1) puts it at k or
-        # above, p <= thr[k] below k + 2), and the threshold below it says which. Valid for p
-        # outside [0, 1] too: they land in bucket 0 or T, as bucketize puts them; NaN compares
-        # false, so it stays in bucket 1. In place where possible: the passes are memory-bound.
-        est = torch.add(self._one, pred, alpha=t - 1).clamp_(1, t).long().clamp_(1, t)
-        too_high = thr_below.index_select(0, est) >= pred
-        return est.add_(too_high, alpha=-1)  # (sub_ refuses bool operands)
 
     def _batch_counts(self, pred: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's counts per threshold (all-reduced if asked), int64 [2, T] each: ``above``
         (fp, tp: predicted positive) and ``below`` (tn, fn: predicted negative)."""
         with torch.no_grad():  # pred may carry autograd history: recording it would add ops
             pred, label = self._check(pred, label)
+            checks = self._checks()
+            if checks:
+                self.check_pending()  # an earlier GPU batch's error first
             t = self.num_thresholds
-            # bin k + (T + 1) label; any non-zero label counts as positive (in bounds)
-            bins = self._buckets(pred).add_(label != 0, alpha=t + 1)
-            hist = self._empty_hist.scatter_add(0, bins, self._one.expand_as(bins))
+            # one op: the histogram of bucket k + (T + 1) label (any non-zero label counts as
+            # positive, in bounds) and the bad-value bits
+            counts = torch.ops.fxrec.auroc_histogram(pred, label, self._bounds[pred.dtype], t)
+            hist = counts.narrow(0, 0, 2 * (t + 1))
+            if checks and pred.numel():
+                self._check_bits(counts.narrow(0, 2 * (t + 1), 1))
             if self.dist_sync_on_step and _distributed():
                 dist.all_reduce(hist, op=dist.ReduceOp.SUM)  # the counts below are linear in it
             # [0, k] negatives, [1, k] positives with bucket <= k; at threshold j those with bucket

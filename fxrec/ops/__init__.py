@@ -4,5 +4,5 @@ Importing this package registers every op (CPU kernel, fake kernel, CUDA kernel,
 """
 
 from fxrec.ops import (  # noqa: F401
-    bucketize, check, combine, cross, dense, gather, hash, init_rows, mod, sparse_update, table, truncate,
+    auroc, bucketize, check, combine, cross, dense, gather, hash, init_rows, mod, sparse_update, table, truncate,
 )

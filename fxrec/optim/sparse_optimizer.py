@@ -133,7 +133,7 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
         placeholders = [(name, torch.empty(0)) for name in self.tables]  # see the module docstring
         super().__init__([{"params": placeholders}], defaults)
         self.table_state: dict[str, dict[str, Tensor]] = {
-            name: self._new_table_state(table.embedding.device) for name, table in self.tables.items()
+            name: self._new_table_state(table.device) for name, table in self.tables.items()
         }
         self.grad_accum_steps = 1
         # Each table's scalars as loaded (Python numbers; () for the initial ones): tables with
@@ -152,7 +152,7 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
         """``table_state[name]``, moved to the table's device if the table moved (e.g. ``model.to``
         after the optimizer was built); a metadata check, no sync."""
         state = self.table_state[name]
-        device = table.embedding.device
+        device = table.device
         if any(value.device != device for value in state.values()):
             state = self.table_state[name] = {key: value.to(device) for key, value in state.items()}
         return state
@@ -281,7 +281,7 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
         plan = []
         for name, table in self.tables.items():
             entry = saved[name]
-            scalars = self._new_table_state(table.embedding.device)
+            scalars = self._new_table_state(table.device)
             absent = [key for key in ["ids", *scalars] if key not in entry]
             if absent:
                 raise ValueError(f"{owner}: the state of table {name!r} lacks {absent}")

@@ -251,10 +251,10 @@ def _flat_ids(name: str, value) -> tuple[Tensor, Tensor, Tensor | None]:
 def _feature_ids(name: str, value, table: HashTable) -> tuple[Tensor, Tensor, Tensor | None]:
     """``_flat_ids`` of a feature, checked to be on its table's device."""
     values, offsets, weight = _flat_ids(name, value)
-    if values.device != table.embedding.device:
+    if values.device != table.device:
         raise ValueError(
             f"EmbeddingEngine: feature {name!r} is on {values.device}, its table {table.name!r} "
-            f"on {table.embedding.device}"
+            f"on {table.device}"
         )
     return values, offsets, weight
 
