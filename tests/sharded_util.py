@@ -41,11 +41,12 @@ _EXTREMES = np.array([0, -1, 7 << 16, 13 << 16, -(5 << 16), 2**63 - 1, -(2**63)]
 
 
 class ShardModel(nn.Module):
-    """Features "a" and "b" share table "t"; "c" reads table "r" (ReadOnly when ``read_only``)."""
+    """Features "a" and "b" share table "t"; "c" reads table "r" (ReadOnly when ``read_only``; of
+    ``r_dim`` columns: narrower, it pads into "t"'s storage when coalesced)."""
 
     def __init__(self, combiner: str, grad_reduce_by: str, filter_hook: FilterHook | None = None,
                  read_only: bool = False, device: str = "cpu", passes: bool = False, b_trainable: bool = True,
-                 block_size: int = DEFAULT_BLOCK_SIZE):
+                 block_size: int = DEFAULT_BLOCK_SIZE, r_dim: int = DIM):
         super().__init__()
         torch.manual_seed(0)
         init = TruncNormalInitializer(mean=0, std=0.1)
@@ -55,12 +56,13 @@ class ShardModel(nn.Module):
         self.embedding = EmbeddingEngine({
             "a": EmbeddingOption(shared_name="t", filter_hook=filter_hook, **common),
             "b": EmbeddingOption(shared_name="t", filter_hook=filter_hook, trainable=b_trainable, **common),
-            "c": EmbeddingOption(shared_name="r", admit_hook=AdmitHook("ReadOnly") if read_only else None, **common),
+            "c": EmbeddingOption(shared_name="r", admit_hook=AdmitHook("ReadOnly") if read_only else None,
+                                 **{**common, "embedding_dim": r_dim}),
         }, passes=passes)
-        width = (TILE if combiner == "tile" else 1) * DIM
+        slots = TILE if combiner == "tile" else 1
         # Made on the CPU, then moved: the same weights as the one-process CPU reference (a Linear
         # made on a GPU draws from the GPU's generator).
-        self.dense = nn.Linear(3 * width, 1).to(device)
+        self.dense = nn.Linear(slots * (2 * DIM + r_dim), 1).to(device)
 
     def forward(self, batch: dict) -> torch.Tensor:
         emb = self.embedding(batch)
@@ -198,13 +200,15 @@ def reference(config: tuple, world: int, steps: int = STEPS, **model_kwargs) -> 
 # read-only: table "r" takes no new ids after step 2; accumulation: 2 micro-batches a step;
 # passes: one merged lookup per table, with "b" not trainable (tables "t" and "r" agree in layout:
 # table_coalesce puts them into one storage, so one merged lookup of (tag, id) pairs for all three
-# features); coalesce: the same with every feature trainable, "mean" / "worker" and 2 micro-batches.
+# features); coalesce: the same with every feature trainable, "mean" / "worker" and 2 micro-batches;
+# mixed_dims: "r" of 2 columns padded into "t"'s storage of 3 (tile rows cut back to 2 per slot).
 EXTRAS = [
     ("evict", ("sum", "worker", "adamwtf"), {"filter_hook": FilterHook("GlobalStepFilter", {"filter_step": 2})}, 4, 1),
     ("read_only", ("mean", "id", "sgd"), {}, 4, 1),
     ("accumulate", ("tile", "id", "adamwtf"), {}, 3, 2),
     ("passes", ("sum", "id", "adamwtf"), {"passes": True, "b_trainable": False}, 3, 1),
     ("coalesce", ("mean", "worker", "adamwtf"), {"passes": True}, 3, 2),
+    ("mixed_dims", ("tile", "id", "adamwtf"), {"passes": True, "r_dim": 2}, 3, 2),
 ]
 EVAL_STEPS = (7, 8)  # batches evaluated after training: mostly unseen ids
 
