@@ -3,8 +3,12 @@
 ``compiled = fxrec.compile(model)`` returns a ``CompiledModel`` whose ``compiled(batch)`` runs
 ``model(batch)`` — the features, table lookups, combiners, dense model, loss and metric updates
 of a model like the tutorial's ``DeepCTR`` — as ONE Inductor graph with fxrec's custom ops
-inside; ``loss.backward()`` runs the backward graph AOTAutograd compiled with it. Batches of any
-size (1 included) and any ragged lengths reuse that graph. The optimizer steps stay outside it:
+inside. What it compiles is the engines' rewritten graphs (SPEC §6): every ``FeatureEngine`` and
+``EmbeddingEngine`` of the model built without passes is rewritten with the default passes
+first (``rewrite_engines``: fused feature ops, one lookup per storage, tables coalesced, one
+combine per storage; a layout change whose results are the eager model's; an engine built with
+``passes=()`` is kept as built). ``loss.backward()`` runs the backward graph AOTAutograd compiled
+with it. Batches of any size (1 included) and any ragged lengths reuse that graph. The optimizer steps stay outside it:
 ``SparseAdamWTF`` & co. are one fused kernel per table already, and torch's dense optimizers
 have their own fused / foreach kernels (``torch.compile`` them separately if wanted).
 
@@ -88,7 +92,16 @@ from fxrec.nn.modules.table_storage import TableStorage
 from fxrec.ragged import RaggedTensor
 from fxrec.utils.dynamic import mark_dynamic_batch
 
-__all__ = ["CompiledModel", "compile", "id_bounds"]
+__all__ = ["CompiledModel", "compile", "id_bounds", "rewrite_engines"]
+
+
+def rewrite_engines(model: nn.Module) -> None:
+    """The default passes on every ``FeatureEngine`` and ``EmbeddingEngine`` of ``model`` built
+    without passes (``engine.rewrite()``); engines built with passes keep their graphs. Tables
+    may be coalesced: call it before wrapping the model in DDP (the ``Trainer`` does)."""
+    for engine in model.modules():
+        if isinstance(engine, (FeatureEngine, EmbeddingEngine)) and not engine.rewritten:
+            engine.rewrite()
 
 DYNAMO_CONFIG = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True,
                  "force_nn_module_property_static_shapes": False, "force_parameter_static_shapes": False}
@@ -179,6 +192,7 @@ class CompiledModel:
                              "compiled fullgraph; dynamic dims are marked per batch)")
         self.model = model
         self.module = model.module if isinstance(model, DistributedDataParallel) else model
+        rewrite_engines(self.module)
         # Lookups per table (shared_name): the engines' options are fixed, so counted once here
         # rather than by walking the model's modules for every table on every step.
         self._lookups = collections.Counter(o.shared_name for e in self.module.modules()

@@ -45,7 +45,7 @@ class ShardModel(nn.Module):
     ``r_dim`` columns: narrower, it pads into "t"'s storage when coalesced)."""
 
     def __init__(self, combiner: str, grad_reduce_by: str, filter_hook: FilterHook | None = None,
-                 read_only: bool = False, device: str = "cpu", passes: bool = False, b_trainable: bool = True,
+                 read_only: bool = False, device: str = "cpu", passes: bool | tuple = False, b_trainable: bool = True,
                  block_size: int = DEFAULT_BLOCK_SIZE, r_dim: int = DIM):
         super().__init__()
         torch.manual_seed(0)
@@ -262,10 +262,11 @@ TRAFFIC_IDS = torch.tensor([[5, 5, -3, 1 << 16], [7 << 16, 0, 5, -(2**63)]], dty
 # rank's table past the room it reserved for its own: the owners must reserve for every rank's)
 COMPILE_SIZES = [(1, 20), (3, 5), (6, 1), (1, 1), (9, 2), (4, 12), (2, 1), (12, 3), (5, 5), (1, 8), (7, 4)]
 COMPILE_EMPTY = {(3, 0), (7, 1)}  # (step, rank): a batch of no ids at all (every row empty)
-# (name, config, model kwargs): separate tables; "t" and "r" coalesced into one storage with "b"
-# not trainable (merged lookups of (tag, id) pairs); tiny tables that grow every few steps
+# (name, config, model kwargs): separate tables (engines built with an empty sequence of passes,
+# which fxrec.compile keeps as they are); "t" and "r" coalesced into one storage with "b" not
+# trainable (merged lookups of (tag, id) pairs); tiny tables that grow every few steps
 COMPILE_RUNS = [
-    ("separate", ("mean", "id", "adamwtf"), {"block_size": 2}),
+    ("separate", ("mean", "id", "adamwtf"), {"block_size": 2, "passes": ()}),
     ("coalesced", ("tile", "worker", "sgd"), {"block_size": 2, "passes": True, "b_trainable": False}),
 ]
 

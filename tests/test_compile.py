@@ -24,11 +24,13 @@ from torch._dynamo.utils import counters
 import fxrec
 from examples.deepctr.model import DeepCTR
 from fxrec.compiler import DYNAMO_CONFIG, id_bounds
+from fxrec.features.feature_engine import FeatureEngine
 from fxrec.framework.metrics import clear_metrics, get_log_metrics
 from fxrec.nn.modules.hashtable import filter_out_sparse_param
 from fxrec.nn.initializers import UniformInitializer
 from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
 from fxrec.optim import SparseAdamWTF, SparseSGD
+from fxrec.passes import op_counts
 from fxrec.ragged import RaggedTensor
 from raggedutil import ragged_ids
 from test_features_compile import random_batch
@@ -208,6 +210,23 @@ def test_id_bounds_from_shapes_and_feature_configs():
         "sparse5": min(strings, 6 * SEQ_LEN, 10000),
         "sparse1_x_sparse2": min(items["sparse1"] * items["sparse2"], 1000),
     }
+
+
+def test_compile_rewrites_engines_built_without_passes():
+    """fxrec.compile compiles the rewritten graphs (SPEC §6): the tutorial model's engines, built
+    without passes, get the default passes (fused feature ops; its 6 tables coalesced: one lookup,
+    one combine); an engine built with an explicit (here empty) sequence of passes is kept."""
+    model = DeepCTR(device="cpu", seq_len=SEQ_LEN)
+    features, embeddings = model.sparse_arch.feature_engine, model.sparse_arch.embedding_engine
+    assert not features.rewritten and op_counts(embeddings.graph_module)["table_lookup"] == 7
+    fxrec.compile(model)
+    assert features.rewritten and embeddings.rewritten
+    assert op_counts(embeddings.graph_module) == {"table_lookup": 1, "table_combine_multi": 1}
+    assert op_counts(features.graph_module) == op_counts(FeatureEngine(features.features, passes=True).graph_module)
+    kept = EmbeddingEngine({"a": EmbeddingOption(embedding_dim=2, shared_name="t")}, passes=())
+    graph = kept.graph_module
+    fxrec.compile(torch.nn.ModuleDict({"emb": kept}))
+    assert kept.graph_module is graph and kept.rewritten
 
 
 def test_compile_rejects_bad_arguments():

@@ -15,9 +15,10 @@ What differs from the tutorial, and why:
 - ``--steps`` (default 50; the tutorial trains 100) and ``--batch-size`` (1024) are arguments, as
   is ``--seq-len`` (the tutorial's 1000: the truncation and tile length of sparse4/sparse5).
 - ``--compile`` sets ``TrainingArguments(compile=True)``: the forward and backward run as one
-  compiled graph (``fxrec.compile``; the first step compiles it, about a minute on a CPU).
+  compiled graph (``fxrec.compile``, of the engines' graphs rewritten by fxrec's passes; the
+  first step compiles it, about a minute on a CPU).
 - ``--passes`` builds the FeatureEngine and EmbeddingEngine with ``passes=True`` (fxrec's graph
-  passes: fused feature ops, one lookup per table).
+  passes: fused feature ops, one lookup per storage; implied by ``--compile``).
 - Checkpoints go to ``--output-dir`` (``./ckpt/``); a second run resumes from the latest one
   (and, having reached ``--steps`` already, stops at once: raise ``--steps`` to train on).
   After training each rank writes ``<output-dir>/tables_rank<r>.json``: per table, the number of

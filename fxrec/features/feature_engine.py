@@ -160,12 +160,18 @@ class FeatureEngine(nn.Module):
             for s in (f.ops[0].fields if isinstance(f.ops[0], SelectFields) else [f.ops[0]])
             if s.dim is not None
         }
-        gm = self._build()
+        self.graph_module = self._build()
+        self.rewritten = False
         if passes is not False:
-            from fxrec.passes import DEFAULT_PASSES, apply_passes  # passes import features: not at the top
+            self.rewrite(passes)
 
-            gm = apply_passes(gm, passes, DEFAULT_PASSES, "FeatureEngine")
-        self.graph_module = gm
+    def rewrite(self, passes: bool | Sequence = True) -> None:
+        """Rewrite the graph with ``passes`` (``True``: ``fxrec.passes.DEFAULT_PASSES``), as the
+        constructor's ``passes`` does; ``fxrec.compile`` rewrites an engine built without."""
+        from fxrec.passes import DEFAULT_PASSES, apply_passes  # passes import features: not at the top
+
+        self.graph_module = apply_passes(self.graph_module, passes, DEFAULT_PASSES, "FeatureEngine")
+        self.rewritten = self.rewritten or passes is not False
 
     def _build(self) -> torch.fx.GraphModule:
         b = _GraphBuilder(self.columns)

@@ -71,7 +71,8 @@ Decisions (RecIS's bugs fixed as SPEC §7 decides; the rest written down here):
   again, same type, as ``"Trainer: step <n> (epoch <e>): <the original message>"`` (n: the global
   step being run, 1-based), chained to the original (``from err``).
 - ``compile=True``: the forward (features, lookups, dense model, loss, metric updates) runs
-  compiled, ``fxrec.compile`` of the model (of its DDP wrapper under DDP): in one process one
+  compiled, ``fxrec.compile`` of the model (of its DDP wrapper under DDP), its engines' graphs
+  rewritten with the default passes first (before the DDP wrapping): in one process one
   Inductor graph for every batch size and ragged length, whose backward AOTAutograd compiles with
   it; with several ranks the tables are sharded and each lookup's all-to-all is traced into that
   graph as a functional collective (the graph breaks only in DDP's own wrapper, ``fxrec.compile``).
@@ -96,6 +97,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fxrec.compiler import compile as fxrec_compile
+from fxrec.compiler import rewrite_engines
 from fxrec.distributed.ddp import wrap_ddp
 from fxrec.distributed.env import all_true, collective_device, default_device, init_distributed, is_distributed
 from fxrec.distributed.env import rank as _rank
@@ -133,7 +135,8 @@ class TrainingArguments:
         save_steps: checkpoint every this many steps (int >= 1), or None for no periodic saves.
         max_to_keep: checkpoints kept (int >= 0; 0 or None keeps all).
         save_concurrency_per_rank: accepted, no effect yet (int >= 1).
-        compile: run the model's forward (and so its backward) compiled (``fxrec.compile``).
+        compile: run the model's forward (and so its backward) compiled (``fxrec.compile``, the
+            engines' graphs rewritten by the default passes).
     """
 
     gradient_accumulation_steps: int = 1
@@ -432,6 +435,8 @@ class Trainer:
         if self.train_dataset is None:
             raise ValueError("Trainer.train: no train_dataset")
         self._restore()
+        if self.args.compile:  # the graphs fxrec.compile compiles, rewritten before DDP sees the model
+            rewrite_engines(self.model)
         self._wrap_ddp()
         if self.args.compile:
             self._compiled = fxrec_compile(self._ddp if self._ddp is not None else self.model)

@@ -397,14 +397,21 @@ class EmbeddingEngine(nn.Module):
                 owners[option.shared_name] = (feature, option)
         self._options = dict(options)
         self.tables = nn.ModuleDict({shared: _make_table(option) for shared, (_, option) in owners.items()})
-        gm = self.build_graph()
-        if passes is not False:
-            from fxrec.passes import DEFAULT_EMBEDDING_PASSES, apply_passes  # passes import this module
-
-            gm = apply_passes(gm, passes, DEFAULT_EMBEDDING_PASSES, "EmbeddingEngine")
         # Not a registered submodule: the graph shares the engine's tables (the same HashTable
         # objects), which must appear once in state_dict / named_modules, under ``tables``.
+        object.__setattr__(self, "graph_module", self.build_graph())
+        self.rewritten = False
+        if passes is not False:
+            self.rewrite(passes)
+
+    def rewrite(self, passes: bool | Sequence = True) -> None:
+        """Rewrite the graph with ``passes`` (``True``: ``fxrec.passes.DEFAULT_EMBEDDING_PASSES``),
+        as the constructor's ``passes`` does; ``fxrec.compile`` rewrites an engine built without."""
+        from fxrec.passes import DEFAULT_EMBEDDING_PASSES, apply_passes  # passes import this module
+
+        gm = apply_passes(self.graph_module, passes, DEFAULT_EMBEDDING_PASSES, "EmbeddingEngine")
         object.__setattr__(self, "graph_module", gm)
+        self.rewritten = self.rewritten or passes is not False
 
     def build_graph(self) -> torch.fx.GraphModule:
         """The graph of the configured features as built from the options, before any pass (class
