@@ -171,10 +171,6 @@ class AUROC(nn.Module):
             label = label.to(pred.device)
         return pred, label
 
-    def _checks(self) -> bool:
-        """Whether this call checks values (class docstring): not while torch.compile traces."""
-        return self.validate_args and not torch.compiler.is_compiling()
-
     def _check_bits(self, bits: torch.Tensor) -> None:
         """The value check of a batch from its bad-value bits (``fxrec::auroc_histogram``, int64
         ``[1]``): at once on the CPU, the next call's on a GPU (class docstring)."""
@@ -210,7 +206,7 @@ class AUROC(nn.Module):
         (fp, tp: predicted positive) and ``below`` (tn, fn: predicted negative)."""
         with torch.no_grad():  # pred may carry autograd history: recording it would add ops
             pred, label = self._check(pred, label)
-            checks = self._checks()
+            checks = self.validate_args and not torch.compiler.is_compiling()  # (class docstring)
             if checks:
                 self.check_pending()  # an earlier GPU batch's error first
             t = self.num_thresholds

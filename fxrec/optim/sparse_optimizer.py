@@ -223,9 +223,13 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             table = tables[unit[0]]
             if table.grad_reduce_by == "worker" and self.grad_accum_steps != 1:
                 grads = grads / self.grad_accum_steps
-            param, slots = table.embedding, self._slots(table)
             if len(unit) > 1:  # the whole storage, at its rows' full width (``take_storage_grads``'s)
-                param, slots = table.storage.embedding, {name: getattr(table.storage, f"slot_{name}") for name in slots}
+                storage = table.storage
+                param = storage.embedding
+                slots = {name: storage.slot(name, storage.slot_width(width, table.dim), init, table.name)
+                         for name, (width, init) in self._slot_specs(table).items()}
+            else:
+                param, slots = table.embedding, self._slots(table)
             # the unit's tables share the storage, the hyperparameters and equal scalars
             self._update(param, scalars[unit[0]], slots, rows, grads, group)  # no rows: only the counters move
         HashTable.advance_steps(tables)

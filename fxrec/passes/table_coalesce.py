@@ -105,12 +105,12 @@ def table_coalesce(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 raise TypeError(f"table_coalesce: {target!r} is a {type(table).__name__}, not a HashTable")
             tables.setdefault(target, table)
     targets_of = {id(table): target for target, table in tables.items()}
-    groups = [[targets_of[id(t)] for t in group] for group in coalesce_groups(list(tables.values()))]
     changed = False
-    for targets in groups:
-        if len(targets) < 2:
+    for group in coalesce_groups(list(tables.values())):
+        if len(group) < 2:
             continue
-        coalesce_tables([gm.get_submodule(t) for t in targets])
+        coalesce_tables(group)
+        targets = {targets_of[id(t)] for t in group}
         members = [(node, features) for node, features in lookups if features[0][0].target in targets]
         if len(members) < 2:
             continue  # already one lookup for the whole group
