@@ -17,9 +17,10 @@ Before each call, outside the graph and without reading anything back from the d
 - every batch tensor's row dimension is marked unbacked (``fxrec.utils.dynamic.mark_dynamic_batch``;
   the dense columns and labels share one batch size): no guards on sizes, so no recompiles;
 - per table, a host-known upper bound of the distinct ids the step can insert is computed from
-  the batch's tensor SHAPES and the feature configs (``id_bounds``), the table reserves room for
-  that many (``HashTable.reserve``: a table cannot grow inside a graph), and gets one zero
-  gradient leaf ``[bound, dim]`` per lookup (``HashTable.grad_sinks``, dim 0 unbacked; Dynamo
+  the batch's tensor SHAPES and the feature configs (``id_bounds``); per storage (one table, or
+  tables coalesced into one), the sum of its tables' bounds: the storage reserves room for that
+  many (``TableStorage.reserve``: a table cannot grow inside a graph), and gets one zero gradient
+  leaf ``[bound, dim]`` per training lookup into it (``TableStorage.grad_sinks``, dim 0 unbacked; Dynamo
   cannot create a leaf inside the graph on torch 2.11, nor let one outlive it on 2.13). A
   lookup finding more distinct ids than its bound fails a runtime assert instead of writing out
   of bounds. The leaf's gradient is ``[bound, dim]`` (rows past the lookup's ``U`` distinct ids
@@ -161,12 +162,22 @@ def id_bounds(model: nn.Module, batch: dict) -> dict[HashTable, int]:
     most m values, ``Bucketize``: len(boundaries) + 1, ``SequenceTruncate``: seq_len per row,
     ``FeatureCross``: the product of its inputs' sizes); any other feature is the batch column
     of its name."""
+    return _id_bounds(_bound_sources(model), batch)
+
+
+def _bound_sources(model: nn.Module) -> tuple[dict[str, Any], list[EmbeddingEngine]]:
+    """What ``id_bounds`` reads of ``model``: its FeatureEngines' features by name, its EmbeddingEngines."""
+    features = {f.name: f for m in model.modules() if isinstance(m, FeatureEngine) for f in m.features}
+    return features, [m for m in model.modules() if isinstance(m, EmbeddingEngine)]
+
+
+def _id_bounds(sources: tuple[dict[str, Any], list[EmbeddingEngine]], batch: dict) -> dict[HashTable, int]:
     if not isinstance(batch, dict):
         raise TypeError(f"fxrec.compile: a batch must be a dict of columns, got {type(batch).__name__}")
+    features, engines = sources
     rows = _rows(batch) or 0
-    features = {f.name: f for m in model.modules() if isinstance(m, FeatureEngine) for f in m.features}
     bounds: dict[HashTable, int] = {}
-    for engine in (m for m in model.modules() if isinstance(m, EmbeddingEngine)):
+    for engine in engines:
         for name, option in engine.options.items():
             if name in features:
                 n = _feature_bound(features[name], batch, rows)
@@ -193,52 +204,46 @@ class CompiledModel:
         self.model = model
         self.module = model.module if isinstance(model, DistributedDataParallel) else model
         rewrite_engines(self.module)
-        # Lookups per table (shared_name): the engines' options are fixed, so counted once here
-        # rather than by walking the model's modules for every table on every step.
-        self._lookups = collections.Counter(o.shared_name for e in self.module.modules()
-                                            if isinstance(e, EmbeddingEngine) for o in e.options.values())
+        # The engines are rewritten: what bounds a step's ids, and the training lookups into each
+        # storage (a gradient leaf each per step), are fixed from here on, so found once.
+        self._bound_sources = _bound_sources(self.module)
+        self._lookups = collections.Counter(storage for engine in self._bound_sources[1]
+                                            for storage in engine.trained_lookup_storages())
 
         # The model itself, not a function calling it: Dynamo compiles a DDP module's forward
         # (torch.compile of DDP) but breaks the graph where a compiled function calls one.
         self._compiled = torch.compile(model, **compile_options)
 
-    def _prepare(self, batch: dict) -> tuple[list[HashTable], list[TableStorage]]:
-        """Room and gradient leaves for this step's ids (module docstring); the tables given leaves
-        and the storages given room."""
-        grad = torch.is_grad_enabled()
-        prepared = []
-        bounds = {table: bound for table, bound in id_bounds(self.module, batch).items() if table.admits}
-        # Tables coalesced into one storage (fxrec.passes.table_coalesce) share its room and one
-        # merged lookup, whose anchor holds the distinct ids of all of them: bound per storage.
-        storage_bounds: dict[object, int] = {}
-        for table, bound in bounds.items():
-            storage_bounds[table.storage] = storage_bounds.get(table.storage, 0) + bound
+    def _prepare(self, batch: dict) -> list[TableStorage]:
+        """Room and gradient leaves for this step's ids (module docstring), per storage (tables
+        coalesced by ``fxrec.passes.table_coalesce`` share its room and its merged lookup, whose
+        anchor holds the distinct ids of all of them); the storages given room."""
+        bounds: dict[TableStorage, int] = {}
+        for table, bound in _id_bounds(self._bound_sources, batch).items():
+            if table.admits:
+                bounds[table.storage] = bounds.get(table.storage, 0) + bound
         # Sharded, a storage's owner lookups insert the ids every rank sends this one: room for
         # every rank's bound (one all-reduce; the sinks stay bounded by this rank's own ids).
-        room = sharded.owner_bounds(storage_bounds.values())
-        for storage, n in zip(storage_bounds, room):
+        room = sharded.owner_bounds(bounds.values())
+        for (storage, bound), n in zip(bounds.items(), room):
             storage.reserve(n)
-        for table in bounds:
-            bound = storage_bounds[table.storage]
-            for buffer in table.storage.buffers(recurse=False):  # the row buffers' capacity: a dynamic size
-                if buffer.dim() > 0 and buffer.shape[0] == table.capacity:
+            for buffer in storage.buffers(recurse=False):  # the row buffers' capacity: a dynamic size
+                if buffer.dim() > 0 and buffer.shape[0] == storage.capacity:
                     torch._dynamo.maybe_mark_dynamic(buffer, 0)
-            if grad:
-                zero = table.embedding.new_zeros(())
-                leaves = [zero.expand(bound, table.storage.dim).requires_grad_()  # a storage's rows' full width
-                          for _ in range(self._lookups[table.name])]
+            if torch.is_grad_enabled() and self._lookups[storage]:
+                zero = storage.embedding.new_zeros(())
+                leaves = [zero.expand(bound, storage.dim).requires_grad_() for _ in range(self._lookups[storage])]
                 for leaf in leaves:
                     torch._dynamo.decorators.mark_unbacked(leaf, 0)
-                table.grad_sinks = leaves
-                prepared.append(table)
-        return prepared, list(storage_bounds)
+                storage.grad_sinks = leaves
+        return list(bounds)
 
     def __call__(self, batch: dict):
         if not self.module.training:
             return self.model(batch)
         if not isinstance(batch, dict):
             raise TypeError(f"fxrec.compile: a batch must be a dict of columns, got {type(batch).__name__}")
-        prepared, storages = self._prepare(batch)
+        storages = self._prepare(batch)
         clear_metrics()
         # Mark aliases, not the caller's tensors: the marks would follow those tensors into any
         # other compiled code they meet.
@@ -247,8 +252,8 @@ class CompiledModel:
             with torch._dynamo.config.patch(DYNAMO_CONFIG):
                 out = self._compiled(mark_dynamic_batch(aliases))
         finally:
-            for table in prepared:
-                table.grad_sinks = []
+            for storage in storages:
+                storage.grad_sinks = []
         for storage in storages:  # the next step's reserve reads the count without a sync
             storage.snapshot_count()
         return out

@@ -153,7 +153,7 @@ def test_compiled_forward_registers_metrics(runs):
 
 def test_tables_reserved_outside_the_graph_and_grad_sinks_released(runs):
     for table in filter_out_sparse_param(runs["model"]).values():
-        assert table.grad_sinks == [] and table._pending == []
+        assert table.storage.grad_sinks == [] and table._pending == []
         assert 2 * len(table) <= table.capacity
 
 

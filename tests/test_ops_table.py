@@ -351,3 +351,57 @@ def test_cuda_concurrent_streams():
     all_rows = torch.cat([rows for rows, _ in results])
     all_inserted = torch.cat([inserted for _, inserted in results])
     check_bulk(keys, state, all_ids, all_rows, all_inserted)
+
+
+# -- unique_rows: a lookup's rows deduplicated ------------------------------------------------------
+
+unique_rows = torch.ops.fxrec.unique_rows
+
+
+@st.composite
+def rows_and_capacity(draw):
+    """Rows of an index of ``capacity`` slots, -1 (no row) among them, repeats likely; capacities
+    on both sides of the marks' limit (UNIQUE_ROWS_MAX_SLOTS_PER_ENTRY slots per entry)."""
+    capacity = draw(st.sampled_from([1, 2, 8, 64, 1024]))
+    row = st.one_of(st.sampled_from([-1, 0, capacity - 1]), st.integers(-1, capacity - 1))
+    return draw(st.lists(row, max_size=200)), capacity
+
+
+def check_unique_rows(rows: list[int], capacity: int, device: str = "cpu") -> None:
+    uniq, inverse = unique_rows(torch.tensor(rows, dtype=torch.int64, device=device), capacity)
+    distinct = sorted(set(rows))
+    assert uniq.dtype == inverse.dtype == torch.int64
+    assert uniq.cpu().tolist() == distinct
+    assert [distinct[i] for i in inverse.cpu().tolist()] == rows
+
+
+@given(case=rows_and_capacity())
+def test_unique_rows_equals_sorted_set(case):
+    check_unique_rows(*case)
+
+
+def test_unique_rows_marks_and_sort_agree_on_a_long_run():
+    """Both ways (marks: capacity <= 8 slots per entry; a sort: more) on one hot row and a spread."""
+    rows = [5] * 3000 + list(range(-1, 4096, 3)) + [5, -1]
+    for capacity in (4096, 1 << 20):
+        check_unique_rows(rows, capacity)
+
+
+def test_unique_rows_rejects_bad_input():
+    with pytest.raises(TypeError, match="fxrec::unique_rows: rows must be a 1-D int64"):
+        unique_rows(torch.tensor([0, 1], dtype=torch.int32), 4)
+    with pytest.raises(TypeError, match="fxrec::unique_rows: rows must be a 1-D int64"):
+        unique_rows(torch.tensor([[0, 1]]), 4)
+    with pytest.raises(ValueError, match="fxrec::unique_rows: capacity must be >= 1"):
+        unique_rows(torch.tensor([0]), 0)
+
+
+@pytest.mark.parametrize("rows,capacity", [([3, -1, 3, 0], 4), ([], 4), ([3, -1, 3, 0], 1024)])
+def test_unique_rows_opcheck(rows, capacity):
+    torch.library.opcheck(unique_rows, (torch.tensor(rows, dtype=torch.int64), capacity))
+
+
+@pytest.mark.gpu
+@given(case=rows_and_capacity())
+def test_unique_rows_cuda_equals_oracle(case):
+    check_unique_rows(*case, device="cuda")

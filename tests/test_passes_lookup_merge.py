@@ -116,3 +116,18 @@ def test_merged_equals_unmerged(case):
     close = {t for t, os in per_table.items() if sum(o.trainable for o in os) > 2}
     merged.graph_module.graph.lint()
     check_equal(plain, merged, batch, eval_batch, close)
+
+
+def test_trained_lookup_storages_one_per_training_lookup_node():
+    """What ``fxrec.compile`` makes a gradient leaf for, per step: one per lookup node that
+    trains. Unmerged, a node per trainable feature; merged (and coalesced), one per storage."""
+    options = {"a": EmbeddingOption(embedding_dim=2, shared_name="x"),
+               "b": EmbeddingOption(embedding_dim=2, shared_name="x"),
+               "c": EmbeddingOption(embedding_dim=2, shared_name="y", trainable=False),
+               "d": EmbeddingOption(embedding_dim=4, shared_name="z")}
+    plain = EmbeddingEngine(options, passes=())
+    x, z = plain.tables["x"].storage, plain.tables["z"].storage
+    assert plain.trained_lookup_storages() == [x, x, z]
+    merged = EmbeddingEngine(options, passes=True)
+    storages = merged.trained_lookup_storages()
+    assert len(storages) == 1 and storages[0] is merged.tables["x"].storage is merged.tables["z"].storage

@@ -63,7 +63,7 @@ from fxrec.ops.triton.table import (
 )
 
 __all__ = ["EMPTY", "FILLED", "MAX_TAG", "OCCUPANCY", "TAG_SHIFT", "WRITING", "filled_state", "new_index", "table_find",
-           "table_find_or_insert", "table_items", "tag_dtype", "unique_tagged"]
+           "table_find_or_insert", "table_items", "tag_dtype", "unique_rows", "unique_tagged"]
 
 
 def _home_slots(ids: Tensor, tags: Tensor | None, capacity: int) -> Tensor:
@@ -346,3 +346,52 @@ def _unique_tagged_fake(ids: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tens
     n_unique = torch.library.get_ctx().new_dynamic_size()
     uniq_tags = tags.new_empty(n_unique, dtype=torch.int32)
     return ids.new_empty(n_unique), uniq_tags, ids.new_empty(ids.shape), ids.new_empty(n_unique)
+
+
+# Above this many slots per looked-up entry, the marks' pass over the index costs more than
+# sorting the entries (torch.unique): the two give the same result.
+UNIQUE_ROWS_MAX_SLOTS_PER_ENTRY = 8
+
+
+def _check_unique_rows(rows: Tensor) -> None:
+    if rows.dtype != torch.int64 or rows.dim() != 1:
+        raise TypeError(f"fxrec::unique_rows: rows must be a 1-D int64 tensor, got {rows.dtype} of shape "
+                        f"{tuple(rows.shape)}")
+
+
+def _unique_rows_torch(rows: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """``fxrec::unique_rows``'s kernel (every device). Rows index ``capacity`` slots, so a slot
+    mark per row, its nonzero positions and their ranks scattered back give the distinct rows
+    ascending and each entry's rank without sorting the entries; for a sparse lookup into a large
+    index, ``torch.unique`` (a sort of the entries). One read-back of the distinct count either way."""
+    if capacity > UNIQUE_ROWS_MAX_SLOTS_PER_ENTRY * rows.shape[0]:
+        return torch.unique(rows, sorted=True, return_inverse=True)
+    slot = rows + 1  # -1 (no row) -> slot 0
+    marked = torch.zeros(capacity + 1, dtype=torch.bool, device=rows.device)
+    marked.index_fill_(0, slot, True)  # the value a kernel argument (``marked[slot] = True`` copies it to the device)
+    distinct = marked.nonzero().squeeze(1)
+    rank = torch.empty(capacity + 1, dtype=torch.int64, device=rows.device)
+    rank[distinct] = torch.arange(distinct.shape[0], device=rows.device)
+    return distinct - 1, rank[slot]
+
+
+# One op: opaque, its body runs as in eager mode (Inductor would lower the scatters of its marks
+# and ranks over an unbacked length), and its one read-back stays inside.
+@torch.library.custom_op("fxrec::unique_rows", mutates_args=())
+def unique_rows(rows: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """The distinct entries of 1-D ``rows`` (int64, rows of an index of ``capacity`` slots, or -1)
+    ascending, ``[U]``, and ``inverse [N]``: each entry's position among them. A lookup that
+    finds its rows first (``table_find_or_insert`` takes duplicate ids) deduplicates them here:
+    without sorting the entries when ``capacity`` is at most ``UNIQUE_ROWS_MAX_SLOTS_PER_ENTRY``
+    slots per entry."""
+    _check_unique_rows(rows)
+    if capacity < 1:
+        raise ValueError(f"fxrec::unique_rows: capacity must be >= 1, got {capacity}")
+    return _unique_rows_torch(rows, capacity)
+
+
+@unique_rows.register_fake
+def _unique_rows_fake(rows: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    _check_unique_rows(rows)  # capacity: a symbolic size when compiled (a table's grows)
+    n_unique = torch.library.get_ctx().new_dynamic_size()
+    return rows.new_empty(n_unique), rows.new_empty(rows.shape)

@@ -30,9 +30,10 @@ Lookups:
   ``table_storage``: mixed dims; its ``take_grads`` and ``embedding`` are its columns.)
   Under ``fxrec.compile`` the anchor cannot be made inside the compiled graph (Dynamo does not
   trace ``requires_grad_()`` on an intermediate on torch 2.11, and on 2.13 breaks the graph when
-  such a leaf outlives it, as a pending gradient does): ``fxrec.compile`` gives the table, before
-  each step, one zero leaf per lookup, ``[bound, dim]`` (stride 0) with ``bound`` a host-known
-  upper bound of the step's distinct ids (``grad_sinks``); the lookup's anchor is its first
+  such a leaf outlives it, as a pending gradient does): ``fxrec.compile`` gives the table's
+  storage, before each step, one zero leaf per training lookup into it, ``[bound, storage dim]``
+  (stride 0) with ``bound`` a host-known upper bound of the step's distinct ids
+  (``TableStorage.grad_sinks``); the lookup's anchor is its first
   ``U`` rows (a view; for a sharded lookup a copy, ``shared_grad_anchor`` says why), and
   ``take_grads`` reads the first ``U`` rows of its ``.grad``.
 - ``forward(ids) -> [*ids.shape, dim]``: the embeddings of ``ids`` (duplicates looked up once):
@@ -178,8 +179,6 @@ class HashTable(nn.Module):
         self.max_rows = _max_rows_per_rank()
         self._slot_widths: dict[str, int] = {}  # the optimizer slots this table uses (its state_dict's), their widths
         self._pending: list[_PendingGrad] = []
-        # Zero leaves [bound, dim] that fxrec.compile hands the next lookups (module docstring).
-        self.grad_sinks: list[Tensor] = []
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         storage = TableStorage(self.dim, dtype, capacity_for(block_size // 2), device)
         self.attach(storage, storage.add_member(self))
@@ -539,16 +538,16 @@ def shared_grad_anchor(tables: list[HashTable], rows: Tensor, tags: Tensor | Non
     first = tables[0]
     if not (first.training and torch.is_grad_enabled()):
         return None
-    if first.grad_sinks:
+    storage = first.storage
+    if storage.grad_sinks:
         # fxrec.compile: a leaf made outside the graph (bounded by all the storage's tables'
-        # ids), its first U rows; the other members' sinks for this lookup go unused.
-        leaf = first.grad_sinks[0]
-        for table in tables:
-            table.grad_sinks = table.grad_sinks[1:]
+        # ids), its first U rows
+        leaf = storage.grad_sinks[0]
+        storage.grad_sinks = storage.grad_sinks[1:]
         torch._check(rows.shape[0] <= leaf.shape[0])  # more distinct ids than fxrec.compile's bound: fails
         anchor = leaf.narrow(0, 0, rows.shape[0])
     else:
-        leaf = anchor = first.storage.zero.expand(rows.shape[0], first.storage.dim).requires_grad_()
+        leaf = anchor = storage.zero.expand(rows.shape[0], storage.dim).requires_grad_()
     # as given (a dedup's int64 counts): converted where read, by "id" tables and sharded lookups only
     counts = torch.ones(rows.shape, dtype=torch.float32, device=rows.device) if counts is None else counts.reshape(-1)
     for table in tables:

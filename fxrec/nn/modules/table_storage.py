@@ -152,6 +152,10 @@ class TableStorage(nn.Module):
         # the ids held as of a point in the stream, copied to the host without waiting
         # (``snapshot_count``): (pinned count, its copy's event, size_bound then), or None
         self._count_snapshot: tuple[Tensor, torch.cuda.Event, int] | None = None
+        self._count_copy: tuple[torch.device, Tensor, torch.cuda.Event] | None = None  # (device, pinned count, event)
+        # zero leaves [bound, dim] that fxrec.compile hands the next training lookups, one each
+        # (``fxrec.nn.modules.hashtable``'s docstring: why not made in the graph)
+        self.grad_sinks: list[Tensor] = []
 
     @property
     def capacity(self) -> int:
@@ -220,9 +224,14 @@ class TableStorage(nn.Module):
         forward; on CPU, reading the count costs no sync and this does nothing."""
         if self.counts.device.type != "cuda":
             return
-        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        # one pinned buffer and one event per device, reused: a new pinned allocation and event
+        # each step cost host time; the buffer is read only once its last copy's event has
+        # passed, and each copy replaces the snapshot before it (nothing reads an older one)
+        if self._count_copy is None or self._count_copy[0] != self.counts.device:
+            self._count_copy = (self.counts.device, torch.empty((), dtype=torch.int64, pin_memory=True),
+                                torch.cuda.Event())
+        _, host, event = self._count_copy
         host.copy_(self.counts.sum(), non_blocking=True)
-        event = torch.cuda.Event()
         event.record()
         self._count_snapshot = (host, event, self.size_bound)
 
@@ -236,10 +245,15 @@ class TableStorage(nn.Module):
         return int(host) + self.size_bound - bound_then
 
     @torch.no_grad()
-    def lookup(self, ids: Tensor, tags: Tensor | None, members: Sequence[HashTable]) -> Tensor:
+    def lookup(self, ids: Tensor, tags: Tensor | None, members: Sequence[HashTable],
+               runs: Sequence[tuple[int, int]] | None = None) -> Tensor:
         """Rows of flat ``ids`` under ``tags`` (None: tag 0), as the members' ``lookup`` gives
         them: ``members`` (the tables the ids belong to, with one training mode) decide whether
-        unseen ids are inserted (initialized from each row's table seed) or get -1."""
+        unseen ids are inserted (initialized from each row's table seed) or get -1. The ids may
+        repeat (all occurrences of an id get one row). ``runs``: ``tags`` as consecutive runs of
+        ``(tag, length)``, given by a caller that built them so: the members' insert counts are
+        then summed per run, not added per id (ids that repeat by the million, whose adds into a
+        few counters would queue on the same addresses)."""
         first = members[0]
         modes = {(t.training, t.admits) for t in members}
         if len(modes) > 1:
@@ -273,7 +287,19 @@ class TableStorage(nn.Module):
         else:
             # scatter_add_, not index_add_: compiled, Inductor turns an int64 index_add_ into a
             # sorting index_put_ (~0.6 ms at 3M ids on an H200) where a scatter stays atomic
-            self.counts.scatter_add_(0, member, inserted.long())
+            if runs is None:
+                self.counts.scatter_add_(0, member, inserted.long())
+            elif runs:  # (no runs: no ids)
+                tags_of_runs = [tag for tag, _ in runs]
+                if ids.is_cuda and not torch.compiler.is_compiling():
+                    # through pinned memory: a pageable host-to-device copy blocks the host (the
+                    # compiled graph keeps the list as a constant on the device)
+                    run_tags = torch.tensor(tags_of_runs, dtype=torch.int64, pin_memory=True).to(ids.device,
+                                                                                                non_blocking=True)
+                else:
+                    run_tags = torch.tensor(tags_of_runs, dtype=torch.int64, device=ids.device)
+                inserts = torch.stack([part.sum() for part in inserted.split([n for _, n in runs])])
+                self.counts.scatter_add_(0, run_tags, inserts)
             first.initializer.write_rows(self.embedding, new_rows, ids, 0, first.block_size, self.seeds[member])
         self.last_seen[rows] = self._steps(member)
         for table in {id(t): t for t in members}.values():  # the row cap: per logical table (its count)
