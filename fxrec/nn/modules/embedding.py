@@ -272,6 +272,11 @@ def _lookup_unique(table: HashTable, values: Tensor, trainable: bool) -> tuple[T
     return embedding, rows, anchor, inverse
 
 
+def _run_tags(runs: list[tuple[int, int]], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Each id's tag, ``runs`` of ``(tag, length)`` laid end to end: one fill per run."""
+    return torch.cat([torch.full((n,), tag, dtype=dtype, device=device) for tag, n in runs])
+
+
 def _lookup_items(storage: TableStorage, members: list[HashTable], flat: Tensor,
                   runs: list[tuple[int, int]] | None) -> tuple:
     """A merged lookup that inserts, in one process: ``(embedding, rows [U], tags [U] | None,
@@ -282,11 +287,7 @@ def _lookup_items(storage: TableStorage, members: list[HashTable], flat: Tensor,
     of GPU time for the 6.2M ids of the tutorial's step on an H200, the host waiting for its
     count). A distinct row is a distinct (tag, id) pair; each row's tag is read from the index.
     ``counts`` (occurrences) only if a member reduces its gradients by id."""
-    first = members[0]
-    if runs is None:
-        tags = storage.tags_of(flat, first.tag)
-    else:
-        tags = torch.cat([torch.full((n,), tag, dtype=torch.int32, device=flat.device) for tag, n in runs])
+    tags = storage.tags_of(flat, members[0].tag) if runs is None else _run_tags(runs, torch.int32, flat.device)
     rows, inverse = unique_rows(storage.lookup(flat, tags, members, runs), storage.capacity)
     uniq_tags = None if runs is None else (storage.state[rows] >> TAG_SHIFT).to(torch.int32)
     counts = None
@@ -331,8 +332,7 @@ def _lookup_unique_merged(tables: tuple[HashTable, ...], values: list[Tensor], t
             uniq_tags = None
         else:
             dtype = tag_dtype(max(t.tag for t in tables))  # the narrowest: a faster tag sort
-            item_tags = torch.cat([torch.full((n,), tag, dtype=dtype, device=flat.device) for tag, n in runs])
-            uniq, uniq_tags, inverse, counts = unique_tagged(flat, item_tags)
+            uniq, uniq_tags, inverse, counts = unique_tagged(flat, _run_tags(runs, dtype, flat.device))
         # one process: one tagged lookup in the storage; sharded: the (tag, id) pairs go to the
         # ids' owners, each does one tagged lookup in its storage (fxrec.distributed.sharded)
         embedding, rows = sharded.lookup_rows(members, uniq, uniq_tags)

@@ -152,7 +152,6 @@ class TableStorage(nn.Module):
         # the ids held as of a point in the stream, copied to the host without waiting
         # (``snapshot_count``): (pinned count, its copy's event, size_bound then), or None
         self._count_snapshot: tuple[Tensor, torch.cuda.Event, int] | None = None
-        self._count_copy: tuple[torch.device, Tensor, torch.cuda.Event] | None = None  # (device, pinned count, event)
         # zero leaves [bound, dim] that fxrec.compile hands the next training lookups, one each
         # (``fxrec.nn.modules.hashtable``'s docstring: why not made in the graph)
         self.grad_sinks: list[Tensor] = []
@@ -224,14 +223,9 @@ class TableStorage(nn.Module):
         forward; on CPU, reading the count costs no sync and this does nothing."""
         if self.counts.device.type != "cuda":
             return
-        # one pinned buffer and one event per device, reused: a new pinned allocation and event
-        # each step cost host time; the buffer is read only once its last copy's event has
-        # passed, and each copy replaces the snapshot before it (nothing reads an older one)
-        if self._count_copy is None or self._count_copy[0] != self.counts.device:
-            self._count_copy = (self.counts.device, torch.empty((), dtype=torch.int64, pin_memory=True),
-                                torch.cuda.Event())
-        _, host, event = self._count_copy
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
         host.copy_(self.counts.sum(), non_blocking=True)
+        event = torch.cuda.Event()
         event.record()
         self._count_snapshot = (host, event, self.size_bound)
 
@@ -289,17 +283,12 @@ class TableStorage(nn.Module):
             # sorting index_put_ (~0.6 ms at 3M ids on an H200) where a scatter stays atomic
             if runs is None:
                 self.counts.scatter_add_(0, member, inserted.long())
-            elif runs:  # (no runs: no ids)
-                tags_of_runs = [tag for tag, _ in runs]
-                if ids.is_cuda and not torch.compiler.is_compiling():
-                    # through pinned memory: a pageable host-to-device copy blocks the host (the
-                    # compiled graph keeps the list as a constant on the device)
-                    run_tags = torch.tensor(tags_of_runs, dtype=torch.int64, pin_memory=True).to(ids.device,
-                                                                                                non_blocking=True)
-                else:
-                    run_tags = torch.tensor(tags_of_runs, dtype=torch.int64, device=ids.device)
-                inserts = torch.stack([part.sum() for part in inserted.split([n for _, n in runs])])
-                self.counts.scatter_add_(0, run_tags, inserts)
+            else:  # a sum per run, stacked per member: no index tensor to copy to the device
+                zero = self.counts.new_zeros(())
+                per_member = [zero] * len(self.members)
+                for (tag, _), part in zip(runs, inserted.split([n for _, n in runs])):
+                    per_member[tag] = per_member[tag] + part.sum()
+                self.counts.add_(torch.stack(per_member))
             first.initializer.write_rows(self.embedding, new_rows, ids, 0, first.block_size, self.seeds[member])
         self.last_seen[rows] = self._steps(member)
         for table in {id(t): t for t in members}.values():  # the row cap: per logical table (its count)
