@@ -72,7 +72,8 @@ def stream_ids(i: torch.Tensor) -> torch.Tensor:
 def fill(keys: torch.Tensor, state: torch.Tensor, start: int, stop: int, batch: int) -> None:
     """Insert the ids of stream indices ``start:stop``, ``batch`` at a time."""
     for lo in range(start, stop, batch):
-        ops.table_find_or_insert(keys, state, stream_ids(torch.arange(lo, min(lo + batch, stop), device=keys.device)))
+        ids = stream_ids(torch.arange(lo, min(lo + batch, stop), device=keys.device))
+        ops.table_find_or_insert(keys, state, ids, None, None)
 
 
 def first_empty(state: torch.Tensor, home: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,7 @@ def bench_load(keys, state, n_stored: int, batch: int, load: float, dims: list[i
         keys.copy_(saved_keys)
         state.copy_(saved_state)
 
-    new_rows, inserted = ops.table_find_or_insert(keys, state, new_ids)
+    new_rows, inserted = ops.table_find_or_insert(keys, state, new_ids, None, None)
     assert bool(inserted.all()), "fresh ids not all inserted"
     new = probe_model(new_ids, new_rows, capacity, "new")
     restore()
@@ -161,9 +162,9 @@ def bench_load(keys, state, n_stored: int, batch: int, load: float, dims: list[i
     row("find (hit)", "-", hit, hit["find"], "find", lambda: ops.table_find(keys, state, hit_ids))
     row("find (miss)", "-", miss, miss["find"], "find", lambda: ops.table_find(keys, state, miss_ids))
     row("find_or_insert (new)", "-", new, new["insert"], "find_or_insert",
-        lambda: ops.table_find_or_insert(keys, state, new_ids), setup=restore)
+        lambda: ops.table_find_or_insert(keys, state, new_ids, None, None), setup=restore)
     row("find_or_insert (hit)", "-", hit, hit["insert"], "find_or_insert",
-        lambda: ops.table_find_or_insert(keys, state, hit_ids))
+        lambda: ops.table_find_or_insert(keys, state, hit_ids, None, None))
     for dim in dims:
         gather_bytes = hit["find"] + 32 * -(-dim * 4 // 32) + dim * 4
         print_row("find + gather (hit)", load, dim, batch, hit, gather_bytes,

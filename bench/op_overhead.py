@@ -62,7 +62,7 @@ def cases(device: str) -> list[tuple[str, object]]:
     str_offsets = torch.arange(0, b * per_row * 10 + 1, 10, device=device)
     bounds = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=device)
     keys, state = new_index(64, device)
-    rows, _ = ops.table_find_or_insert(keys, state, ids)
+    rows, _ = ops.table_find_or_insert(keys, state, ids, None, None)
     table = torch.randn(64, dim, device=device)
     unique = torch.unique(ids, return_inverse=True)
     u = unique[0].numel()
@@ -84,7 +84,7 @@ def cases(device: str) -> list[tuple[str, object]]:
         ("feature_cross", lambda: ops.feature_cross(ids, offsets, None, ids, offsets, None)),
         ("sequence_truncate", lambda: ops.sequence_truncate(ids, offsets, None, 2, False)),
         ("table_find", lambda: ops.table_find(keys, state, ids)),
-        ("table_find_or_insert", lambda: ops.table_find_or_insert(keys, state, ids)),
+        ("table_find_or_insert", lambda: ops.table_find_or_insert(keys, state, ids, None, None)),
         ("torch.unique (inverse)", lambda: torch.unique(ids, return_inverse=True)),
         ("init_rows trunc_normal", lambda: ops.init_rows(table, urows, unique[0], 7, "trunc_normal",
                                                          [0.0, 0.01, -0.02, 0.02])),

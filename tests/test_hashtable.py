@@ -456,21 +456,21 @@ def test_cuda_take_grads_equals_cpu():
     torch.testing.assert_close(got["cuda"][1], got["cpu"][1], rtol=1e-6, atol=1e-6)
 
 
-@given(parts=st.lists(st.tuples(st.integers(0, 2), st.lists(st.integers(-4, 4), max_size=30)), max_size=6))
-def test_storage_lookup_counts_inserts_per_run_as_per_id(parts):
-    """``TableStorage.lookup`` with ``runs`` (the ids' tags as runs, repeats and all) inserts and
-    counts as the per-id count: each member's count is its distinct ids."""
+@given(batches=st.lists(st.lists(st.tuples(st.integers(0, 2), st.lists(st.integers(-4, 4), max_size=30)), max_size=6),
+                        min_size=1, max_size=3))
+def test_storage_lookup_counts_each_members_distinct_ids(batches):
+    """``TableStorage.lookup`` over batches of tagged ids (repeats and all): each member's count
+    is its distinct ids so far, and every id reads its member's row."""
     from fxrec.nn.modules.table_storage import coalesce_tables
 
-    def storage():
-        tables = [HashTable(2, name=f"t{i}", initializer=UniformInitializer()) for i in range(3)]
-        return coalesce_tables(tables), tables
-
-    ids = torch.tensor([i for _, values in parts for i in values], dtype=torch.int64)
-    tags = torch.tensor([t for t, values in parts for _ in values], dtype=torch.int32)
-    (by_run, run_tables), (by_id, id_tables) = storage(), storage()
-    rows = by_run.lookup(ids, tags, run_tables, [(t, len(values)) for t, values in parts])
-    by_id.lookup(ids, tags, id_tables)
-    assert by_run.counts.tolist() == by_id.counts.tolist() == [
-        len({i for t, values in parts if t == m for i in values}) for m in range(3)]
-    assert [run_tables[t].find(torch.tensor([i])).item() for t, values in parts for i in values] == rows.tolist()
+    tables = [HashTable(2, name=f"t{i}", initializer=UniformInitializer()) for i in range(3)]
+    storage = coalesce_tables(tables)
+    held: list[set[int]] = [set(), set(), set()]
+    for parts in batches:
+        ids = torch.tensor([i for _, values in parts for i in values], dtype=torch.int64)
+        tags = torch.tensor([t for t, values in parts for _ in values], dtype=torch.int32)
+        rows = storage.lookup(ids, tags, tables)
+        for t, values in parts:
+            held[t].update(values)
+        assert storage.counts.tolist() == [len(h) for h in held]
+        assert [tables[t].find(torch.tensor([i])).item() for t, values in parts for i in values] == rows.tolist()

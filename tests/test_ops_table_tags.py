@@ -20,7 +20,11 @@ GAMMA = 0x9E3779B97F4A7C15
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 find = torch.ops.fxrec.table_find
-find_or_insert = torch.ops.fxrec.table_find_or_insert
+
+
+def find_or_insert(keys, state, ids, tags=None, counts=None):
+    """The op, whose ``tags`` and ``counts`` have no defaults (its docstring says why)."""
+    return torch.ops.fxrec.table_find_or_insert(keys, state, ids, tags, counts)
 
 an_id = st.one_of(st.sampled_from([INT64_MIN, -1, 0, 1, INT64_MAX]), st.integers(-6, 6),
                   st.integers(INT64_MIN, INT64_MAX))
@@ -182,6 +186,60 @@ def test_validation():
     assert not state.any()
 
 
+# a few tables' ids (tags 0-3) in runs of one tag, as the lookups pass them, or interleaved;
+# a batch is (pairs, untagged: the ids alone, tag 0)
+few_tags_st = st.one_of(
+    st.lists(st.tuples(st.integers(0, 3), st.lists(an_id, max_size=300)), max_size=4).map(
+        lambda runs: [(t, i) for t, values in runs for i in values]),
+    st.lists(st.tuples(st.integers(0, 3), an_id), max_size=40), dup_pairs_st.map(lambda p: [(p[0][0] % 4, p[0][1])] * len(p)))
+counted_batches_st = st.lists(st.tuples(few_tags_st, st.booleans()), min_size=1, max_size=3)
+
+
+def check_insert_counts(batches, device, insert_fn):
+    """``counts[tag]`` after each batch == the distinct (tag, id) pairs inserted so far."""
+    keys, state = new_index(4096, device)
+    counts = torch.zeros(4, dtype=torch.int64, device=device)
+    held: set[tuple[int, int]] = set()
+    for pairs, untagged in batches:
+        if untagged:
+            pairs = [(0, i) for _, i in pairs]
+        ids, tags = as_tensors(pairs, device)
+        insert_fn(keys, state, ids, None if untagged else tags, counts)
+        held.update(pairs)
+        assert counts.tolist() == [sum(t == tag for t, _ in held) for tag in range(4)]
+
+
+@given(batches=counted_batches_st)
+def test_insert_counts_per_tag(batches):
+    check_insert_counts(batches, "cpu", find_or_insert)
+
+
+@given(batches=counted_batches_st)
+def test_triton_insert_counts_per_tag(batches):
+    check_insert_counts(batches, TRITON_DEVICE, table_find_or_insert_triton)
+
+
+@pytest.mark.gpu
+@given(batches=counted_batches_st)
+def test_cuda_insert_counts_per_tag(batches):
+    check_insert_counts(batches, "cuda", find_or_insert)
+
+
+def test_insert_counts_validation():
+    keys, state = new_index(8)
+    ids, tags = torch.tensor([1, 2]), torch.tensor([0, 1], dtype=torch.int32)
+    for bad in (torch.zeros(2, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int64)):
+        with pytest.raises(TypeError, match="fxrec::table_find_or_insert: counts must be a 1-D int64"):
+            find_or_insert(keys, state, ids, tags, bad)
+    with pytest.raises(ValueError, match=r"tags must lie in \[0, 0\] \(counts has 1 entries"):
+        find_or_insert(keys, state, ids, tags, torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="counts is empty"):
+        find_or_insert(keys, state, ids, None, torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="counts must be contiguous"):
+        find_or_insert(keys, state, ids, tags, torch.zeros(4, dtype=torch.int64)[::2])
+    assert not state.any()
+
+
 @pytest.mark.gpu
 @given(pairs=st.one_of(st.lists(st.tuples(many_tags_st, an_id), max_size=3000), dup_pairs_st))
 def test_unique_tagged_cuda_equals_cpu(pairs):
@@ -205,7 +263,7 @@ def test_unique_tagged_rejects_bad_input():
         unique_tagged(ids, tags[:1])
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case):
     def index():
         keys, state = new_index(16)
@@ -216,13 +274,14 @@ def test_opcheck(case):
     ids = torch.tensor([[3, 3], [3, INT64_MIN]])
     cases = [
         (find, (*index(), ids, tags)),
-        (find_or_insert, (*index(), ids, tags)),
-        (find_or_insert, (*index(), ids[:0], tags[:0])),
+        (torch.ops.fxrec.table_find_or_insert, (*index(), ids, tags, None)),
+        (torch.ops.fxrec.table_find_or_insert, (*index(), ids[:0], tags[:0], None)),
         (find, (*index(), ids.reshape(-1), tags.reshape(-1))),
         (unique_tagged, (ids.reshape(-1), tags.reshape(-1))),
         (unique_tagged, (ids[:0].reshape(-1), tags[:0].reshape(-1))),
         (unique_tagged, (ids.reshape(-1), tags.reshape(-1).to(torch.uint8))),
         (unique_tagged, (ids.reshape(-1), tags.reshape(-1).to(torch.int16))),
+        (torch.ops.fxrec.table_find_or_insert, (*index(), ids, tags, torch.zeros(6, dtype=torch.int64))),
     ]
     op, args = cases[case]
     torch.library.opcheck(op, args)

@@ -288,7 +288,7 @@ def _lookup_items(storage: TableStorage, members: list[HashTable], flat: Tensor,
     count). A distinct row is a distinct (tag, id) pair; each row's tag is read from the index.
     ``counts`` (occurrences) only if a member reduces its gradients by id."""
     tags = storage.tags_of(flat, members[0].tag) if runs is None else _run_tags(runs, torch.int32, flat.device)
-    rows, inverse = unique_rows(storage.lookup(flat, tags, members, runs), storage.capacity)
+    rows, inverse = unique_rows(storage.lookup(flat, tags, members), storage.capacity)
     uniq_tags = None if runs is None else (storage.state[rows] >> TAG_SHIFT).to(torch.int32)
     counts = None
     if any(t.grad_reduce_by == "id" for t in members):

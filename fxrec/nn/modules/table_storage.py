@@ -239,15 +239,11 @@ class TableStorage(nn.Module):
         return int(host) + self.size_bound - bound_then
 
     @torch.no_grad()
-    def lookup(self, ids: Tensor, tags: Tensor | None, members: Sequence[HashTable],
-               runs: Sequence[tuple[int, int]] | None = None) -> Tensor:
+    def lookup(self, ids: Tensor, tags: Tensor | None, members: Sequence[HashTable]) -> Tensor:
         """Rows of flat ``ids`` under ``tags`` (None: tag 0), as the members' ``lookup`` gives
         them: ``members`` (the tables the ids belong to, with one training mode) decide whether
         unseen ids are inserted (initialized from each row's table seed) or get -1. The ids may
-        repeat (all occurrences of an id get one row). ``runs``: ``tags`` as consecutive runs of
-        ``(tag, length)``, given by a caller that built them so: the members' insert counts are
-        then summed per run, not added per id (ids that repeat by the million, whose adds into a
-        few counters would queue on the same addresses)."""
+        repeat (all occurrences of an id get one row)."""
         first = members[0]
         modes = {(t.training, t.admits) for t in members}
         if len(modes) > 1:
@@ -266,29 +262,16 @@ class TableStorage(nn.Module):
             # reserves room for the step's ids beforehand (``reserve``). A compiled lookup into a
             # table without room fails in ``table_find_or_insert`` (a full index).
             self.reserve(ids.numel())
-        rows, inserted = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids, tags)
+        # the op adds each member's inserts to its count (``counts``: per tag)
+        rows, inserted = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids, tags, self.counts)
         # The new rows as a mask over all ids (-1: not new, skipped), not ``rows[inserted]``: a
         # boolean index is a host sync per lookup and, compiled, a data-dependent size. ONE op
         # writes the new rows' initial values straight into the embedding; their optimizer slots
         # already hold the slots' initial values (free rows do: class docstring).
         new_rows = torch.where(inserted, rows, self.no_row)
         if member is None:
-            # member 0's count in place: all of counts for a lone member, else a view (one op
-            # more; ``counts[0] +=``: three more)
-            count = self.counts if len(self.members) == 1 else self.counts.narrow(0, 0, 1)
-            count.add_(inserted.sum())
             first.initializer.write_rows(self.embedding, new_rows, ids, self.members[0].seed, first.block_size)
         else:
-            # scatter_add_, not index_add_: compiled, Inductor turns an int64 index_add_ into a
-            # sorting index_put_ (~0.6 ms at 3M ids on an H200) where a scatter stays atomic
-            if runs is None:
-                self.counts.scatter_add_(0, member, inserted.long())
-            else:  # a sum per run, stacked per member: no index tensor to copy to the device
-                zero = self.counts.new_zeros(())
-                per_member = [zero] * len(self.members)
-                for (tag, _), part in zip(runs, inserted.split([n for _, n in runs])):
-                    per_member[tag] = per_member[tag] + part.sum()
-                self.counts.add_(torch.stack(per_member))
             first.initializer.write_rows(self.embedding, new_rows, ids, 0, first.block_size, self.seeds[member])
         self.last_seen[rows] = self._steps(member)
         for table in {id(t): t for t in members}.values():  # the row cap: per logical table (its count)
@@ -316,7 +299,9 @@ class TableStorage(nn.Module):
         ids = self.keys[old_rows]
         tags = (self.state[old_rows] >> TAG_SHIFT).to(torch.int32)
         keys, state = new_index(capacity, self.keys.device)
-        new_rows, _ = torch.ops.fxrec.table_find_or_insert(keys, state, ids, tags if len(self.members) > 1 else None)
+        counts = torch.zeros(len(self.members), dtype=torch.int64, device=keys.device)  # recounted by the inserts
+        new_rows, _ = torch.ops.fxrec.table_find_or_insert(keys, state, ids, tags if len(self.members) > 1 else None,
+                                                           counts)
         remap = torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=keys.device)  # [-1] -> -1
         remap[old_rows] = new_rows
         fill = {"embedding": 0.0, "last_seen": 0, **{f"slot_{s}": init for s, init in self._slot_init.items()}}
@@ -326,7 +311,7 @@ class TableStorage(nn.Module):
             moved[new_rows] = old[old_rows]
             setattr(self, name, moved)
         self.keys, self.state = keys, state
-        self.counts = torch.bincount(tags.long(), minlength=len(self.members))
+        self.counts = counts
         self.size_bound = old_rows.numel()
         self._count_snapshot = None  # taken against the bound just replaced
         for table in self.members:
@@ -340,8 +325,7 @@ class TableStorage(nn.Module):
         keep = (self.state != EMPTY) & ((self.state >> TAG_SHIFT) != tag)
         others = int(keep.count_nonzero())
         self.rebuild(capacity_for(others + ids.numel()), keep)
-        rows, _ = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids, self.tags_of(ids, tag))
-        self.counts[tag] = ids.numel()
+        rows, _ = torch.ops.fxrec.table_find_or_insert(self.keys, self.state, ids, self.tags_of(ids, tag), self.counts)
         self.size_bound += ids.numel()
         return rows
 
@@ -393,7 +377,9 @@ def coalesce_tables(tables: Sequence[HashTable]) -> TableStorage:
             old = table.storage
             ids, old_rows = table.items()
             tag = merged.add_member(table, ids.numel())
-            rows, _ = torch.ops.fxrec.table_find_or_insert(merged.keys, merged.state, ids, merged.tags_of(ids, tag))
+            # (counted by add_member)
+            rows, _ = torch.ops.fxrec.table_find_or_insert(merged.keys, merged.state, ids, merged.tags_of(ids, tag),
+                                                           None)
             merged.embedding[rows, :table.dim] = old.embedding[old_rows]
             merged.last_seen[rows] = old.last_seen[old_rows]
             for name in old._slot_init:

@@ -25,6 +25,12 @@ saw an empty slot issue an atomic. Each probe step:
   iteration, which never waits): the lane re-reads the same slot next iteration.
 
 An id already present costs plain loads only; a new id costs one claim and one publish.
+
+Insert counts (``counts``, optional): each program adds its lanes' inserts under the tag of its
+smallest in-range lane with ONE atomic (the callers' ids come in runs of one tag, so a program
+mostly holds one tag), and a lane of another tag adds its own; tags outside ``[0, len(counts))``
+are not counted. Per-lane adds into a few counters would queue millions of atomics on the same
+addresses when a step inserts millions of ids.
 Triton's control flow is per program, so the probe loop is a ``while`` over "any lane of the
 program unresolved", with per-lane masks.
 A lane that probes all ``capacity`` slots without finding its id or an empty slot (a full table)
@@ -108,8 +114,8 @@ def _find_kernel(keys_ptr, state_ptr, ids_ptr, tags_ptr, rows_ptr, n, capacity, 
 
 @triton.jit
 def _find_or_insert_kernel(
-    keys_ptr, state_ptr, ids_ptr, tags_ptr, rows_ptr, inserted_ptr, n, capacity, BLOCK: tl.constexpr,
-    HAS_TAGS: tl.constexpr,
+    keys_ptr, state_ptr, ids_ptr, tags_ptr, rows_ptr, inserted_ptr, counts_ptr, n, capacity, num_counts,
+    BLOCK: tl.constexpr, HAS_TAGS: tl.constexpr, HAS_COUNTS: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < n
@@ -139,6 +145,13 @@ def _find_or_insert_kernel(
         slot = tl.where(moves_on, (slot + 1) & mask, slot)
     tl.store(rows_ptr + offs, rows, mask=in_range)
     tl.store(inserted_ptr + offs, inserted, mask=in_range)
+    if HAS_COUNTS:
+        counted = inserted & (tags >= 0) & (tags < num_counts)
+        lead = tl.min(tl.where(in_range, tags, 0x7FFFFFFF), axis=0)  # the program's smallest tag
+        with_lead = tl.sum((counted & (tags == lead)).to(tl.int64), axis=0)
+        tl.atomic_add(counts_ptr + lead, with_lead, mask=with_lead > 0, sem="relaxed")
+        tl.atomic_add(counts_ptr + tags, tl.full((BLOCK,), 1, tl.int64), mask=counted & (tags != lead),
+                      sem="relaxed")
 
 
 def _flat(ids: Tensor, tags: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -160,16 +173,18 @@ def table_find_triton(keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | N
 
 
 def table_find_or_insert_triton(
-    keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None = None
+    keys: Tensor, state: Tensor, ids: Tensor, tags: Tensor | None = None, counts: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(rows, inserted) of flat int64 ``ids`` under int32 ``tags``, inserting absent ids into
     ``keys``/``state`` in place. ``inserted`` marks one occurrence (whichever lane claimed the
-    slot) per new (tag, id)."""
+    slot) per new (tag, id); ``counts[tag]`` (int64, contiguous, optional) grows by the ids
+    inserted under ``tag``."""
     ids, tags_arg = _flat(ids, tags)
     rows = torch.empty_like(ids)
     inserted = torch.empty(ids.shape, dtype=torch.bool, device=ids.device)
     if ids.numel() > 0:
         grid = (triton.cdiv(ids.numel(), _BLOCK),)
-        _find_or_insert_kernel[grid](keys, state, ids, tags_arg, rows, inserted, ids.numel(), keys.numel(),
-                                     BLOCK=_BLOCK, HAS_TAGS=tags is not None)
+        _find_or_insert_kernel[grid](keys, state, ids, tags_arg, rows, inserted, ids if counts is None else counts,
+                                     ids.numel(), keys.numel(), 0 if counts is None else counts.numel(),
+                                     BLOCK=_BLOCK, HAS_TAGS=tags is not None, HAS_COUNTS=counts is not None)
     return rows, inserted
