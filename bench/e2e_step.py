@@ -24,6 +24,16 @@ Variants (``samples/s`` = B / median step time; ratios against ``torch compiled`
                    ``torch.optim.AdamW`` (fused, as every variant's) for all parameters, the same AUROC update in torch ops
   torch compiled   ``torch.compile`` of that model's forward (static shapes: one B per run)
 
+Two times per variant and B, each the median over ``--steps`` steps:
+  ms/step           steps run back to back as a training loop runs them: a sample is
+                    ``--back-to-back`` consecutive steps (batches rotated) between two device
+                    events, divided by their number, so the host's work on a step overlaps the
+                    device's on the one before (up to the step's first host sync). samples/s and
+                    the ratios are of this time.
+  synced ms/step    one step between two events, the device idle before it: the step's latency,
+                    which adds to each step the device's work the host does not wait for
+                    (the column the earlier sessions' tables report as ms/step).
+
 First-compile time: the first step of a compiled variant (tracing, Inductor, the backward's
 compile), once per variant (fxrec compiles one graph for every B; torch recompiles per B).
 ``--sync-debug`` (CUDA) counts the host syncs of one step per fxrec variant
@@ -43,7 +53,7 @@ Counted first (METHOD.md), B = 4096, seq_len 1000, float32:
   Prediction: torch compiled near 4 ms at B=4096 (the reference: ~0.99M samples/s on an H200);
   fxrec compiled target >= 1.5x that (<= 2.8 ms).
 
-    python -m bench.e2e_step [--batch-sizes 1024 4096] [--steps 20] [--seq-len 1000] [--sync-debug]
+    python -m bench.e2e_step [--batch-sizes 1024 4096] [--steps 20] [--back-to-back 5] [--seq-len 1000] [--sync-debug]
     python -m bench.e2e_step --device cpu --batch-sizes 64 --steps 3 --seq-len 8 --max-seq-len 16
 
 ``--world-size N`` (N > 1) measures scaling instead: the fxrec eager, passes and compiled steps
@@ -316,6 +326,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    parser.add_argument("--back-to-back", type=int, default=5,
+                        help="consecutive steps per sample of ms/step (module docstring)")
     parser.add_argument("--seq-len", type=int, default=1000, help="sparse4/5 truncation and tile length")
     parser.add_argument("--max-seq-len", type=int, default=2000, help="generated sequences are 1..this-1 long")
     parser.add_argument("--pool", type=int, default=3, help="distinct batches per size, rotated")
@@ -328,8 +340,10 @@ def main(argv=None) -> None:
                              "always runs")
     args = parser.parse_args(argv)
     variants = [v for v in VARIANTS if v[0] in args.variants or v[0] == "torch compiled"]
-    if args.steps < 1 or args.pool < 1 or args.seq_len < 1 or args.max_seq_len < 2 or args.world_size < 1:
-        raise ValueError("need --steps >= 1, --pool >= 1, --seq-len >= 1, --max-seq-len >= 2, --world-size >= 1")
+    if (args.steps < 1 or args.back_to_back < 1 or args.pool < 1 or args.seq_len < 1 or args.max_seq_len < 2
+            or args.world_size < 1):
+        raise ValueError("need --steps >= 1, --back-to-back >= 1, --pool >= 1, --seq-len >= 1, --max-seq-len >= 2, "
+                         "--world-size >= 1")
     if args.world_size > 1:
         scaling(args)
         return
@@ -341,7 +355,8 @@ def main(argv=None) -> None:
             for b in args.batch_sizes}
     inputs = {"fxrec": {b: [{k: v.to(device) for k, v in r.items()} for r in rs] for b, rs in raws.items()},
               "torch": {b: [torch_batch(r, args.seq_len, device) for r in rs] for b, rs in raws.items()}}
-    results = {}  # (variant, B) -> ms, or the exception that stopped that variant (reported, not fatal)
+    results = {}  # (variant, B) -> ms back to back, or the exception that stopped that variant (reported, not fatal)
+    synced = {}  # (variant, B) -> ms, one step between events
     compile_s, syncs = {}, {}
     for name, make, kind in variants:
         model, forward, dense, sparse = make(kind, device, args.seq_len)
@@ -360,26 +375,36 @@ def main(argv=None) -> None:
                 def setup(pool=pool, turn=turn, current=current):
                     current["batch"] = pool[next(turn) % len(pool)]
 
-                results[name, b] = median_ms(lambda: step(current["batch"]), device, reps=args.steps,
-                                             warmup=args.warmup, setup=setup)
+                def next_step(pool=pool, turn=turn):
+                    step(pool[next(turn) % len(pool)])
+
+                synced[name, b] = median_ms(lambda: step(current["batch"]), device, reps=args.steps,
+                                            warmup=args.warmup, setup=setup)
+                # as many steps as the synced samples took, in samples of --back-to-back steps
+                results[name, b] = median_ms(next_step, device, reps=max(1, args.steps // args.back_to_back),
+                                             warmup=1, calls=args.back_to_back)
                 if args.sync_debug and name.startswith("fxrec") and torch.device(device).type == "cuda":
                     syncs[name, b] = count_syncs(step, pool[0])
             except Exception as error:  # one variant failing must not hide the others' numbers
                 results[name, b] = error
                 print(f"# {name}, B={b}: failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     print()
-    print("| variant | B | ms/step | samples/s | vs torch compiled |" + (" host syncs/step |" if syncs else ""))
-    print("|---|---|---|---|---|" + ("---|" if syncs else ""))
+    print(f"ms/step: {args.back_to_back} steps back to back per sample; synced: one step per sample")
+    print("| variant | B | ms/step | samples/s | vs torch compiled | synced ms/step | synced vs torch compiled |"
+          + (" host syncs/step |" if syncs else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if syncs else ""))
     for b in args.batch_sizes:
         ref = results["torch compiled", b]
         for name, _, _ in variants:
             ms = results[name, b]
             if isinstance(ms, Exception):
-                row = f"| {name} | {b} | failed: {type(ms).__name__} | | |"
+                row = f"| {name} | {b} | failed: {type(ms).__name__} | | | | |"
             elif isinstance(ref, Exception):
-                row = f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | |"
+                row = f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | | {synced[name, b]:.3f} | |"
             else:
-                row = f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | {ref / ms:.2f}x |"
+                one, ref_one = synced[name, b], synced["torch compiled", b]
+                row = (f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | {ref / ms:.2f}x | {one:.3f} "
+                       f"| {ref_one / one:.2f}x |")
             if syncs:
                 row += f" {syncs.get((name, b), '')} |"
             print(row)
