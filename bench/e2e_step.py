@@ -33,6 +33,9 @@ Two times per variant and B, each the median over ``--steps`` steps:
   synced ms/step    one step between two events, the device idle before it: the step's latency,
                     which adds to each step the device's work the host does not wait for
                     (the column the earlier sessions' tables report as ms/step).
+  host CPU ms/step  the process's CPU time over the back-to-back steps, every thread (on a GPU
+                    the backward runs on autograd's device thread): a step whose host CPU time
+                    is near its ms/step is host-bound, whatever its GPU work.
 
 First-compile time: the first step of a compiled variant (tracing, Inductor, the backward's
 compile), once per variant (fxrec compiles one graph for every B; torch recompiles per B).
@@ -357,6 +360,7 @@ def main(argv=None) -> None:
               "torch": {b: [torch_batch(r, args.seq_len, device) for r in rs] for b, rs in raws.items()}}
     results = {}  # (variant, B) -> ms back to back, or the exception that stopped that variant (reported, not fatal)
     synced = {}  # (variant, B) -> ms, one step between events
+    host_cpu = {}  # (variant, B) -> the process's CPU ms per back-to-back step (every thread: the backward's too)
     compile_s, syncs = {}, {}
     for name, make, kind in variants:
         model, forward, dense, sparse = make(kind, device, args.seq_len)
@@ -381,8 +385,10 @@ def main(argv=None) -> None:
                 synced[name, b] = median_ms(lambda: step(current["batch"]), device, reps=args.steps,
                                             warmup=args.warmup, setup=setup)
                 # as many steps as the synced samples took, in samples of --back-to-back steps
-                results[name, b] = median_ms(next_step, device, reps=max(1, args.steps // args.back_to_back),
-                                             warmup=1, calls=args.back_to_back)
+                samples = max(1, args.steps // args.back_to_back)
+                cpu_start = time.process_time()  # over the warm-up step and the samples' steps
+                results[name, b] = median_ms(next_step, device, reps=samples, warmup=1, calls=args.back_to_back)
+                host_cpu[name, b] = (time.process_time() - cpu_start) * 1e3 / (1 + samples * args.back_to_back)
                 if args.sync_debug and name.startswith("fxrec") and torch.device(device).type == "cuda":
                     syncs[name, b] = count_syncs(step, pool[0])
             except Exception as error:  # one variant failing must not hide the others' numbers
@@ -390,21 +396,22 @@ def main(argv=None) -> None:
                 print(f"# {name}, B={b}: failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     print()
     print(f"ms/step: {args.back_to_back} steps back to back per sample; synced: one step per sample")
-    print("| variant | B | ms/step | samples/s | vs torch compiled | synced ms/step | synced vs torch compiled |"
-          + (" host syncs/step |" if syncs else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|" if syncs else ""))
+    print("| variant | B | ms/step | samples/s | vs torch compiled | synced ms/step | synced vs torch compiled "
+          "| host CPU ms/step |" + (" host syncs/step |" if syncs else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if syncs else ""))
     for b in args.batch_sizes:
         ref = results["torch compiled", b]
         for name, _, _ in variants:
             ms = results[name, b]
             if isinstance(ms, Exception):
-                row = f"| {name} | {b} | failed: {type(ms).__name__} | | | | |"
+                row = f"| {name} | {b} | failed: {type(ms).__name__} | | | | | |"
             elif isinstance(ref, Exception):
-                row = f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | | {synced[name, b]:.3f} | |"
+                row = (f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | | {synced[name, b]:.3f} | "
+                       f"| {host_cpu[name, b]:.2f} |")
             else:
                 one, ref_one = synced[name, b], synced["torch compiled", b]
                 row = (f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | {ref / ms:.2f}x | {one:.3f} "
-                       f"| {ref_one / one:.2f}x |")
+                       f"| {ref_one / one:.2f}x | {host_cpu[name, b]:.2f} |")
             if syncs:
                 row += f" {syncs.get((name, b), '')} |"
             print(row)
