@@ -160,12 +160,11 @@ class TableStorage(nn.Module):
     def capacity(self) -> int:
         return self.keys.numel()
 
-    def add_member(self, table: HashTable, count: int = 0) -> int:
-        """Make ``table`` a member holding ``count`` ids (already in the index); its tag."""
+    def add_member(self, table: HashTable) -> int:
+        """Make ``table`` a member, holding no ids yet (its inserts count them); its tag."""
         self.members.append(table)
-        self.size_bound += count
         device = self.keys.device
-        self.counts = torch.cat([self.counts, torch.tensor([count], dtype=torch.int64, device=device)])
+        self.counts = torch.cat([self.counts, torch.zeros(1, dtype=torch.int64, device=device)])
         self.seeds = torch.cat([self.seeds, torch.tensor([table.seed], dtype=torch.int64, device=device)])
         return len(self.members) - 1
 
@@ -376,10 +375,10 @@ def coalesce_tables(tables: Sequence[HashTable]) -> TableStorage:
         for table in tables:
             old = table.storage
             ids, old_rows = table.items()
-            tag = merged.add_member(table, ids.numel())
-            # (counted by add_member)
+            tag = merged.add_member(table)
             rows, _ = torch.ops.fxrec.table_find_or_insert(merged.keys, merged.state, ids, merged.tags_of(ids, tag),
-                                                           None)
+                                                           merged.counts)
+            merged.size_bound += ids.numel()
             merged.embedding[rows, :table.dim] = old.embedding[old_rows]
             merged.last_seen[rows] = old.last_seen[old_rows]
             for name in old._slot_init:

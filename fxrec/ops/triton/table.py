@@ -25,16 +25,16 @@ saw an empty slot issue an atomic. Each probe step:
   iteration, which never waits): the lane re-reads the same slot next iteration.
 
 An id already present costs plain loads only; a new id costs one claim and one publish.
+Triton's control flow is per program, so the probe loop is a ``while`` over "any lane of the
+program unresolved", with per-lane masks.
+A lane that probes all ``capacity`` slots without finding its id or an empty slot (a full table)
+gives up: its row is -1. The caller keeps the load low (it grows the index before it fills up).
 
 Insert counts (``counts``, optional): each program adds its lanes' inserts under the tag of its
 smallest in-range lane with ONE atomic (the callers' ids come in runs of one tag, so a program
 mostly holds one tag), and a lane of another tag adds its own; tags outside ``[0, len(counts))``
 are not counted. Per-lane adds into a few counters would queue millions of atomics on the same
 addresses when a step inserts millions of ids.
-Triton's control flow is per program, so the probe loop is a ``while`` over "any lane of the
-program unresolved", with per-lane masks.
-A lane that probes all ``capacity`` slots without finding its id or an empty slot (a full table)
-gives up: its row is -1. The caller keeps the load low (it grows the index before it fills up).
 
 ``table_find`` is read-only and needs no atomics: a slot whose state is not ``FILLED`` ends the
 probe (absent). It is ordered after inserts launched before it on the same stream; it is not
