@@ -343,6 +343,28 @@ def test_reserve_reads_the_count_from_the_last_lookups_snapshot_without_a_sync()
     assert sorted(table.state_dict()["ids"].tolist()) == list(range(30))
 
 
+@pytest.mark.gpu
+def test_count_snapshots_reuse_landed_buffers_and_stay_exact():
+    table = HashTable(2, block_size=64, name="t").cuda()  # capacity 64
+    table.train()
+    storage = table.storage
+    for step in range(4):  # each lookup inserts 5 new ids, then snapshots the count
+        table.lookup(torch.arange(5 * step, 5 * step + 5, device="cuda"))
+        torch.cuda.synchronize()
+        if step == 0:
+            landed = storage._snapshot_buffers
+        assert storage._snapshot_buffers is landed  # the last copy had landed: its pinned counts and event again
+        assert storage._landed_bound() == 5 * (step + 1)  # nothing booked since: the exact count
+    # a copy still in flight keeps its buffer: the next snapshot takes new ones
+    torch.cuda._sleep(50_000_000)  # keeps the stream busy past both snapshots
+    storage.snapshot_count()
+    in_flight = storage._snapshot_buffers
+    storage.snapshot_count()
+    assert storage._snapshot_buffers is not in_flight
+    torch.cuda.synchronize()
+    assert storage._landed_bound() == 20 and int(in_flight[0].sum()) == 20
+
+
 def test_new_ids_take_a_slot_init_named_after_a_load():
     # a slot restored by load_state_dict (init 0 until told) then named by an optimizer with
     # another init: ids inserted afterwards start at that init, the loaded ones keep their values

@@ -72,18 +72,16 @@ class _SparseAdamBase(SparseOptimizer):
         """The factor ``p`` is multiplied by before the update (module docstring)."""
 
     def _advance(self, states, group):
-        """Besides ``step``: ``b1p *= beta1; b2p *= beta2`` ([1] float64 tensors, in place:
+        """``b1p *= beta1; b2p *= beta2`` ([1] float64 tensors, in place:
         ``fxrec.optim.sparse_optimizer``), then each table's bias corrections ``1 - b1p``,
-        ``1 - b2p`` ([1] tensors): a few foreach ops for all tables."""
-        super()._advance(states, group)
+        ``1 - b2p`` ([1] tensors): three foreach ops over both products of all tables."""
         beta1, beta2 = (float(b) for b in group["betas"])
-        corrections = []
-        for key, beta in (("b1p", beta1), ("b2p", beta2)):
-            products = [state[key] for state in states]
-            torch._foreach_mul_(products, beta)
-            # 1 - b as (-b) + 1: the same correctly rounded float64 difference
-            corrections.append(torch._foreach_add(torch._foreach_neg(products), 1.0))
-        return list(zip(*corrections))
+        n = len(states)
+        products = [state["b1p"] for state in states] + [state["b2p"] for state in states]
+        torch._foreach_mul_(products, [beta1] * n + [beta2] * n)
+        # 1 - b as (-b) + 1: the same correctly rounded float64 difference
+        corrections = torch._foreach_add(torch._foreach_neg(products), 1.0)
+        return list(zip(corrections[:n], corrections[n:]))
 
     def _update(self, param, scalars, slots, rows, grads, group):
         beta1, beta2 = (float(b) for b in group["betas"])

@@ -46,7 +46,8 @@ Decisions:
   int64 and ``[1]`` float64 are kept). ``state_dict`` gives every scalar 0-d all the same. The state advances on EVERY
   optimizer step, whether or not the table got gradient rows (RecIS's rule, SPEC §5.1 "per
   table, per update step"; a table's rows without a gradient stay untouched). The same holds
-  for the tables' own step (``HashTable.advance_steps``: the eviction clock of ``GlobalStepFilter``). Branching on
+  for the tables' own step (``HashTable.step``: the eviction clock of ``GlobalStepFilter``; one foreach op
+  advances both). Branching on
   whether a step touched a table would also need a host sync, which a compiled step cannot take.
 - Slots are created (``table.slot``) when the optimizer is built, so ids inserted before the
   first step, and rows rebuilt by a model ``load_state_dict``, get the slot's initial value.
@@ -162,10 +163,10 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
         """``{slot name: (width, initial value)}``."""
 
     def _advance(self, states: list[dict[str, Tensor]], group: dict[str, Any]) -> list[Any]:
-        """Advance every table's scalars by one step, in place, with one ``torch._foreach_*`` op per
-        scalar for all tables (not a few small ops per table: host dispatch is what a step of
-        small tables costs); returns, per table, what its ``_update`` needs of them."""
-        torch._foreach_add_([state["step"] for state in states], 1)
+        """Advance every table's scalars other than ``step`` (``step`` advances with the tables'
+        own steps, in ``step``) by one step, in place, with a few ``torch._foreach_*`` ops for all
+        tables (not a few small ops per table: host dispatch is what a step of small tables
+        costs); returns, per table, what its ``_update`` needs of them."""
         return [None] * len(states)
 
     @abstractmethod
@@ -218,7 +219,11 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             units = self._update_units(list(self.tables), tables)
             merged = [tables[unit[0]].take_grads() if len(unit) == 1 else take_storage_grads([tables[i] for i in unit])
                       for unit in units]
-        scalars = self._advance([self._table_state(name, table) for name, table in self.tables.items()], group)
+        states = [self._table_state(name, table) for name, table in self.tables.items()]
+        # every table's optimizer step and its own step (HashTable.advance_steps: the eviction
+        # clock) in one launch; nothing below reads either
+        torch._foreach_add_([state["step"] for state in states] + [table.step for table in tables], 1)
+        scalars = self._advance(states, group)
         for unit, (rows, grads) in zip(units, merged):
             table = tables[unit[0]]
             if table.grad_reduce_by == "worker" and self.grad_accum_steps != 1:
@@ -232,7 +237,6 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
                 param, slots = table.embedding, self._slots(table)
             # the unit's tables share the storage, the hyperparameters and equal scalars
             self._update(param, scalars[unit[0]], slots, rows, grads, group)  # no rows: only the counters move
-        HashTable.advance_steps(tables)
         return loss
 
     def _update_units(self, names: list[str], tables: list[HashTable]) -> list[list[int]]:

@@ -150,8 +150,10 @@ class TableStorage(nn.Module):
         # >= the ids held (counts.sum()), known on the host: inserts come after a reserve (``reserve``)
         self.size_bound = 0
         # the ids held as of a point in the stream, copied to the host without waiting
-        # (``snapshot_count``): (pinned count, its copy's event, size_bound then), or None
+        # (``snapshot_count``): (pinned counts, its copy's event, size_bound then), or None
         self._count_snapshot: tuple[Tensor, torch.cuda.Event, int] | None = None
+        # the pinned counts and event the last snapshot used, for the next one to reuse
+        self._snapshot_buffers: tuple[Tensor, torch.cuda.Event] | None = None
         # zero leaves [bound, dim] that fxrec.compile hands the next training lookups, one each
         # (``fxrec.nn.modules.hashtable``'s docstring: why not made in the graph)
         self.grad_sinks: list[Tensor] = []
@@ -222,9 +224,16 @@ class TableStorage(nn.Module):
         forward; on CPU, reading the count costs no sync and this does nothing."""
         if self.counts.device.type != "cuda":
             return
-        host = torch.empty((), dtype=torch.int64, pin_memory=True)
-        host.copy_(self.counts.sum(), non_blocking=True)
-        event = torch.cuda.Event()
+        # The last snapshot's pinned counts and event, once its copy has landed (as it has by the
+        # next step's, which waited at the lookup's read-back): a pinned allocation, a sum kernel
+        # and an event less per step. A copy still in flight (another stream may order it after
+        # this one) keeps its buffer: this snapshot takes new ones.
+        buffers = self._snapshot_buffers
+        if buffers is None or buffers[0].shape != self.counts.shape or not buffers[1].query():
+            buffers = self._snapshot_buffers = (torch.empty(self.counts.shape, dtype=torch.int64, pin_memory=True),
+                                                torch.cuda.Event())
+        host, event = buffers
+        host.copy_(self.counts, non_blocking=True)  # summed on the host when read
         event.record()
         self._count_snapshot = (host, event, self.size_bound)
 
@@ -235,7 +244,7 @@ class TableStorage(nn.Module):
         if snapshot is None or not snapshot[1].query():
             return None
         host, _, bound_then = snapshot
-        return int(host) + self.size_bound - bound_then
+        return int(host.sum()) + self.size_bound - bound_then
 
     @torch.no_grad()
     def lookup(self, ids: Tensor, tags: Tensor | None, members: Sequence[HashTable]) -> Tensor:
