@@ -33,9 +33,10 @@ Two times per variant and B, each the median over ``--steps`` steps:
   synced ms/step    one step between two events, the device idle before it: the step's latency,
                     which adds to each step the device's work the host does not wait for
                     (the column the earlier sessions' tables report as ms/step).
-  host CPU ms/step  the process's CPU time over the back-to-back steps, every thread (on a GPU
-                    the backward runs on autograd's device thread): a step whose host CPU time
-                    is near its ms/step is host-bound, whatever its GPU work.
+
+The header names the card and the host's speed: µs to issue one ``torch.add``
+(``bench.timing.host_op_us``). fxrec's steps are host-bound and the baseline's is GPU-bound, so
+the ratios move with the host between machines (and between leases of one kind of machine).
 
 First-compile time: the first step of a compiled variant (tracing, Inductor, the backward's
 compile), once per variant (fxrec compiles one graph for every B; torch recompiles per B).
@@ -90,7 +91,7 @@ from torch import nn
 
 import fxrec
 from bench.feature_ops import seed_batch
-from bench.timing import machine, median_ms
+from bench.timing import host_op_us, machine, median_ms
 from examples.deepctr.model import DeepCTR, DenseModel
 from fxrec.distributed import reset_traffic, traffic
 from fxrec.distributed.ddp import wrap_ddp
@@ -351,7 +352,7 @@ def main(argv=None) -> None:
         scaling(args)
         return
     device = args.device
-    print(f"# {machine(device)}")
+    print(f"# {machine(device)}; host: {host_op_us(device):.1f} µs to issue a torch.add (bench.timing.host_op_us)")
     print(f"# seq_len {args.seq_len}, sequences 1..{args.max_seq_len - 1}, {args.steps} timed steps (median), "
           f"pool of {args.pool} batches")
     raws = {b: [seed_batch(b, "cpu", seed=i, max_seq_len=args.max_seq_len) for i in range(args.pool)]
@@ -360,7 +361,6 @@ def main(argv=None) -> None:
               "torch": {b: [torch_batch(r, args.seq_len, device) for r in rs] for b, rs in raws.items()}}
     results = {}  # (variant, B) -> ms back to back, or the exception that stopped that variant (reported, not fatal)
     synced = {}  # (variant, B) -> ms, one step between events
-    host_cpu = {}  # (variant, B) -> the process's CPU ms per back-to-back step (every thread: the backward's too)
     compile_s, syncs = {}, {}
     for name, make, kind in variants:
         model, forward, dense, sparse = make(kind, device, args.seq_len)
@@ -386,9 +386,7 @@ def main(argv=None) -> None:
                                             warmup=args.warmup, setup=setup)
                 # as many steps as the synced samples took, in samples of --back-to-back steps
                 samples = max(1, args.steps // args.back_to_back)
-                cpu_start = time.process_time()  # over the warm-up step and the samples' steps
                 results[name, b] = median_ms(next_step, device, reps=samples, warmup=1, calls=args.back_to_back)
-                host_cpu[name, b] = (time.process_time() - cpu_start) * 1e3 / (1 + samples * args.back_to_back)
                 if args.sync_debug and name.startswith("fxrec") and torch.device(device).type == "cuda":
                     syncs[name, b] = count_syncs(step, pool[0])
             except Exception as error:  # one variant failing must not hide the others' numbers
@@ -397,21 +395,20 @@ def main(argv=None) -> None:
     print()
     print(f"ms/step: {args.back_to_back} steps back to back per sample; synced: one step per sample")
     print("| variant | B | ms/step | samples/s | vs torch compiled | synced ms/step | synced vs torch compiled "
-          "| host CPU ms/step |" + (" host syncs/step |" if syncs else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if syncs else ""))
+          "|" + (" host syncs/step |" if syncs else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if syncs else ""))
     for b in args.batch_sizes:
         ref = results["torch compiled", b]
         for name, _, _ in variants:
             ms = results[name, b]
             if isinstance(ms, Exception):
-                row = f"| {name} | {b} | failed: {type(ms).__name__} | | | | | |"
+                row = f"| {name} | {b} | failed: {type(ms).__name__} | | | | |"
             elif isinstance(ref, Exception):
-                row = (f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | | {synced[name, b]:.3f} | "
-                       f"| {host_cpu[name, b]:.2f} |")
+                row = f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | | {synced[name, b]:.3f} | |"
             else:
                 one, ref_one = synced[name, b], synced["torch compiled", b]
                 row = (f"| {name} | {b} | {ms:.3f} | {b / ms * 1e3:,.0f} | {ref / ms:.2f}x | {one:.3f} "
-                       f"| {ref_one / one:.2f}x | {host_cpu[name, b]:.2f} |")
+                       f"| {ref_one / one:.2f}x |")
             if syncs:
                 row += f" {syncs.get((name, b), '')} |"
             print(row)

@@ -49,6 +49,22 @@ def copy_bandwidth(device: str, nbytes: int, reps: int = 10) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def host_op_us(device: str, calls: int = 2000) -> float:
+    """The host's time to issue one small aten op (``torch.add`` of 16 floats on ``device``), µs,
+    the median of 5 runs of ``calls`` back to back: how fast this host issues work. A step that is
+    host-bound (fxrec's) runs slower on a host where this is larger, against a GPU-bound one."""
+    x = torch.zeros(16, device=device)
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            torch.add(x, 1)
+        runs.append((time.perf_counter() - start) / calls * 1e6)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return float(np.median(runs))
+
+
 def machine(device: str) -> str:
     """The card (or CPU and threads) and the torch / triton versions."""
     if torch.device(device).type == "cuda":
