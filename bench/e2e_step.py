@@ -24,7 +24,9 @@ Variants (``samples/s`` = B / median step time; ratios against ``torch compiled`
                    ``torch.optim.AdamW`` (fused, as every variant's) for all parameters, the same AUROC update in torch ops
   torch compiled   ``torch.compile`` of that model's forward (static shapes: one B per run)
 
-Two times per variant and B, each the median over ``--steps`` steps:
+Two times per variant and B, each the median over ``--steps`` samples. The variants take turns
+(every round one sample of each), so all of them are timed over the same stretch of the run:
+a host whose speed drifts during a run moves every variant alike, not only the ones timed last.
   ms/step           steps run back to back as a training loop runs them: a sample is
                     ``--back-to-back`` consecutive steps (batches rotated) between two device
                     events, divided by their number, so the host's work on a step overlaps the
@@ -226,6 +228,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def fail(results: dict, name: str, b: int, error: Exception) -> None:
+    """Record and report a variant that failed at batch size ``b``."""
+    results[name, b] = error
+    print(f"# {name}, B={b}: failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+
+
 def count_syncs(step, batch: dict) -> int:
     """Host syncs of one step (CUDA's sync debug mode warns once per sync)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -362,10 +370,13 @@ def main(argv=None) -> None:
     results = {}  # (variant, B) -> ms back to back, or the exception that stopped that variant (reported, not fatal)
     synced = {}  # (variant, B) -> ms, one step between events
     compile_s, syncs = {}, {}
+    steps = []  # (name, kind, step) of every variant, built once: the rounds below take turns
     for name, make, kind in variants:
         model, forward, dense, sparse = make(kind, device, args.seq_len)
-        step = make_step(forward, dense, sparse)
-        for b in args.batch_sizes:
+        steps.append((name, kind, make_step(forward, dense, sparse)))
+    for b in args.batch_sizes:
+        live = {}  # name -> (step, pool, turn) of the variants that are running at this B
+        for name, kind, step in steps:
             pool = inputs[name.split()[0]][b]
             try:
                 start = time.perf_counter()
@@ -373,25 +384,29 @@ def main(argv=None) -> None:
                 synchronize(device)
                 if "compiled" in kind:
                     compile_s.setdefault(name, []).append(time.perf_counter() - start)
-                turn = iter(range(1 << 30))
-                current = {}
-
-                def setup(pool=pool, turn=turn, current=current):
-                    current["batch"] = pool[next(turn) % len(pool)]
-
-                def next_step(pool=pool, turn=turn):
-                    step(pool[next(turn) % len(pool)])
-
-                synced[name, b] = median_ms(lambda: step(current["batch"]), device, reps=args.steps,
-                                            warmup=args.warmup, setup=setup)
-                # as many steps as the synced samples took, in samples of --back-to-back steps
-                samples = max(1, args.steps // args.back_to_back)
-                results[name, b] = median_ms(next_step, device, reps=samples, warmup=1, calls=args.back_to_back)
-                if args.sync_debug and name.startswith("fxrec") and torch.device(device).type == "cuda":
-                    syncs[name, b] = count_syncs(step, pool[0])
+                for i in range(args.warmup):
+                    step(pool[(i + 1) % len(pool)])
+                live[name] = (step, pool, iter(range(1 << 30)))
             except Exception as error:  # one variant failing must not hide the others' numbers
-                results[name, b] = error
-                print(f"# {name}, B={b}: failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                fail(results, name, b, error)
+        # Rounds: each takes one synced sample of every variant in turn, then (as many steps in
+        # all as the synced samples) one back-to-back sample of each, so every variant is timed
+        # over the same stretch of the run and a host that slows down mid-run moves them alike.
+        one, back = {name: [] for name in live}, {name: [] for name in live}
+        for r in range(args.steps):
+            for name, (step, pool, turn) in list(live.items()):
+                try:
+                    one[name].append(median_ms(lambda: step(pool[next(turn) % len(pool)]), device, reps=1, warmup=0))
+                    if r < max(1, args.steps // args.back_to_back):  # one untimed step first: the device busy
+                        back[name].append(median_ms(lambda: step(pool[next(turn) % len(pool)]), device, reps=1,
+                                                    warmup=1, calls=args.back_to_back))
+                except Exception as error:
+                    fail(results, name, b, error)
+                    del live[name]
+        for name, (step, pool, _) in live.items():
+            synced[name, b], results[name, b] = float(np.median(one[name])), float(np.median(back[name]))
+            if args.sync_debug and name.startswith("fxrec") and torch.device(device).type == "cuda":
+                syncs[name, b] = count_syncs(step, pool[0])
     print()
     print(f"ms/step: {args.back_to_back} steps back to back per sample; synced: one step per sample")
     print("| variant | B | ms/step | samples/s | vs torch compiled | synced ms/step | synced vs torch compiled "
