@@ -14,8 +14,9 @@ have their own fused / foreach kernels (``torch.compile`` them separately if wan
 
 Before each call, outside the graph and without reading anything back from the device:
 
-- every batch tensor's row dimension is marked unbacked (``fxrec.utils.dynamic.mark_dynamic_batch``;
-  the dense columns and labels share one batch size): no guards on sizes, so no recompiles;
+- every batch tensor's row dimension is marked unbacked, on aliases of the tensors
+  (``fxrec.utils.dynamic.dynamic_batch``; the dense columns and labels share one batch size): no
+  guards on sizes, so no recompiles;
 - per table, a host-known upper bound of the distinct ids the step can insert is computed from
   the batch's tensor SHAPES and the feature configs (``id_bounds``); per storage (one table, or
   tables coalesced into one), the sum of its tables' bounds: the storage reserves room for that
@@ -79,7 +80,6 @@ from typing import Any
 
 import torch
 import torch._dynamo
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -91,7 +91,7 @@ from fxrec.nn.modules.embedding import EmbeddingEngine
 from fxrec.nn.modules.hashtable import HashTable
 from fxrec.nn.modules.table_storage import TableStorage
 from fxrec.ragged import RaggedTensor
-from fxrec.utils.dynamic import mark_dynamic_batch
+from fxrec.utils.dynamic import dynamic_batch
 
 __all__ = ["CompiledModel", "compile", "id_bounds", "rewrite_engines"]
 
@@ -245,12 +245,9 @@ class CompiledModel:
             raise TypeError(f"fxrec.compile: a batch must be a dict of columns, got {type(batch).__name__}")
         storages = self._prepare(batch)
         clear_metrics()
-        # Mark aliases, not the caller's tensors: the marks would follow those tensors into any
-        # other compiled code they meet.
-        aliases = pytree.tree_map_only(Tensor, lambda t: t if t.requires_grad else t.detach(), batch)
         try:
             with torch._dynamo.config.patch(DYNAMO_CONFIG):
-                out = self._compiled(mark_dynamic_batch(aliases))
+                out = self._compiled(dynamic_batch(batch))  # marked aliases, the caller's tensors unmarked
         finally:
             for storage in storages:
                 storage.grad_sinks = []

@@ -35,7 +35,7 @@ from fxrec.nn.initializers import UniformInitializer
 from fxrec.nn.modules.embedding import EmbeddingEngine, EmbeddingOption
 from fxrec.nn.modules.hashtable import filter_out_sparse_param
 from fxrec.optim import SparseAdamWTF, SparseSGD
-from fxrec.utils.dynamic import mark_dynamic_batch
+from fxrec.utils.dynamic import dynamic_batch
 from raggedutil import ragged_ids
 
 pytestmark = [
@@ -69,7 +69,7 @@ class Toy(torch.nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         e = self.emb(batch)
         label = batch["label"]
-        # mark_dynamic_batch gives every tensor's dim 0 its own unbacked size: tell the compiler
+        # dynamic_batch gives every tensor's dim 0 its own unbacked size: tell the compiler
         # that the features' and the label's batch sizes agree (free in eager).
         torch._check(e["a"].shape[0] == label.shape[0])
         torch._check(e["b"].shape[0] == label.shape[0])
@@ -169,7 +169,7 @@ def runs(request):
         counters.clear()
         model, sparse, capacities, step = setup(request.param)
         compiled = torch.compile(step)
-        losses = [compiled(mark_dynamic_batch(b)) for b in data]
+        losses = [compiled(dynamic_batch(b)) for b in data]
         breaks = dict(counters["graph_break"])
         graphs = counters["stats"]["unique_graphs"]
         got = snapshot(model, sparse)

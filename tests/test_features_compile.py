@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from examples.deepctr.features import get_feature_conf
 from fxrec.features.feature_engine import FeatureEngine
-from fxrec.utils.dynamic import mark_dynamic_batch
+from fxrec.utils.dynamic import dynamic_batch
 from raggedutil import ragged_ids, ragged_strings
 
 SEQ_LEN = 4
@@ -56,7 +56,7 @@ def test_compiled_feature_engine_one_graph_no_breaks(device):
             batch["sparse4"] = ragged_ids([[]] + [[1, 2]] * (b - 1))
         batch = {k: v.to(device) for k, v in batch.items()}
         expected = engine(batch)
-        got = compiled(mark_dynamic_batch(batch))
+        got = compiled(dynamic_batch(batch))
         assert expected.keys() == got.keys()
         for key in expected:
             assert same(expected[key], got[key]), (b, key)

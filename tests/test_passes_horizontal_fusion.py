@@ -21,7 +21,7 @@ from fxrec.features.feature_engine import FeatureEngine
 from fxrec.features.op import Bucketize, FeatureCross, Hash, Mod, SelectField, SelectFields, SequenceTruncate
 from fxrec.passes import DEFAULT_PASSES, explain, horizontal_fusion, op_counts, run_passes
 from fxrec.ragged import RaggedTensor
-from fxrec.utils.dynamic import mark_dynamic_batch
+from fxrec.utils.dynamic import dynamic_batch
 from raggedutil import ragged_ids, ragged_strings
 
 ops = torch.ops.fxrec
@@ -167,7 +167,7 @@ def test_compiled_rewritten_engine_one_graph():
     for b in [5, 1, 0, 3]:
         batch = seed_batch(rng, b)
         expected = plain(batch)
-        assert_same_outputs(expected, compiled(mark_dynamic_batch(batch)))
+        assert_same_outputs(expected, compiled(dynamic_batch(batch)))
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["graph_break"].values()) == 0
 

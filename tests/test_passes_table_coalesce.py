@@ -505,7 +505,7 @@ def test_compiled_training_step_equals_eager():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from fxrec.utils.dynamic import mark_dynamic_batch
+    from fxrec.utils.dynamic import dynamic_batch
 
     common = dict(embedding_dim=2, initializer=UniformInitializer(-0.5, 0.5))
     options = {"a": EmbeddingOption(shared_name="ta", **common),
@@ -540,7 +540,7 @@ def test_compiled_training_step_equals_eager():
         counters.clear()
         engine, step = setup()
         compiled = torch.compile(step)
-        losses = [compiled(mark_dynamic_batch(b)) for b in data]
+        losses = [compiled(dynamic_batch(b)) for b in data]
         assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
     finally:
         for k, v in saved.items():

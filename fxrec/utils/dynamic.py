@@ -18,19 +18,32 @@ import torch.utils._pytree as pytree
 
 from fxrec.ragged import RaggedTensor
 
-__all__ = ["BATCH_ROWS", "mark_dynamic_batch"]
+__all__ = ["BATCH_ROWS", "dynamic_batch"]
 
 BATCH_ROWS = "fxrec_batch_rows"  # the shape_id of the dense tensors' first dimension
 
 
-def mark_dynamic_batch(batch):
-    """Mark dim 0 of every tensor in ``batch`` (any pytree, RaggedTensors included) unbacked; the
-    dense tensors' share one size (module docstring). Returns ``batch``."""
-    for leaf in pytree.tree_leaves(batch, is_leaf=lambda x: isinstance(x, RaggedTensor)):
-        if isinstance(leaf, RaggedTensor):
-            for part in pytree.tree_leaves(leaf):
-                if isinstance(part, torch.Tensor) and part.dim() > 0:
-                    torch._dynamo.decorators.mark_unbacked(part, 0)
-        elif isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            torch._dynamo.decorators.mark_unbacked(leaf, 0, shape_id=BATCH_ROWS)
-    return batch
+def dynamic_batch(batch):
+    """``batch`` (any pytree, RaggedTensors included) over aliases of its tensors with dim 0 of
+    each marked unbacked, the dense tensors' sharing one size (module docstring). An alias is
+    ``detach()`` (same storage and values); a tensor that requires grad is kept as it is (its
+    alias would cut it from autograd's graph). The caller's other tensors stay unmarked: the
+    marks would follow them into any other compiled code they meet. One pass over the batch."""
+    leaves, spec = pytree.tree_flatten(batch, is_leaf=lambda x: isinstance(x, RaggedTensor))
+    return pytree.tree_unflatten([_marked(leaf) for leaf in leaves], spec)
+
+
+def _marked(leaf):
+    if isinstance(leaf, RaggedTensor):  # values, offsets and weight: each its own size
+        parts, spec = pytree.tree_flatten(leaf)
+        return pytree.tree_unflatten([_marked_alias(part) for part in parts], spec)
+    if isinstance(leaf, torch.Tensor):
+        return _marked_alias(leaf, shape_id=BATCH_ROWS)
+    return leaf
+
+
+def _marked_alias(tensor: torch.Tensor, shape_id: str | None = None) -> torch.Tensor:
+    alias = tensor if tensor.requires_grad else tensor.detach()
+    if alias.dim() > 0:
+        torch._dynamo.decorators.mark_unbacked(alias, 0, shape_id=shape_id)
+    return alias
