@@ -46,8 +46,8 @@ Decisions:
   int64 and ``[1]`` float64 are kept). ``state_dict`` gives every scalar 0-d all the same. The state advances on EVERY
   optimizer step, whether or not the table got gradient rows (RecIS's rule, SPEC §5.1 "per
   table, per update step"; a table's rows without a gradient stay untouched). The same holds
-  for the tables' own step (``HashTable.step``: the eviction clock of ``GlobalStepFilter``; one foreach op
-  advances both). Branching on
+  for the tables' own step (``HashTable.advance_steps``: the eviction clock of ``GlobalStepFilter``;
+  one foreach op advances both). Branching on
   whether a step touched a table would also need a host sync, which a compiled step cannot take.
 - Slots are created (``table.slot``) when the optimizer is built, so ids inserted before the
   first step, and rows rebuilt by a model ``load_state_dict``, get the slot's initial value.
@@ -220,9 +220,9 @@ class SparseOptimizer(Optimizer, metaclass=ABCMeta):
             merged = [tables[unit[0]].take_grads() if len(unit) == 1 else take_storage_grads([tables[i] for i in unit])
                       for unit in units]
         states = [self._table_state(name, table) for name, table in self.tables.items()]
-        # every table's optimizer step and its own step (HashTable.advance_steps: the eviction
-        # clock) in one launch; nothing below reads either
-        torch._foreach_add_([state["step"] for state in states] + [table.step for table in tables], 1)
+        # the tables' own steps (the eviction clock) and this optimizer's in one launch; nothing
+        # below reads either
+        HashTable.advance_steps(tables, [state["step"] for state in states])
         scalars = self._advance(states, group)
         for unit, (rows, grads) in zip(units, merged):
             table = tables[unit[0]]

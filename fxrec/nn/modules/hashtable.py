@@ -74,6 +74,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -389,10 +390,11 @@ class HashTable(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def advance_steps(tables: list[HashTable]) -> None:
-        """``advance_step`` of every table in ``tables`` (distinct) as one foreach op (the sparse
-        optimizer calls this after each update)."""
-        torch._foreach_add_([table.step for table in tables], 1)
+    def advance_steps(tables: list[HashTable], counters: Sequence[Tensor] = ()) -> None:
+        """``advance_step`` of every table in ``tables`` (distinct), and ``counters`` (other step
+        counters that advance with them: the sparse optimizer's per-table ``step``) ``+= 1``, as
+        ONE foreach op (the sparse optimizer calls this at each step)."""
+        torch._foreach_add_([table.step for table in tables] + list(counters), 1)
 
     @torch.no_grad()
     def evict_stale(self) -> int:
